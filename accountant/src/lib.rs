@@ -1,0 +1,11 @@
+//! Privacy accounting for DP-SGD (stub, being written).
+pub mod conversion;
+mod error;
+pub mod event;
+mod math;
+pub mod rdp;
+
+pub use conversion::{DeltaBound, EpsilonBound};
+pub use error::{Error, LedgerError, Result, Valid};
+pub use event::{Adjacency, DpEvent};
+pub use rdp::{default_orders, rdp_poisson_subsampled_gaussian, RdpAccountant};
