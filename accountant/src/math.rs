@@ -74,12 +74,25 @@ pub(crate) fn log_erfc(x: f64) -> f64 {
     if x < LOG_ERFC_CF_THRESHOLD {
         return erf::erfc(x).ln();
     }
+    -x * x + laplace_continued_fraction(x).ln() - 0.5 * std::f64::consts::PI.ln()
+}
+
+/// `ln(erfcx(x))` with `erfcx(x) = exp(x^2) erfc(x)`, the scaled complementary
+/// error function; no overflow or cancellation for large positive `x`.
+pub(crate) fn log_erfcx(x: f64) -> f64 {
+    if x < LOG_ERFC_CF_THRESHOLD {
+        return x * x + erf::erfc(x).ln();
+    }
+    laplace_continued_fraction(x).ln() - 0.5 * std::f64::consts::PI.ln()
+}
+
+/// `K(x) = sqrt(pi) exp(x^2) erfc(x)` by Laplace's continued fraction, depth 40.
+fn laplace_continued_fraction(x: f64) -> f64 {
     let mut tail = 0.0;
     for k in (1..=40).rev() {
         tail = (f64::from(k) / 2.0) / (x + tail);
     }
-    let k = 1.0 / (x + tail);
-    -x * x + k.ln() - 0.5 * std::f64::consts::PI.ln()
+    1.0 / (x + tail)
 }
 
 /// `ln(erfc(x) / 2)`: the log of the standard normal upper tail at `x sqrt(2)`.
@@ -119,6 +132,30 @@ impl SignedLogSum {
     }
 }
 
+/// The sum `sum_{j>=0} (-1)^j a_j` of an alternating series whose terms form
+/// a Hausdorff moment sequence (`a_j = int_0^1 t^j dmu(t)`, `mu >= 0`), from
+/// its first `a.len()` terms, with a bound on the error.
+///
+/// # Reference
+/// Cohen, Rodriguez Villegas & Zagier, "Convergence acceleration of
+/// alternating series", Experimental Mathematics 9 (2000), Algorithm 1 and
+/// Proposition 1: with `n` terms, `|S - S_n| <= 2 S / (3 + sqrt 8)^n`, and
+/// `S <= a_0`. Returns `(S_n, 2 a_0 / (3 + sqrt 8)^n)`.
+pub(crate) fn alternating_moment_sum(a: &[f64]) -> (f64, f64) {
+    let n = a.len() as f64;
+    let growth = (3.0 + 8.0_f64.sqrt()).powf(n);
+    let d = 0.5 * (growth + 1.0 / growth);
+    let (mut b, mut c, mut s) = (-1.0_f64, -d, 0.0_f64);
+    for (k, ak) in a.iter().enumerate() {
+        let k = k as f64;
+        c = b - c;
+        s += c * ak;
+        b *= (k + n) * (k - n) / ((k + 0.5) * (k + 1.0));
+    }
+    let bound = a.first().map_or(0.0, |a0| 2.0 * a0 / growth);
+    (s / d, bound)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +187,22 @@ mod tests {
         let x: f64 = 1e3;
         let asym = -x * x - (x * std::f64::consts::PI.sqrt()).ln() + (1.0 - 0.5 / (x * x) + 0.75 / x.powi(4)).ln();
         assert!(rel(log_erfc(x), asym) < 1e-15);
+    }
+
+    #[test]
+    fn alternating_moment_sum_meets_its_bound() {
+        // ln 2 = sum (-1)^j / (j + 1), and 1/(j+1) = int_0^1 t^j dt.
+        let a: Vec<f64> = (0..20).map(|j| 1.0 / (j as f64 + 1.0)).collect();
+        let (s, bound) = alternating_moment_sum(&a);
+        assert!(
+            (s - std::f64::consts::LN_2).abs() <= bound.max(1e-16),
+            "{s} bound {bound}"
+        );
+        assert!(bound < 1e-14);
+        // pi/4 = sum (-1)^j / (2j + 1), 1/(2j+1) = int_0^1 t^j t^{-1/2}/2 dt.
+        let a: Vec<f64> = (0..24).map(|j| 1.0 / (2.0 * j as f64 + 1.0)).collect();
+        let (s, bound) = alternating_moment_sum(&a);
+        assert!((s - std::f64::consts::FRAC_PI_4).abs() <= bound.max(2e-16), "{s}");
     }
 
     #[test]
