@@ -116,6 +116,17 @@ pub enum LedgerError {
         /// How many entries the file holds.
         entries: usize,
     },
+    /// The ledger's head is not the head anchored elsewhere (a checkpoint, a
+    /// signed report): rewritten, truncated or extended since.
+    #[error("ledger: head = {head} ({entries} entries) is not the anchored head {anchor}: the ledger was rewritten, truncated or extended since the anchor was taken")]
+    AnchorMismatch {
+        /// The head the caller trusts.
+        anchor: String,
+        /// The ledger's head.
+        head: String,
+        /// How many entries the ledger holds.
+        entries: usize,
+    },
     /// An entry whose values are out of range or contradict each other.
     #[error("ledger entry {entry}: {message}")]
     InvalidEntry {
@@ -157,12 +168,12 @@ impl Valid {
     pub fn contains(self, x: f64) -> bool {
         match self {
             Valid::Positive => x > 0.0 && x < f64::INFINITY,
-            Valid::NonNegative => x >= 0.0 && x < f64::INFINITY,
+            Valid::NonNegative => (0.0..f64::INFINITY).contains(&x),
             Valid::OpenUnit => x > 0.0 && x < 1.0,
             Valid::HalfOpenUnit => x > 0.0 && x <= 1.0,
             Valid::ClosedUnit => (0.0..=1.0).contains(&x),
             Valid::AboveOne => x > 1.0 && x < f64::INFINITY,
-            Valid::AtLeastOne => x >= 1.0 && x < f64::INFINITY && x.fract() == 0.0,
+            Valid::AtLeastOne => (1.0..f64::INFINITY).contains(&x) && x.fract() == 0.0,
         }
     }
 }

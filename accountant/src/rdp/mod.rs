@@ -326,6 +326,17 @@ impl RdpAccountant {
         Ok(conversion::delta(&self.orders, &rdp, epsilon, self.refiner()))
     }
 
+    /// Epsilon at `delta` if everything composed so far were repeated
+    /// `repetitions` times (RDP scales linearly): the budget search of
+    /// calibration, without recomputing the series.
+    pub(crate) fn epsilon_repeated(&self, delta: f64, repetitions: f64) -> EpsilonBound {
+        let rdp: Vec<f64> = self.rdp().iter().map(|r| r * repetitions).collect();
+        let refine = self
+            .refine
+            .then_some(|alpha| repetitions * self.composition.rdp_at(alpha));
+        conversion::epsilon(&self.orders, &rdp, delta, refine)
+    }
+
     fn refiner(&self) -> Option<impl Fn(f64) -> f64 + '_> {
         self.refine.then_some(|alpha| self.composition.rdp_at(alpha))
     }

@@ -1,0 +1,213 @@
+//! Calibration: the noise a training plan needs, and the steps a budget allows.
+
+use serde::Serialize;
+
+use crate::conversion::EpsilonBound;
+use crate::error::{ensure, Error, Result, Valid};
+use crate::event::{Adjacency, DpEvent};
+use crate::rdp::RdpAccountant;
+
+/// Calibration stops once epsilon is within this fraction below the target
+/// (the contract is `0.999 target <= epsilon <= target`; this is tighter).
+const CALIBRATION_REL_TOL: f64 = 1e-4;
+/// The noise multipliers searched.
+const MIN_NOISE_MULTIPLIER: f64 = 1e-3;
+const MAX_NOISE_MULTIPLIER: f64 = 1e6;
+/// The largest step count [`max_steps`] reports.
+const MAX_STEPS: u64 = 1 << 40;
+
+/// A calibrated noise multiplier and the epsilon it gives.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NoiseCalibration {
+    /// The smallest noise multiplier found whose epsilon meets the target.
+    pub noise_multiplier: f64,
+    /// The epsilon at that noise multiplier (never above the target).
+    pub epsilon: EpsilonBound,
+}
+
+/// A step budget and the epsilon it spends.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepsCalibration {
+    /// The largest number of steps whose epsilon meets the target (0 if even
+    /// one step exceeds it).
+    pub steps: u64,
+    /// The epsilon after that many steps.
+    pub epsilon: EpsilonBound,
+}
+
+/// The smallest noise multiplier with which `steps` steps of DP-SGD with
+/// Poisson sampling at rate `sample_rate` are `(target_epsilon, delta)`-DP
+/// under add-or-remove-one adjacency, by the RDP accountant.
+///
+/// # Numerics
+/// Bracketing by doubling, then regula falsi (Illinois) in `ln sigma`. The
+/// returned multiplier is always one whose epsilon was computed and found
+/// `<= target_epsilon` (the conservative end of the bracket), and it is
+/// returned once that epsilon is within `1e-4` of the target, so
+/// `0.999 * target <= epsilon <= target`.
+///
+/// # Errors
+/// [`Error::InvalidParameter`] for a parameter out of range
+/// (`target_epsilon > 0`, `delta` in `(0, 1)`, `sample_rate` in `(0, 1]`,
+/// `steps >= 1`); [`Error::Calibration`] if no multiplier in
+/// `[1e-3, 1e6]` meets the target that closely.
+pub fn calibrate_noise_multiplier(
+    target_epsilon: f64,
+    delta: f64,
+    sample_rate: f64,
+    steps: u64,
+) -> Result<NoiseCalibration> {
+    ensure("target_epsilon", target_epsilon, Valid::Positive)?;
+    ensure("delta", delta, Valid::OpenUnit)?;
+    ensure("sample_rate", sample_rate, Valid::HalfOpenUnit)?;
+    ensure("steps", steps as f64, Valid::AtLeastOne)?;
+    calibrate_with(target_epsilon, |sigma| {
+        let mut acc = RdpAccountant::new(Adjacency::AddOrRemoveOne);
+        acc.compose(&DpEvent::poisson_sampled_gaussian(sample_rate, sigma), steps)?;
+        acc.epsilon(delta)
+    })
+}
+
+/// The smallest noise multiplier `sigma` for which `epsilon_of(sigma)` meets
+/// `target`, for any epsilon that does not increase with `sigma`.
+///
+/// # Errors
+/// As [`calibrate_noise_multiplier`], and whatever `epsilon_of` returns.
+pub fn calibrate_with(target: f64, epsilon_of: impl Fn(f64) -> Result<EpsilonBound>) -> Result<NoiseCalibration> {
+    ensure("target_epsilon", target, Valid::Positive)?;
+    // Bracket: `lo` misses the target, `hi` meets it.
+    let mut hi = 1.0;
+    let mut e_hi = epsilon_of(hi)?;
+    let mut lo = hi;
+    let mut e_lo = e_hi.epsilon;
+    while e_hi.epsilon > target {
+        (lo, e_lo) = (hi, e_hi.epsilon);
+        hi *= 2.0;
+        if hi > MAX_NOISE_MULTIPLIER {
+            return Err(Error::Calibration {
+                reason: format!("no noise multiplier up to {MAX_NOISE_MULTIPLIER:e} reaches epsilon {target}"),
+            });
+        }
+        e_hi = epsilon_of(hi)?;
+    }
+    while e_lo <= target {
+        if e_lo >= (1.0 - CALIBRATION_REL_TOL) * target {
+            return Ok(NoiseCalibration {
+                noise_multiplier: lo,
+                epsilon: epsilon_of(lo)?,
+            });
+        }
+        lo /= 2.0;
+        if lo < MIN_NOISE_MULTIPLIER {
+            return Err(Error::Calibration {
+                reason: format!(
+                    "epsilon {target} is met even at noise multiplier {MIN_NOISE_MULTIPLIER:e}: the target is too \
+                     loose to calibrate against"
+                ),
+            });
+        }
+        let e = epsilon_of(lo)?;
+        e_lo = e.epsilon;
+        if e.epsilon <= target {
+            (hi, e_hi) = (lo, e);
+        }
+    }
+    // Illinois regula falsi on g(ln sigma) = epsilon - target.
+    let (mut x_lo, mut x_hi) = (lo.ln(), hi.ln());
+    let (mut g_lo, mut g_hi) = (e_lo - target, e_hi.epsilon - target);
+    let mut side = 0i8;
+    for _ in 0..100 {
+        if e_hi.epsilon >= (1.0 - CALIBRATION_REL_TOL) * target || x_hi - x_lo < 1e-13 {
+            break;
+        }
+        let x = if g_lo.is_finite() {
+            (x_lo * g_hi - x_hi * g_lo) / (g_hi - g_lo)
+        } else {
+            0.5 * (x_lo + x_hi)
+        };
+        let x = x.clamp(x_lo + 0.01 * (x_hi - x_lo), x_hi - 0.01 * (x_hi - x_lo));
+        let e = epsilon_of(x.exp())?;
+        let g = e.epsilon - target;
+        if g <= 0.0 {
+            (x_hi, g_hi, e_hi) = (x, g, e);
+            if side == 1 {
+                g_lo *= 0.5;
+            }
+            side = 1;
+        } else {
+            (x_lo, g_lo) = (x, g);
+            if side == -1 {
+                g_hi *= 0.5;
+            }
+            side = -1;
+        }
+    }
+    if e_hi.epsilon < 0.999 * target {
+        return Err(Error::Calibration {
+            reason: format!(
+                "epsilon jumps past {target} between noise multipliers; no multiplier gives it within 0.1%"
+            ),
+        });
+    }
+    Ok(NoiseCalibration {
+        noise_multiplier: x_hi.exp(),
+        epsilon: e_hi,
+    })
+}
+
+/// The largest number of DP-SGD steps (Poisson rate `sample_rate`, noise
+/// multiplier `noise_multiplier`) that stays within `(target_epsilon, delta)`.
+///
+/// # Numerics
+/// Doubling then bisection over the step count, with the per-step RDP
+/// computed once (RDP composes linearly). The answer `n` has
+/// `epsilon(n) <= target < epsilon(n + 1)`.
+///
+/// # Errors
+/// [`Error::InvalidParameter`] for a parameter out of range;
+/// [`Error::Calibration`] if more than `2^40` steps fit.
+pub fn max_steps(target_epsilon: f64, delta: f64, sample_rate: f64, noise_multiplier: f64) -> Result<StepsCalibration> {
+    ensure("target_epsilon", target_epsilon, Valid::Positive)?;
+    ensure("delta", delta, Valid::OpenUnit)?;
+    ensure("sample_rate", sample_rate, Valid::HalfOpenUnit)?;
+    ensure("noise_multiplier", noise_multiplier, Valid::Positive)?;
+    let mut acc = RdpAccountant::new(Adjacency::AddOrRemoveOne);
+    acc.compose(&DpEvent::poisson_sampled_gaussian(sample_rate, noise_multiplier), 1)?;
+    let eps = |n: u64| acc.epsilon_repeated(delta, n as f64);
+    let first = eps(1);
+    if first.epsilon > target_epsilon {
+        return Ok(StepsCalibration {
+            steps: 0,
+            epsilon: acc.epsilon_repeated(delta, 0.0),
+        });
+    }
+    // Invariant: eps(lo) <= target < eps(hi).
+    let (mut lo, mut e_lo) = (1u64, first);
+    let mut hi = 2u64;
+    loop {
+        let e = eps(hi);
+        if e.epsilon > target_epsilon {
+            break;
+        }
+        (lo, e_lo) = (hi, e);
+        if hi >= MAX_STEPS {
+            return Err(Error::Calibration {
+                reason: format!("more than {MAX_STEPS} steps fit in epsilon {target_epsilon}"),
+            });
+        }
+        hi *= 2;
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        let e = eps(mid);
+        if e.epsilon <= target_epsilon {
+            (lo, e_lo) = (mid, e);
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(StepsCalibration {
+        steps: lo,
+        epsilon: e_lo,
+    })
+}

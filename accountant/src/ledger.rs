@@ -1,0 +1,476 @@
+//! The privacy ledger: an append-only, hash-chained record of every
+//! mechanism a training run applied.
+//!
+//! # Format (version 1)
+//! ```json
+//! { "format": "dp-accountant-ledger", "version": 1,
+//!   "header": { "created_by": "...", "dataset_size": 1797, "target": {"epsilon": 3.0, "delta": 1e-5} },
+//!   "entries": [ { "index": 0, "prev_hash": "<hex>", "record": { ... }, "hash": "<hex>" } ],
+//!   "head": "<hex>" }
+//! ```
+//! `hash_k = SHA-256("dp-accountant-ledger-entry-v1\n" || prev_hash_k || index_k (u64, big endian) || canonical(record_k))`,
+//! `prev_hash_0 = SHA-256("dp-accountant-ledger-header-v1\n" || canonical(header))`, and
+//! `head` is the last hash (the header's hash for an empty ledger). The
+//! canonical bytes are the compact JSON this crate writes (fields in
+//! declaration order, floats in shortest round-trip form), so a value that
+//! parses to the same number hashes the same.
+//!
+//! # What the chain detects
+//! Any edit of a header or entry, reordering, insertion or removal of entries,
+//! and truncation or extension that does not also rewrite `head`. A chain
+//! without a secret cannot stop someone who rewrites every hash: anchor the
+//! head elsewhere (the report prints it, checkpoints store it) and check it
+//! with [`Ledger::verify_head`] or `dp-accountant verify --expect-head`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{ensure, Error, LedgerError, Result, Valid};
+use crate::event::{Adjacency, DpEvent};
+use crate::rdp::RdpAccountant;
+
+/// The `format` tag of a ledger file.
+pub const LEDGER_FORMAT: &str = "dp-accountant-ledger";
+/// The format version this build writes and reads.
+pub const LEDGER_VERSION: u64 = 1;
+
+const ENTRY_DOMAIN: &[u8] = b"dp-accountant-ledger-entry-v1\n";
+const HEADER_DOMAIN: &[u8] = b"dp-accountant-ledger-header-v1\n";
+
+/// How batches were drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SamplerKind {
+    /// Each example independently with probability `q` per step (amplification applies).
+    Poisson,
+    /// A shuffle per epoch, cut into batches of a fixed size (no amplification).
+    ShuffledFixedSize,
+    /// Every example in every step (full-batch gradient descent).
+    FullBatch,
+}
+
+/// The generator the noise came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoiseGenerator {
+    /// ChaCha20 (`rand_chacha` 0.9), a cryptographically secure generator.
+    Chacha20,
+}
+
+/// How the noise generator was seeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Seeding {
+    /// From the operating system's entropy source: unpredictable.
+    OsEntropy,
+    /// From a seed the user chose, for reproducible research: anyone who knows
+    /// it can reproduce (and subtract) the noise. The seed itself is never recorded.
+    Fixed,
+}
+
+/// Where the noise came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoiseSource {
+    /// The generator.
+    pub generator: NoiseGenerator,
+    /// Its seeding.
+    pub seed: Seeding,
+}
+
+/// One mechanism applied, with everything a reviewer needs to judge it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MechanismRecord {
+    /// What was applied (noise multipliers relative to `clipping_norm`).
+    pub event: DpEvent,
+    /// The unit of privacy.
+    pub adjacency: Adjacency,
+    /// The L2 bound on each example's contribution, `C > 0`.
+    pub clipping_norm: f64,
+    /// How the batches were drawn; must match the event.
+    pub sampler: SamplerKind,
+    /// Where the noise came from.
+    pub noise: NoiseSource,
+}
+
+/// A privacy target declared by the run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyTarget {
+    /// The epsilon the run promised not to exceed.
+    pub epsilon: f64,
+    /// At this delta.
+    pub delta: f64,
+}
+
+/// Facts about the run as a whole, hashed into the chain's first link.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerHeader {
+    /// The program that wrote the ledger, e.g. `"candle-dp 0.1.0"`.
+    pub created_by: String,
+    /// Free text: what was trained, on what.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The number of examples in the training set, if declared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset_size: Option<u64>,
+    /// The budget the run declared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<PrivacyTarget>,
+}
+
+/// One link of the chain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerEntry {
+    /// Position in the ledger, from 0.
+    pub index: u64,
+    /// The hash of the previous entry (of the header for entry 0), hex.
+    pub prev_hash: String,
+    /// The mechanism.
+    pub record: MechanismRecord,
+    /// This entry's hash, hex.
+    pub hash: String,
+}
+
+/// The ledger of one training run: verified on every load, append-only in memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ledger {
+    header: LedgerHeader,
+    entries: Vec<LedgerEntry>,
+}
+
+#[derive(Serialize)]
+struct LedgerFileOut<'a> {
+    format: &'static str,
+    version: u64,
+    header: &'a LedgerHeader,
+    entries: &'a [LedgerEntry],
+    head: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LedgerFileIn {
+    #[allow(dead_code)]
+    format: String,
+    #[allow(dead_code)]
+    version: u64,
+    header: LedgerHeader,
+    entries: Vec<serde_json::Value>,
+    head: String,
+}
+
+impl Ledger {
+    /// An empty ledger.
+    pub fn new(header: LedgerHeader) -> Self {
+        Self {
+            header,
+            entries: Vec::new(),
+        }
+    }
+
+    /// The header.
+    pub fn header(&self) -> &LedgerHeader {
+        &self.header
+    }
+
+    /// The entries, in order.
+    pub fn entries(&self) -> &[LedgerEntry] {
+        &self.entries
+    }
+
+    /// The hash of the last entry (of the header if there is none), hex: the
+    /// value to anchor elsewhere.
+    pub fn head(&self) -> String {
+        self.entries
+            .last()
+            .map_or_else(|| hex(&header_hash(&self.header)), |e| e.hash.clone())
+    }
+
+    /// Checks `record` and appends it, returning the new entry.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] or [`Error::UnsupportedEvent`] for a bad
+    /// event, [`LedgerError::InvalidEntry`] if it contradicts itself or the
+    /// entries before it. Nothing is appended on error.
+    pub fn append(&mut self, record: MechanismRecord) -> Result<&LedgerEntry> {
+        let index = self.entries.len();
+        check_record(&record, self.entries.first().map(|e| e.record.adjacency), index)?;
+        let prev = self
+            .entries
+            .last()
+            .map_or_else(|| header_hash(&self.header), |e| unhex(&e.hash).unwrap_or_default());
+        let hash = entry_hash(&prev, index as u64, &record);
+        self.entries.push(LedgerEntry {
+            index: index as u64,
+            prev_hash: hex(&prev),
+            record,
+            hash: hex(&hash),
+        });
+        Ok(&self.entries[index])
+    }
+
+    /// The total number of noisy steps recorded.
+    pub fn total_steps(&self) -> u64 {
+        self.entries
+            .iter()
+            .fold(0u64, |s, e| s.saturating_add(e.record.event.steps()))
+    }
+
+    /// The adjacency of the entries (that of an empty ledger is add/remove).
+    pub fn adjacency(&self) -> Adjacency {
+        self.entries
+            .first()
+            .map_or(Adjacency::AddOrRemoveOne, |e| e.record.adjacency)
+    }
+
+    /// An RDP accountant with every entry composed.
+    ///
+    /// # Errors
+    /// None for a ledger that loaded or was built by [`Ledger::append`]; the
+    /// accountant's own errors otherwise.
+    pub fn rdp_accountant(&self) -> Result<RdpAccountant> {
+        let mut acc = RdpAccountant::new(self.adjacency());
+        for e in &self.entries {
+            acc.compose(&e.record.event, 1)?;
+        }
+        Ok(acc)
+    }
+
+    /// Checks that the head is `expected` (an anchor kept elsewhere).
+    ///
+    /// # Errors
+    /// [`LedgerError::AnchorMismatch`].
+    pub fn verify_head(&self, anchor: &str) -> Result<(), LedgerError> {
+        let head = self.head();
+        if head.eq_ignore_ascii_case(anchor) {
+            Ok(())
+        } else {
+            Err(LedgerError::AnchorMismatch {
+                anchor: anchor.to_string(),
+                head,
+                entries: self.entries.len(),
+            })
+        }
+    }
+
+    /// The ledger as pretty-printed JSON.
+    pub fn to_json(&self) -> String {
+        let out = LedgerFileOut {
+            format: LEDGER_FORMAT,
+            version: LEDGER_VERSION,
+            header: &self.header,
+            entries: &self.entries,
+            head: self.head(),
+        };
+        // Serializing plain data with string keys cannot fail.
+        serde_json::to_string_pretty(&out).unwrap_or_default()
+    }
+
+    /// Parses and fully verifies a ledger: format, version, every field, the
+    /// chain, the head and every record's consistency.
+    ///
+    /// # Errors
+    /// The first [`LedgerError`] found, with the entry it concerns.
+    pub fn from_json(text: &str) -> Result<Self, LedgerError> {
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| malformed(None, &e))?;
+        let obj = value.as_object().ok_or_else(|| LedgerError::Malformed {
+            entry: None,
+            message: "expected a JSON object at the top level".into(),
+        })?;
+        match obj.get("format").and_then(|f| f.as_str()) {
+            Some(LEDGER_FORMAT) => {}
+            other => {
+                return Err(LedgerError::WrongFormat {
+                    found: other.unwrap_or("<missing>").to_string(),
+                    expected: LEDGER_FORMAT,
+                })
+            }
+        }
+        match obj.get("version").and_then(|v| v.as_u64()) {
+            Some(LEDGER_VERSION) => {}
+            Some(found) => {
+                return Err(LedgerError::UnsupportedVersion {
+                    found,
+                    supported: LEDGER_VERSION,
+                })
+            }
+            None => {
+                return Err(LedgerError::Malformed {
+                    entry: None,
+                    message: "field `version` must be a non-negative integer".into(),
+                })
+            }
+        }
+        let file: LedgerFileIn = serde_json::from_value(value).map_err(|e| malformed(None, &e))?;
+        let mut ledger = Ledger::new(file.header);
+        let mut prev = header_hash(&ledger.header);
+        for (k, raw) in file.entries.into_iter().enumerate() {
+            let entry: LedgerEntry = serde_json::from_value(raw).map_err(|e| malformed(Some(k), &e))?;
+            if entry.index != k as u64 {
+                return Err(LedgerError::IndexMismatch {
+                    entry: k,
+                    found: entry.index,
+                });
+            }
+            let prev_hex = hex(&prev);
+            if !entry.prev_hash.eq_ignore_ascii_case(&prev_hex) {
+                return Err(LedgerError::BrokenChain {
+                    entry: k,
+                    expected: prev_hex,
+                    found: entry.prev_hash,
+                });
+            }
+            let hash = entry_hash(&prev, k as u64, &entry.record);
+            if !entry.hash.eq_ignore_ascii_case(&hex(&hash)) {
+                return Err(LedgerError::HashMismatch {
+                    entry: k,
+                    expected: hex(&hash),
+                    found: entry.hash,
+                });
+            }
+            check_record(&entry.record, ledger.entries.first().map(|e| e.record.adjacency), k).map_err(
+                |e| match e {
+                    Error::Ledger(l) => l,
+                    other => LedgerError::InvalidEntry {
+                        entry: k,
+                        message: other.to_string(),
+                    },
+                },
+            )?;
+            prev = hash;
+            ledger.entries.push(LedgerEntry {
+                prev_hash: prev_hex,
+                hash: hex(&hash),
+                ..entry
+            });
+        }
+        let head = ledger.head();
+        if !head.eq_ignore_ascii_case(&file.head) {
+            return Err(LedgerError::HeadMismatch {
+                expected: head,
+                found: file.head,
+                entries: ledger.entries.len(),
+            });
+        }
+        Ok(ledger)
+    }
+
+    /// Reads and verifies a ledger file.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if it cannot be read; [`Error::Ledger`] as [`Ledger::from_json`].
+    pub fn read(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Self::from_json(&text)?)
+    }
+
+    /// Writes the ledger atomically (to a temporary file, then renamed).
+    ///
+    /// # Errors
+    /// [`Error::Io`].
+    pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let io = |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        std::fs::write(&tmp, self.to_json()).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+}
+
+fn malformed(entry: Option<usize>, e: &serde_json::Error) -> LedgerError {
+    LedgerError::Malformed {
+        entry,
+        message: e.to_string(),
+    }
+}
+
+/// Checks a record's values and their consistency with each other and with
+/// the ledger's adjacency (that of entry 0).
+fn check_record(record: &MechanismRecord, ledger_adjacency: Option<Adjacency>, index: usize) -> Result<()> {
+    let invalid = |message: String| Error::Ledger(LedgerError::InvalidEntry { entry: index, message });
+    ensure("clipping_norm", record.clipping_norm, Valid::Positive).map_err(|e| invalid(e.to_string()))?;
+    RdpAccountant::new(record.adjacency)
+        .check(&record.event)
+        .map_err(|e| invalid(e.to_string()))?;
+    if let Some(adjacency) = ledger_adjacency {
+        if adjacency != record.adjacency {
+            return Err(invalid(format!(
+                "adjacency = {}: differs from entry 0 ({adjacency}); one ledger has one unit of privacy",
+                record.adjacency
+            )));
+        }
+    }
+    let mut leaves = Vec::new();
+    collect_leaf_kinds(&record.event, &mut leaves);
+    let expected = match record.sampler {
+        SamplerKind::Poisson => "poisson_sampled",
+        SamplerKind::ShuffledFixedSize => "shuffled_fixed_size_batches",
+        SamplerKind::FullBatch => "gaussian",
+    };
+    if let Some(bad) = leaves.iter().find(|k| **k != expected) {
+        return Err(invalid(format!(
+            "sampler = {:?} but the event contains a {bad} mechanism: a {:?} sampler records {expected} events only",
+            record.sampler, record.sampler
+        )));
+    }
+    Ok(())
+}
+
+fn collect_leaf_kinds(event: &DpEvent, out: &mut Vec<&'static str>) {
+    match event {
+        DpEvent::SelfComposed { event, .. } => collect_leaf_kinds(event, out),
+        DpEvent::Composed { events } => events.iter().for_each(|e| collect_leaf_kinds(e, out)),
+        other => out.push(other.kind()),
+    }
+}
+
+fn canonical<T: Serialize>(value: &T) -> Vec<u8> {
+    // Plain data with string keys always serializes.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn header_hash(header: &LedgerHeader) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(HEADER_DOMAIN);
+    h.update(canonical(header));
+    h.finalize().into()
+}
+
+fn entry_hash(prev: &[u8; 32], index: u64, record: &MechanismRecord) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(ENTRY_DOMAIN);
+    h.update(prev);
+    h.update(index.to_be_bytes());
+    h.update(canonical(record));
+    h.finalize().into()
+}
+
+/// Lower-case hex of a byte string.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (k, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(s.get(2 * k..2 * k + 2)?, 16).ok()?;
+    }
+    Some(out)
+}

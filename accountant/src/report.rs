@@ -1,0 +1,468 @@
+//! The privacy statement a reviewer signs off, made from a ledger alone.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::error::{ensure, Result, Valid};
+use crate::event::{Adjacency, DpEvent};
+use crate::ledger::{Ledger, NoiseSource, PrivacyTarget, SamplerKind, Seeding};
+
+/// The delta used when neither the caller nor the ledger gives one.
+pub const DEFAULT_DELTA: f64 = 1e-5;
+
+const ACCOUNTANT: &str = "RDP (Renyi differential privacy) of the Poisson-subsampled Gaussian";
+const ACCOUNTANT_REFERENCE: &str = "Mironov 2017 (arXiv:1702.07476v3); Mironov, Talwar & Zhang 2019, Sec. 3.3 \
+     (arXiv:1908.10530v1): exact binomial expansion at integer orders, two-sided series with a proven tail bound at \
+     fractional orders";
+const CONVERSION: &str = "RDP to (epsilon, delta): the bound of Balle et al. / Canonne, Kamath & Steinke";
+const CONVERSION_REFERENCE: &str = "Balle, Barthe, Gaboardi, Hsu & Sato 2020, Thm 21 (arXiv:1905.09982v3); \
+     Canonne, Kamath & Steinke 2020, Prop. 12 (arXiv:2004.00010v4)";
+const ORDERS: &str = "dp_accounting's default grid (1.1 to 10.9 by 0.1, 11 to 63, 128, 256, 512, 1024), \
+     the best order refined between its grid neighbours";
+
+/// Where the report's delta came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeltaSource {
+    /// Given by the reviewer.
+    Given,
+    /// The target the ledger declares.
+    LedgerTarget,
+    /// Neither: [`DEFAULT_DELTA`].
+    Default,
+}
+
+/// One kind of step the ledger records, with how many were taken.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MechanismSummary {
+    /// How batches were drawn.
+    pub sampler: SamplerKind,
+    /// Poisson sampling probability (Poisson sampler only).
+    pub sample_rate: Option<f64>,
+    /// Steps per epoch (shuffled fixed-size batches only).
+    pub steps_per_epoch: Option<u64>,
+    /// Noise standard deviation over the clipping norm.
+    pub noise_multiplier: f64,
+    /// The bound on each example's contribution.
+    pub clipping_norm: f64,
+    /// Where the noise came from.
+    pub noise: NoiseSource,
+    /// Steps taken with these parameters.
+    pub steps: u64,
+}
+
+/// A privacy statement: every number a reviewer needs, and every caveat.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PrivacyReport {
+    /// The ledger's head hash: the statement covers exactly this ledger.
+    pub ledger_head: String,
+    /// Entries in the ledger.
+    pub ledger_entries: usize,
+    /// The program that wrote it.
+    pub created_by: String,
+    /// What was trained.
+    pub description: Option<String>,
+    /// Training set size, if declared.
+    pub dataset_size: Option<u64>,
+    /// The unit of privacy.
+    pub adjacency: Adjacency,
+    /// What kinds of step were taken.
+    pub mechanisms: Vec<MechanismSummary>,
+    /// Total noisy steps.
+    pub total_steps: u64,
+    /// The privacy loss bound at `delta`.
+    pub epsilon: f64,
+    /// The delta.
+    pub delta: f64,
+    /// Where `delta` came from.
+    pub delta_source: DeltaSource,
+    /// The RDP order that gives `epsilon`.
+    pub order: f64,
+    /// The budget the ledger declares, if any.
+    pub target: Option<PrivacyTarget>,
+    /// The epsilon at the target's delta, if a target is declared.
+    pub epsilon_at_target_delta: Option<f64>,
+    /// Whether that epsilon is within the target.
+    pub within_target: Option<bool>,
+    /// The accountant.
+    pub accountant: &'static str,
+    /// Its references.
+    pub accountant_reference: &'static str,
+    /// The conversion to `(epsilon, delta)`.
+    pub conversion: &'static str,
+    /// Its references.
+    pub conversion_reference: &'static str,
+    /// The orders searched.
+    pub orders: &'static str,
+    /// Everything that weakens or qualifies the statement.
+    pub caveats: Vec<String>,
+}
+
+impl PrivacyReport {
+    /// The statement for `ledger` at `delta` (else the ledger's target delta,
+    /// else [`DEFAULT_DELTA`]).
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidParameter`] unless `delta` is in `(0, 1)`.
+    pub fn from_ledger(ledger: &Ledger, delta: Option<f64>) -> Result<Self> {
+        let header = ledger.header();
+        let (delta, delta_source) = match (delta, header.target) {
+            (Some(d), _) => (ensure("delta", d, Valid::OpenUnit)?, DeltaSource::Given),
+            (None, Some(t)) => (ensure("delta", t.delta, Valid::OpenUnit)?, DeltaSource::LedgerTarget),
+            (None, None) => (DEFAULT_DELTA, DeltaSource::Default),
+        };
+        let acc = ledger.rdp_accountant()?;
+        let bound = acc.epsilon(delta)?;
+        let (epsilon_at_target_delta, within_target) = match header.target {
+            Some(t) => {
+                let e = acc.epsilon(ensure("target.delta", t.delta, Valid::OpenUnit)?)?.epsilon;
+                (Some(e), Some(e <= t.epsilon))
+            }
+            None => (None, None),
+        };
+        let mechanisms = summarize(ledger);
+        let mut caveats = Vec::new();
+        if ledger.entries().is_empty() {
+            caveats.push("The ledger records no mechanism: nothing was released under it.".to_string());
+        }
+        if mechanisms.iter().any(|m| m.sampler == SamplerKind::ShuffledFixedSize) {
+            caveats.push(
+                "Batches were shuffled fixed-size batches, not Poisson samples: the guarantee is accounted without \
+                 amplification by sampling (each started epoch counts as a full Gaussian release), under replace-one \
+                 adjacency."
+                    .to_string(),
+            );
+        }
+        if mechanisms.iter().any(|m| m.noise.seed == Seeding::Fixed) {
+            caveats.push(
+                "The noise came from a fixed seed: anyone who knows it can regenerate and subtract the noise, which \
+                 voids the guarantee. Keep the seed as secret as the data, or retrain with OS entropy before release."
+                    .to_string(),
+            );
+        }
+        if delta_source == DeltaSource::Default {
+            caveats.push(format!(
+                "No delta was given and the ledger declares none: delta = {DEFAULT_DELTA:e} was used."
+            ));
+        }
+        if let Some(n) = header.dataset_size {
+            if n > 0 && delta >= 1.0 / n as f64 {
+                caveats.push(format!(
+                    "delta = {delta:e} is not below 1/N = {:e}: releasing one random example outright meets such a \
+                     delta. Use a delta well below 1/N.",
+                    1.0 / n as f64
+                ));
+            }
+        }
+        if !bound.dropped_orders.is_empty() {
+            caveats.push(format!(
+                "RDP orders {:?} could not be computed to the required accuracy and were left out (this can only \
+                 raise epsilon).",
+                bound.dropped_orders
+            ));
+        }
+        if bound.order_at_range_edge && bound.epsilon > 0.0 && bound.epsilon.is_finite() {
+            caveats.push(format!(
+                "The best RDP order ({}) is at the end of the order grid: a wider grid might give a smaller epsilon \
+                 (the stated one remains valid).",
+                fmt_num(bound.order)
+            ));
+        }
+        if let (Some(t), Some(false)) = (header.target, within_target) {
+            caveats.push(format!(
+                "The declared budget (epsilon {} at delta {:e}) is EXCEEDED: epsilon at that delta is {}.",
+                fmt_num(t.epsilon),
+                t.delta,
+                fmt_num(epsilon_at_target_delta.unwrap_or(f64::NAN))
+            ));
+        }
+        Ok(Self {
+            ledger_head: ledger.head(),
+            ledger_entries: ledger.entries().len(),
+            created_by: header.created_by.clone(),
+            description: header.description.clone(),
+            dataset_size: header.dataset_size,
+            adjacency: ledger.adjacency(),
+            mechanisms,
+            total_steps: ledger.total_steps(),
+            epsilon: bound.epsilon,
+            delta,
+            delta_source,
+            order: bound.order,
+            target: header.target,
+            epsilon_at_target_delta,
+            within_target,
+            accountant: ACCOUNTANT,
+            accountant_reference: ACCOUNTANT_REFERENCE,
+            conversion: CONVERSION,
+            conversion_reference: CONVERSION_REFERENCE,
+            orders: ORDERS,
+            caveats,
+        })
+    }
+
+    /// The statement as plain text.
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "PRIVACY STATEMENT");
+        let _ = writeln!(s, "{}", self.guarantee_sentence());
+        let _ = writeln!(s);
+        let _ = writeln!(s, "Protected unit:  {}", self.protected_unit());
+        let _ = writeln!(s, "Total steps:     {}", self.total_steps);
+        for m in &self.mechanisms {
+            let _ = writeln!(s, "Mechanism:       {}", describe(m));
+        }
+        if let Some(t) = self.target {
+            let _ = writeln!(s, "Declared budget: {}", self.target_sentence(t));
+        }
+        let _ = writeln!(s, "Accountant:      {}", self.accountant);
+        let _ = writeln!(s, "                 {}", self.accountant_reference);
+        let _ = writeln!(s, "Conversion:      {}", self.conversion);
+        let _ = writeln!(s, "                 {}", self.conversion_reference);
+        let _ = writeln!(
+            s,
+            "Orders:          {}; optimal order {}",
+            self.orders,
+            fmt_num(self.order)
+        );
+        let _ = writeln!(
+            s,
+            "Ledger:          {} entries, head {}",
+            self.ledger_entries, self.ledger_head
+        );
+        let _ = writeln!(s, "Written by:      {}{}", self.created_by, self.description_suffix());
+        let _ = writeln!(s);
+        if self.caveats.is_empty() {
+            let _ = writeln!(s, "Caveats: none.");
+        } else {
+            let _ = writeln!(s, "Caveats:");
+            for c in &self.caveats {
+                let _ = writeln!(s, "  - {c}");
+            }
+        }
+        s
+    }
+
+    /// The statement as Markdown.
+    pub fn to_markdown(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "# Privacy statement\n");
+        let _ = writeln!(s, "{}\n", self.guarantee_sentence());
+        let _ = writeln!(s, "| | |\n|---|---|");
+        let _ = writeln!(s, "| Protected unit | {} |", self.protected_unit());
+        let _ = writeln!(s, "| Epsilon | {} |", fmt_num(self.epsilon));
+        let _ = writeln!(
+            s,
+            "| Delta | {:e} ({}) |",
+            self.delta,
+            delta_source_words(self.delta_source)
+        );
+        let _ = writeln!(s, "| Total steps | {} |", self.total_steps);
+        if let Some(t) = self.target {
+            let _ = writeln!(s, "| Declared budget | {} |", self.target_sentence(t));
+        }
+        let _ = writeln!(
+            s,
+            "| Accountant | {} ({}) |",
+            self.accountant, self.accountant_reference
+        );
+        let _ = writeln!(
+            s,
+            "| Conversion | {} ({}) |",
+            self.conversion, self.conversion_reference
+        );
+        let _ = writeln!(s, "| Optimal RDP order | {} ({}) |", fmt_num(self.order), self.orders);
+        let _ = writeln!(
+            s,
+            "| Ledger | {} entries, head `{}` |",
+            self.ledger_entries, self.ledger_head
+        );
+        let _ = writeln!(s, "| Written by | {}{} |", self.created_by, self.description_suffix());
+        let _ = writeln!(s, "\n## Mechanisms\n");
+        let _ = writeln!(
+            s,
+            "| Sampler | Sample rate | Noise multiplier | Clipping norm | Noise source | Steps |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|");
+        for m in &self.mechanisms {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} |",
+                sampler_words(m.sampler),
+                m.sample_rate.map_or("-".to_string(), fmt_num),
+                fmt_num(m.noise_multiplier),
+                fmt_num(m.clipping_norm),
+                noise_words(m.noise),
+                m.steps
+            );
+        }
+        let _ = writeln!(s, "\n## Caveats\n");
+        if self.caveats.is_empty() {
+            let _ = writeln!(s, "None.");
+        }
+        for c in &self.caveats {
+            let _ = writeln!(s, "- {c}");
+        }
+        s
+    }
+
+    /// The statement as one JSON object (infinite epsilon is `null`).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    fn guarantee_sentence(&self) -> String {
+        format!(
+            "The training run recorded in this ledger is ({}, {:e})-differentially private with respect to {} \
+             ({} steps).",
+            fmt_eps(self.epsilon),
+            self.delta,
+            self.protected_unit(),
+            self.total_steps
+        )
+    }
+
+    fn protected_unit(&self) -> String {
+        match self.adjacency {
+            Adjacency::AddOrRemoveOne => "each training example (add-or-remove-one adjacency)".into(),
+            Adjacency::ReplaceOne => "each training example (replace-one adjacency)".into(),
+        }
+    }
+
+    fn target_sentence(&self, t: PrivacyTarget) -> String {
+        let verdict = match self.within_target {
+            Some(true) => "met",
+            _ => "EXCEEDED",
+        };
+        format!(
+            "epsilon {} at delta {:e}: {verdict} (epsilon at that delta: {})",
+            fmt_num(t.epsilon),
+            t.delta,
+            fmt_eps(self.epsilon_at_target_delta.unwrap_or(f64::NAN))
+        )
+    }
+
+    fn description_suffix(&self) -> String {
+        self.description.as_ref().map(|d| format!(" ({d})")).unwrap_or_default()
+    }
+}
+
+/// Groups the ledger's steps by their parameters.
+fn summarize(ledger: &Ledger) -> Vec<MechanismSummary> {
+    let mut out: Vec<MechanismSummary> = Vec::new();
+    for entry in ledger.entries() {
+        let r = &entry.record;
+        let mut leaves = Vec::new();
+        leaves_with_count(&r.event, 1, &mut leaves);
+        for (leaf, count) in leaves {
+            let (sample_rate, steps_per_epoch, noise_multiplier, steps) = match leaf {
+                DpEvent::PoissonSampled {
+                    sampling_probability,
+                    event,
+                } => match **event {
+                    DpEvent::Gaussian { noise_multiplier } => {
+                        (Some(*sampling_probability), None, noise_multiplier, count)
+                    }
+                    _ => continue,
+                },
+                DpEvent::Gaussian { noise_multiplier } => (None, None, *noise_multiplier, count),
+                DpEvent::ShuffledFixedSizeBatches {
+                    noise_multiplier,
+                    steps_per_epoch,
+                    steps,
+                } => (
+                    None,
+                    Some(*steps_per_epoch),
+                    *noise_multiplier,
+                    steps.saturating_mul(count),
+                ),
+                _ => continue,
+            };
+            let m = MechanismSummary {
+                sampler: r.sampler,
+                sample_rate,
+                steps_per_epoch,
+                noise_multiplier,
+                clipping_norm: r.clipping_norm,
+                noise: r.noise,
+                steps,
+            };
+            match out.iter_mut().find(|o| {
+                MechanismSummary {
+                    steps: o.steps,
+                    ..m.clone()
+                } == **o
+            }) {
+                Some(o) => o.steps = o.steps.saturating_add(steps),
+                None => out.push(m),
+            }
+        }
+    }
+    out
+}
+
+fn leaves_with_count<'a>(event: &'a DpEvent, count: u64, out: &mut Vec<(&'a DpEvent, u64)>) {
+    match event {
+        DpEvent::SelfComposed { event, count: n } => leaves_with_count(event, count.saturating_mul(*n), out),
+        DpEvent::Composed { events } => events.iter().for_each(|e| leaves_with_count(e, count, out)),
+        leaf => out.push((leaf, count)),
+    }
+}
+
+fn describe(m: &MechanismSummary) -> String {
+    let sampling = match (m.sampler, m.sample_rate, m.steps_per_epoch) {
+        (SamplerKind::Poisson, Some(q), _) => format!("Poisson sampling, q = {}", fmt_num(q)),
+        (SamplerKind::ShuffledFixedSize, _, Some(k)) => format!("shuffled fixed-size batches, {k} steps per epoch"),
+        _ => sampler_words(m.sampler).to_string(),
+    };
+    format!(
+        "Gaussian noise, multiplier {} (std {} x C), clipping norm C = {}, {sampling}, {} steps; noise from {}",
+        fmt_num(m.noise_multiplier),
+        fmt_num(m.noise_multiplier),
+        fmt_num(m.clipping_norm),
+        m.steps,
+        noise_words(m.noise)
+    )
+}
+
+fn sampler_words(s: SamplerKind) -> &'static str {
+    match s {
+        SamplerKind::Poisson => "Poisson",
+        SamplerKind::ShuffledFixedSize => "shuffled fixed-size batches",
+        SamplerKind::FullBatch => "full batch",
+    }
+}
+
+fn noise_words(n: NoiseSource) -> &'static str {
+    match n.seed {
+        Seeding::OsEntropy => "ChaCha20 seeded from OS entropy",
+        Seeding::Fixed => "ChaCha20 with a FIXED seed",
+    }
+}
+
+fn delta_source_words(d: DeltaSource) -> &'static str {
+    match d {
+        DeltaSource::Given => "given by the reviewer",
+        DeltaSource::LedgerTarget => "the ledger's declared delta",
+        DeltaSource::Default => "default: none given or declared",
+    }
+}
+
+/// A number with 6 significant digits, without trailing noise.
+pub(crate) fn fmt_num(x: f64) -> String {
+    if !x.is_finite() {
+        return format!("{x}");
+    }
+    let s = format!("{x:.6e}");
+    let v: f64 = s.parse().unwrap_or(x);
+    format!("{v}")
+}
+
+fn fmt_eps(x: f64) -> String {
+    if x == f64::INFINITY {
+        "infinity".into()
+    } else {
+        fmt_num(x)
+    }
+}
