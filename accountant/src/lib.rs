@@ -1,20 +1,73 @@
-//! Privacy accounting for DP-SGD (stub, being written).
+//! Privacy accounting for DP-SGD, auditable without reading any training code.
+//!
+//! `dp-accountant` answers the questions a differentially private training
+//! run raises, from a record of what it did:
+//!
+//! * [`DpEvent`]: what happened (a Poisson-sampled Gaussian step, repeated
+//!   `n` times, ...), the vocabulary of the ledger; [`Adjacency`]: the unit
+//!   of privacy.
+//! * [`RdpAccountant`]: Renyi DP of composed events, exact for the
+//!   Poisson-subsampled Gaussian at every order, converted to the smallest
+//!   `(epsilon, delta)` over a grid of orders refined between grid points.
+//! * [`calibrate_noise_multiplier`] and [`max_steps`]: the noise a training
+//!   plan needs for a target epsilon, and the steps a budget allows; always
+//!   on the conservative side.
+//! * [`Ledger`]: an append-only, SHA-256-chained JSON record of every
+//!   mechanism applied, verified on every load.
+//! * [`PrivacyReport`]: the privacy statement a reviewer signs off, in text,
+//!   Markdown or JSON; the `dp-accountant` binary prints it
+//!   (`dp-accountant report ledger.json`).
+//!
+//! The crate depends on no tensor library: its users are reviewers and other
+//! frameworks as much as `candle-dp`.
+//!
+//! # Example
+//! Ten thousand DP-SGD steps at sample rate 1% and noise multiplier 1.1,
+//! recorded in a ledger and reported at `delta = 1e-5`:
+//!
+//! ```
+//! use dp_accountant::{
+//!     Adjacency, DpEvent, Ledger, LedgerHeader, MechanismRecord, NoiseGenerator, NoiseSource,
+//!     PrivacyReport, SamplerKind, Seeding,
+//! };
+//!
+//! let mut ledger = Ledger::new(LedgerHeader { created_by: "my-trainer 1.0".into(), ..Default::default() });
+//! ledger.append(MechanismRecord {
+//!     event: DpEvent::self_composed(DpEvent::poisson_sampled_gaussian(0.01, 1.1), 10_000),
+//!     adjacency: Adjacency::AddOrRemoveOne,
+//!     clipping_norm: 1.0,
+//!     sampler: SamplerKind::Poisson,
+//!     noise: NoiseSource { generator: NoiseGenerator::Chacha20, seed: Seeding::OsEntropy },
+//! })?;
+//!
+//! // What a reviewer runs: parse (which verifies the chain), then report.
+//! let reloaded = Ledger::from_json(&ledger.to_json())?;
+//! let report = PrivacyReport::from_ledger(&reloaded, Some(1e-5))?;
+//! assert!(report.epsilon > 5.0 && report.epsilon < 6.0);
+//! assert_eq!(report.total_steps, 10_000);
+//! println!("{}", report.to_text());
+//! # Ok::<(), dp_accountant::Error>(())
+//! ```
+#![deny(missing_docs)]
+#![deny(missing_debug_implementations)]
+#![doc(test(attr(deny(warnings))))]
+
+pub mod calibrate;
 pub mod conversion;
 mod error;
 pub mod event;
+pub mod ledger;
 mod math;
 pub mod rdp;
+pub mod report;
 
+pub use calibrate::{calibrate_noise_multiplier, calibrate_with, max_steps, NoiseCalibration, StepsCalibration};
 pub use conversion::{DeltaBound, EpsilonBound};
 pub use error::{Error, LedgerError, Result, Valid};
 pub use event::{Adjacency, DpEvent};
-pub use rdp::{default_orders, rdp_poisson_subsampled_gaussian, RdpAccountant};
-pub mod calibrate;
-pub use calibrate::{calibrate_noise_multiplier, max_steps, NoiseCalibration, StepsCalibration};
-pub mod ledger;
 pub use ledger::{
     Ledger, LedgerEntry, LedgerHeader, MechanismRecord, NoiseGenerator, NoiseSource, PrivacyTarget, SamplerKind,
     Seeding,
 };
-pub mod report;
+pub use rdp::{default_orders, rdp_poisson_subsampled_gaussian, RdpAccountant};
 pub use report::{DeltaSource, MechanismSummary, PrivacyReport};
