@@ -1,1 +1,50 @@
-fn main() {}
+//! What an accountant answer costs: epsilon for a long DP-SGD run at the
+//! default orders, one calibration, and one step's RDP at a single order.
+//!
+//! Opacus' `get_noise_multiplier` takes 0.2-1 s for the calibration question
+//! (issue #2's figure); the goal here is well under 1 ms for epsilon and
+//! under 20 ms for calibration. The accountant is single-threaded, so the
+//! thread count does not matter; run on an otherwise idle machine.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use dp_accountant::{calibrate_noise_multiplier, rdp_poisson_subsampled_gaussian, Adjacency, DpEvent, RdpAccountant};
+use std::hint::black_box;
+
+fn epsilon_100k_steps(c: &mut Criterion) {
+    let mut group = c.benchmark_group("accountant");
+    group.bench_function("epsilon/q=0.01,sigma=1.0,steps=100000/default_orders+refine", |b| {
+        b.iter(|| {
+            let mut acc = RdpAccountant::new(Adjacency::AddOrRemoveOne);
+            acc.compose(
+                &DpEvent::poisson_sampled_gaussian(black_box(0.01), black_box(1.0)),
+                100_000,
+            )
+            .unwrap();
+            acc.epsilon(1e-5).unwrap()
+        })
+    });
+    group.bench_function("epsilon/q=0.01,sigma=1.0,steps=100000/default_orders_grid_only", |b| {
+        b.iter(|| {
+            let mut acc = RdpAccountant::new(Adjacency::AddOrRemoveOne).with_refinement(false);
+            acc.compose(
+                &DpEvent::poisson_sampled_gaussian(black_box(0.01), black_box(1.0)),
+                100_000,
+            )
+            .unwrap();
+            acc.epsilon(1e-5).unwrap()
+        })
+    });
+    group.bench_function("calibrate/eps=3,delta=1e-5,q=0.01,steps=10000", |b| {
+        b.iter(|| calibrate_noise_multiplier(black_box(3.0), 1e-5, 0.01, 10_000).unwrap())
+    });
+    group.bench_function("rdp/one_fractional_order/q=0.01,sigma=1.0,alpha=1.1", |b| {
+        b.iter(|| rdp_poisson_subsampled_gaussian(black_box(0.01), black_box(1.0), black_box(1.1)).unwrap())
+    });
+    group.bench_function("rdp/one_integer_order/q=0.01,sigma=1.0,alpha=1024", |b| {
+        b.iter(|| rdp_poisson_subsampled_gaussian(black_box(0.01), black_box(1.0), black_box(1024.0)).unwrap())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, epsilon_100k_steps);
+criterion_main!(benches);

@@ -314,12 +314,12 @@ impl PrivacyReport {
 
     fn guarantee_sentence(&self) -> String {
         format!(
-            "The training run recorded in this ledger is ({}, {:e})-differentially private with respect to {} \
-             ({} steps).",
+            "The training run recorded in this ledger is ({}, {:e})-differentially private over its {} steps, \
+             protecting {}.",
             fmt_eps(self.epsilon),
             self.delta,
-            self.protected_unit(),
-            self.total_steps
+            self.total_steps,
+            self.protected_unit()
         )
     }
 

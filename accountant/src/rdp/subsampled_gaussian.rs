@@ -26,6 +26,13 @@ use crate::math::{
 /// bound is `2 / (3 + sqrt 8)^24 < 1.5e-18` of the tail's first term.
 const TAIL_TERMS: usize = 24;
 
+/// The convergence rate of the accelerated sum: `3 + sqrt 8`.
+const CVZ_RATE: f64 = 5.828_427_124_746_19;
+
+/// The tail is summed with as few terms as make its error bound this small
+/// relative to the head's sum (at most [`TAIL_TERMS`]).
+const TAIL_BOUND_TARGET: f64 = 1e-18;
+
 /// Longest run of head terms past the order before the tail is summed anyway
 /// (the tail bound holds wherever it starts; this only bounds the work).
 const MAX_HEAD_EXTRA: f64 = 4096.0;
@@ -174,19 +181,32 @@ fn log_a_minus_one_fractional(q: f64, sigma: f64, alpha: f64) -> Option<f64> {
     }
 
     // The tail: two alternating moment sequences, summed with their bound.
+    // The first terms decide how many are needed: enough that the bound,
+    // `2 a_0 / (3 + sqrt 8)^n`, is below `TAIL_BOUND_TARGET` of the head's sum.
     let (_, _, tail_positive) = binom.current();
     let log_k = alpha * ln_1mq - z0 * z0 / two_s2 - std::f64::consts::LN_2;
     let mut log_s = [0.0; TAIL_TERMS];
     let mut log_sb = [0.0; TAIL_TERMS];
+    let mut n = TAIL_TERMS;
     for t in 0..TAIL_TERMS {
+        if t == n {
+            break;
+        }
         let (i, log_binom, _) = binom.current();
         let log_erfcx_sum = log_add(log_erfcx((i - z0) * c), log_erfcx((i - alpha + z0) * c));
         log_s[t] = log_k + log_binom + log_erfcx_sum;
         log_sb[t] = log_shifted_b(log_binom, i);
+        if t == 0 {
+            if let Some(head) = acc.ln() {
+                let needed = (std::f64::consts::LN_2 + log_add(log_s[0], log_sb[0]) - head - TAIL_BOUND_TARGET.ln())
+                    / CVZ_RATE.ln();
+                n = (needed.ceil().max(2.0) as usize).min(TAIL_TERMS);
+            }
+        }
         binom.advance();
     }
-    let (log_tail_s, log_err_s) = log_alternating_sum(&log_s);
-    let (log_tail_b, log_err_b) = log_alternating_sum(&log_sb);
+    let (log_tail_s, log_err_s) = log_alternating_sum(&log_s[..n]);
+    let (log_tail_b, log_err_b) = log_alternating_sum(&log_sb[..n]);
     acc.add(tail_positive, log_tail_s);
     acc.add(!tail_positive, log_tail_b);
     let log_err = log_add(log_err_s, log_err_b);
@@ -197,7 +217,7 @@ fn log_a_minus_one_fractional(q: f64, sigma: f64, alpha: f64) -> Option<f64> {
 
 /// [`alternating_moment_sum`] of terms given by their logs: returns the logs
 /// of the sum and of its error bound.
-fn log_alternating_sum(log_terms: &[f64; TAIL_TERMS]) -> (f64, f64) {
+fn log_alternating_sum(log_terms: &[f64]) -> (f64, f64) {
     let first = log_terms[0];
     if first == f64::NEG_INFINITY {
         return (f64::NEG_INFINITY, f64::NEG_INFINITY);

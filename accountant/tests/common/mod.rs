@@ -117,3 +117,36 @@ pub fn rdp_oracle(q: f64, sigma: f64, alpha: f64) -> f64 {
 pub fn rel(a: f64, b: f64) -> f64 {
     ((a - b) / b).abs()
 }
+
+/// A ledger of three DP-SGD segments, as a training run would write it.
+pub fn sample_ledger() -> dp_accountant::Ledger {
+    use dp_accountant::*;
+    let mut ledger = Ledger::new(LedgerHeader {
+        created_by: "test 0".into(),
+        description: Some("three segments".into()),
+        dataset_size: Some(1437),
+        target: Some(PrivacyTarget {
+            epsilon: 3.0,
+            delta: 1e-5,
+        }),
+    });
+    for (q, s, n) in [(0.0445, 1.9, 200u64), (0.0445, 1.9, 250), (0.0445, 2.1, 224)] {
+        ledger.append(poisson_record(q, s, n)).unwrap();
+    }
+    ledger
+}
+
+/// A Poisson DP-SGD record of `n` steps.
+pub fn poisson_record(q: f64, sigma: f64, n: u64) -> dp_accountant::MechanismRecord {
+    use dp_accountant::*;
+    MechanismRecord {
+        event: DpEvent::self_composed(DpEvent::poisson_sampled_gaussian(q, sigma), n),
+        adjacency: Adjacency::AddOrRemoveOne,
+        clipping_norm: 1.0,
+        sampler: SamplerKind::Poisson,
+        noise: NoiseSource {
+            generator: NoiseGenerator::Chacha20,
+            seed: Seeding::OsEntropy,
+        },
+    }
+}

@@ -1,0 +1,279 @@
+//! The ledger detects every kind of tampering, and says where.
+
+mod common;
+
+use common::{poisson_record, sample_ledger};
+use dp_accountant::{Adjacency, DpEvent, Ledger, LedgerError, MechanismRecord, SamplerKind, Seeding};
+use serde_json::Value;
+
+fn json(ledger: &Ledger) -> Value {
+    serde_json::from_str(&ledger.to_json()).unwrap()
+}
+
+fn load(v: &Value) -> Result<Ledger, LedgerError> {
+    Ledger::from_json(&v.to_string())
+}
+
+#[test]
+fn round_trip_preserves_everything() {
+    let ledger = sample_ledger();
+    let back = Ledger::from_json(&ledger.to_json()).unwrap();
+    assert_eq!(back, ledger);
+    assert_eq!(back.head(), ledger.head());
+    assert_eq!(back.total_steps(), 674);
+    // And the epsilon it implies is the one of the events composed directly.
+    let direct = {
+        let mut acc = dp_accountant::RdpAccountant::new(Adjacency::AddOrRemoveOne);
+        acc.compose(&DpEvent::poisson_sampled_gaussian(0.0445, 1.9), 450)
+            .unwrap();
+        acc.compose(&DpEvent::poisson_sampled_gaussian(0.0445, 2.1), 224)
+            .unwrap();
+        acc.epsilon(1e-5).unwrap()
+    };
+    assert_eq!(back.rdp_accountant().unwrap().epsilon(1e-5).unwrap(), direct);
+}
+
+#[test]
+fn tampered_ledger_is_detected_when_an_entry_is_edited() {
+    let mut v = json(&sample_ledger());
+    v["entries"][1]["record"]["event"]["self_composed"]["count"] = Value::from(25);
+    assert!(
+        matches!(load(&v), Err(LedgerError::HashMismatch { entry: 1, .. })),
+        "{:?}",
+        load(&v)
+    );
+    let mut v = json(&sample_ledger());
+    v["entries"][2]["record"]["clipping_norm"] = Value::from(10.0);
+    assert!(matches!(load(&v), Err(LedgerError::HashMismatch { entry: 2, .. })));
+    let mut v = json(&sample_ledger());
+    v["entries"][0]["record"]["noise"]["seed"] = Value::from("fixed");
+    assert!(matches!(load(&v), Err(LedgerError::HashMismatch { entry: 0, .. })));
+}
+
+#[test]
+fn tampered_ledger_is_detected_when_the_header_is_edited() {
+    let mut v = json(&sample_ledger());
+    v["header"]["target"]["epsilon"] = Value::from(30.0);
+    assert!(matches!(load(&v), Err(LedgerError::BrokenChain { entry: 0, .. })));
+}
+
+#[test]
+fn tampered_ledger_is_detected_when_entries_are_reordered() {
+    let mut v = json(&sample_ledger());
+    let entries = v["entries"].as_array_mut().unwrap();
+    entries.swap(1, 2);
+    assert!(matches!(
+        load(&v),
+        Err(LedgerError::IndexMismatch { entry: 1, found: 2 })
+    ));
+    // Even with the indices rewritten, the chain breaks.
+    let mut v = json(&sample_ledger());
+    let entries = v["entries"].as_array_mut().unwrap();
+    entries.swap(1, 2);
+    entries[1]["index"] = Value::from(1);
+    entries[2]["index"] = Value::from(2);
+    assert!(matches!(load(&v), Err(LedgerError::BrokenChain { entry: 1, .. })));
+}
+
+#[test]
+fn tampered_ledger_is_detected_when_an_entry_is_removed() {
+    let mut v = json(&sample_ledger());
+    v["entries"].as_array_mut().unwrap().remove(1);
+    assert!(matches!(
+        load(&v),
+        Err(LedgerError::IndexMismatch { entry: 1, found: 2 })
+    ));
+}
+
+#[test]
+fn tampered_ledger_is_detected_when_truncated() {
+    let mut v = json(&sample_ledger());
+    v["entries"].as_array_mut().unwrap().pop();
+    assert!(
+        matches!(load(&v), Err(LedgerError::HeadMismatch { entries: 2, .. })),
+        "{:?}",
+        load(&v)
+    );
+    // A truncation that also rewrites `head` is consistent on its own; the
+    // anchored head (kept in a checkpoint or report) still catches it.
+    let full = sample_ledger();
+    let mut v = json(&full);
+    v["entries"].as_array_mut().unwrap().pop();
+    v["head"] = v["entries"][1]["hash"].clone();
+    let truncated = load(&v).unwrap();
+    assert!(matches!(
+        truncated.verify_head(&full.head()),
+        Err(LedgerError::AnchorMismatch { entries: 2, .. })
+    ));
+}
+
+#[test]
+fn tampered_ledger_is_detected_when_an_entry_is_appended() {
+    let ledger = sample_ledger();
+    // A copy of the last entry, renumbered.
+    let mut v = json(&ledger);
+    let mut extra = v["entries"][2].clone();
+    extra["index"] = Value::from(3);
+    v["entries"].as_array_mut().unwrap().push(extra);
+    assert!(matches!(load(&v), Err(LedgerError::BrokenChain { entry: 3, .. })));
+    // A correctly chained entry, but `head` not updated.
+    let mut longer = ledger.clone();
+    longer.append(poisson_record(0.0445, 2.1, 10)).unwrap();
+    let mut v = json(&longer);
+    v["head"] = Value::from(ledger.head());
+    assert!(matches!(load(&v), Err(LedgerError::HeadMismatch { entries: 4, .. })));
+    // Fully consistent, but not the anchored ledger.
+    assert!(longer.verify_head(&ledger.head()).is_err());
+    assert!(ledger.verify_head(&ledger.head()).is_ok());
+}
+
+#[test]
+fn unknown_version_format_field_or_event_is_an_error() {
+    let mut v = json(&sample_ledger());
+    v["version"] = Value::from(2);
+    assert_eq!(
+        load(&v),
+        Err(LedgerError::UnsupportedVersion { found: 2, supported: 1 })
+    );
+    let mut v = json(&sample_ledger());
+    v["format"] = Value::from("something-else");
+    assert!(matches!(load(&v), Err(LedgerError::WrongFormat { .. })));
+    let mut v = json(&sample_ledger());
+    v["entries"][1]["record"]["comment"] = Value::from("hi");
+    assert!(
+        matches!(load(&v), Err(LedgerError::Malformed { entry: Some(1), .. })),
+        "{:?}",
+        load(&v)
+    );
+    let mut v = json(&sample_ledger());
+    v["entries"][2]["record"]["event"] = serde_json::json!({"laplace": {"scale": 1.0}});
+    let err = load(&v).unwrap_err();
+    assert!(matches!(err, LedgerError::Malformed { entry: Some(2), .. }));
+    assert!(
+        err.to_string().contains("ledger entry 2") && err.to_string().contains("laplace"),
+        "{err}"
+    );
+    let mut v = json(&sample_ledger());
+    v["extra"] = Value::from(1);
+    assert!(matches!(load(&v), Err(LedgerError::Malformed { entry: None, .. })));
+    assert!(matches!(
+        Ledger::from_json("{not json"),
+        Err(LedgerError::Malformed { entry: None, .. })
+    ));
+}
+
+#[test]
+fn inconsistent_records_are_refused_at_append() {
+    let mut ledger = sample_ledger();
+    let before = ledger.clone();
+    // Sampler says shuffled, event says Poisson.
+    let mut r = poisson_record(0.01, 1.0, 10);
+    r.sampler = SamplerKind::ShuffledFixedSize;
+    let err = ledger.append(r).unwrap_err();
+    assert!(err.to_string().contains("ledger entry 3"), "{err}");
+    // A different adjacency from entry 0.
+    let r = MechanismRecord {
+        event: DpEvent::shuffled_fixed_size_batches(1.0, 22, 22),
+        adjacency: Adjacency::ReplaceOne,
+        sampler: SamplerKind::ShuffledFixedSize,
+        ..poisson_record(0.01, 1.0, 1)
+    };
+    assert!(ledger.append(r).unwrap_err().to_string().contains("adjacency"));
+    // A bad value.
+    let mut r = poisson_record(0.01, 1.0, 10);
+    r.clipping_norm = f64::NAN;
+    assert!(ledger
+        .append(r)
+        .unwrap_err()
+        .to_string()
+        .contains("clipping_norm = NaN: must be finite and > 0"));
+    let r = poisson_record(1.5, 1.0, 10);
+    assert!(ledger
+        .append(r)
+        .unwrap_err()
+        .to_string()
+        .contains("sampling_probability = 1.5: must be in [0, 1]"));
+    // Poisson amplification under replace-one is not claimed.
+    let mut r = poisson_record(0.01, 1.0, 10);
+    r.adjacency = Adjacency::ReplaceOne;
+    assert!(Ledger::new(Default::default()).append(r).is_err());
+    assert_eq!(ledger, before, "a refused append changes nothing");
+}
+
+/// Recomputes every hash of a ledger JSON from the format documented in
+/// `ledger.rs`, independently of the library: what someone who rewrites a
+/// ledger by the spec would do.
+fn rehash(v: &mut Value) {
+    use sha2::{Digest, Sha256};
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let header: dp_accountant::LedgerHeader = serde_json::from_value(v["header"].clone()).unwrap();
+    let mut prev: Vec<u8> = Sha256::new()
+        .chain_update(b"dp-accountant-ledger-header-v1\n")
+        .chain_update(serde_json::to_vec(&header).unwrap())
+        .finalize()
+        .to_vec();
+    for (k, entry) in v["entries"].as_array_mut().unwrap().iter_mut().enumerate() {
+        let record: MechanismRecord = serde_json::from_value(entry["record"].clone()).unwrap();
+        let hash = Sha256::new()
+            .chain_update(b"dp-accountant-ledger-entry-v1\n")
+            .chain_update(&prev)
+            .chain_update((k as u64).to_be_bytes())
+            .chain_update(serde_json::to_vec(&record).unwrap())
+            .finalize()
+            .to_vec();
+        entry["prev_hash"] = Value::from(hex(&prev));
+        entry["hash"] = Value::from(hex(&hash));
+        prev = hash;
+    }
+    v["head"] = Value::from(hex(&prev));
+}
+
+#[test]
+fn the_documented_hash_format_reproduces_the_hashes() {
+    let ledger = sample_ledger();
+    let original = json(&ledger);
+    let mut v = original.clone();
+    rehash(&mut v);
+    assert_eq!(v, original);
+}
+
+#[test]
+fn a_consistently_hashed_but_contradictory_entry_is_invalid() {
+    let mut v = json(&sample_ledger());
+    v["entries"][1]["record"]["sampler"] = Value::from("full_batch");
+    rehash(&mut v);
+    let err = load(&v).unwrap_err();
+    assert!(matches!(err, LedgerError::InvalidEntry { entry: 1, .. }), "{err:?}");
+    assert!(err.to_string().contains("sampler"), "{err}");
+    let mut v = json(&sample_ledger());
+    v["entries"][2]["record"]["event"]["self_composed"]["event"]["poisson_sampled"]["event"]["gaussian"]
+        ["noise_multiplier"] = Value::from(-1.0);
+    rehash(&mut v);
+    let err = load(&v).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "ledger entry 2: noise_multiplier = -1: must be finite and > 0"
+    );
+}
+
+#[test]
+fn shuffled_fixed_size_batches_are_recorded_and_accounted_without_amplification() {
+    let mut ledger = Ledger::new(Default::default());
+    ledger
+        .append(MechanismRecord {
+            event: DpEvent::shuffled_fixed_size_batches(2.0, 10, 25),
+            adjacency: Adjacency::ReplaceOne,
+            clipping_norm: 1.0,
+            sampler: SamplerKind::ShuffledFixedSize,
+            noise: dp_accountant::NoiseSource {
+                generator: dp_accountant::NoiseGenerator::Chacha20,
+                seed: Seeding::Fixed,
+            },
+        })
+        .unwrap();
+    let ledger = Ledger::from_json(&ledger.to_json()).unwrap();
+    // 25 steps of 10 per epoch: 3 started epochs, each a Gaussian release of
+    // sensitivity 2C: RDP = 3 * alpha * 4 / (2 sigma^2) = 1.5 alpha.
+    let acc = ledger.rdp_accountant().unwrap();
+    assert!((acc.rdp_at(3.0).unwrap() - 4.5).abs() < 1e-12);
+}
