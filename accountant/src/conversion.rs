@@ -243,6 +243,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn dropped_orders_are_reported_and_never_chosen() {
+        let orders = [2.0, 3.0, 4.0, 5.0];
+        let rdp = [0.5, f64::INFINITY, 0.9, 1.2];
+        let b = epsilon(&orders, &rdp, 1e-5, None::<fn(f64) -> f64>);
+        assert_eq!(b.dropped_orders, vec![3.0]);
+        assert_ne!(b.order, 3.0);
+        assert!(b.epsilon.is_finite());
+        // All dropped: epsilon is infinite, and delta is 1.
+        let inf = [f64::INFINITY; 4];
+        assert_eq!(
+            epsilon(&orders, &inf, 1e-5, None::<fn(f64) -> f64>).epsilon,
+            f64::INFINITY
+        );
+        assert_eq!(delta(&orders, &inf, 1.0, None::<fn(f64) -> f64>).delta, 1.0);
+    }
+
+    #[test]
     fn brent_finds_a_parabola_minimum() {
         let (x, fx) = brent_minimize(|x| (x - 2.5) * (x - 2.5) + 1.0, 1.0, 4.0, 3.0, 1.25);
         assert!((x - 2.5).abs() < 1e-6, "{x}");
