@@ -2,17 +2,67 @@
 //!
 //! `candle-dp` wraps a Candle optimizer with DP-SGD: per-example clipping,
 //! calibrated Gaussian noise from a secure generator, Poisson sampling and an
-//! enforced privacy budget. The training engine is being built; today this
-//! crate re-exports the accountant it rests on, [`dp_accountant`], which
-//! computes epsilon, calibrates noise and keeps the tamper-evident ledger.
+//! enforced privacy budget, with every step recorded in a tamper-evident
+//! ledger that [`dp_accountant`] (re-exported as [`accountant`]) reads.
 //!
+//! * [`linear`] and the other DP layers: drop-in replacements for candle-nn's.
+//! * [`DpOptimizer`]: DP-SGD around any `candle_nn::Optimizer`.
+//! * [`PoissonSampler`]: the sampling the accounting assumes.
+//! * [`loss::cross_entropy`]: per-example losses, the only kind the optimizer takes.
+//!
+//! # Example
 //! ```
-//! use candle_dp::accountant::calibrate_noise_multiplier;
-//! // Noise for epsilon 3 at delta 1e-5: 20 epochs of 1 437 examples, expected batch 64.
-//! let plan = calibrate_noise_multiplier(3.0, 1e-5, 64.0 / 1437.0, 20 * 1437 / 64)?;
-//! assert!(plan.epsilon.epsilon <= 3.0);
-//! # Ok::<(), candle_dp::accountant::Error>(())
+//! use candle_core::{DType, Device, Module, Tensor};
+//! use candle_nn::{VarBuilder, VarMap, SGD};
+//! use candle_dp::{loss, DpOptimizer, GaussianNoise, PoissonSampler};
+//!
+//! let dev = Device::Cpu;
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+//! let model = candle_dp::linear(4, 3, vb.pp("fc"))?;
+//!
+//! let mut sampler = PoissonSampler::seeded(100, 0.1, 0)?;
+//! let mut opt = DpOptimizer::<SGD>::builder(varmap.all_vars(), sampler.description())
+//!     .noise_multiplier(1.1)
+//!     .max_grad_norm(1.0)
+//!     .noise(GaussianNoise::from_seed(1))
+//!     .build(0.1)?;
+//!
+//! // A toy dataset of 100 examples: 4 features, 3 classes.
+//! let x = Tensor::randn(0f32, 1.0, (100, 4), &dev)?;
+//! let y = Tensor::from_vec((0..100u32).map(|i| i % 3).collect(), 100, &dev)?;
+//!
+//! // One DP-SGD step: a Poisson batch, per-example losses, clip, noise, step.
+//! let batch: Vec<u32> = sampler.sample().iter().map(|&i| i as u32).collect();
+//! if batch.is_empty() {
+//!     opt.accumulate_empty();
+//! } else {
+//!     let idx = Tensor::from_vec(batch.clone(), batch.len(), &dev)?;
+//!     let logits = model.forward(&x.index_select(&idx, 0)?)?;
+//!     opt.accumulate(&loss::cross_entropy(&logits, &y.index_select(&idx, 0)?)?)?;
+//! }
+//! opt.step()?;
+//! let eps = opt.epsilon(1e-5)?;
+//! assert!(eps > 0.0 && eps.is_finite());
+//! # Ok::<(), candle_dp::Error>(())
 //! ```
 #![deny(missing_docs)]
 
 pub use dp_accountant as accountant;
+
+pub mod clip;
+mod error;
+pub mod grad_sample;
+pub mod layers;
+pub mod loss;
+pub mod noise;
+pub mod optimizer;
+pub mod sampler;
+
+pub use clip::ClipMode;
+pub use error::{Error, Result};
+pub use layers::{linear, linear_no_bias, DpLinear};
+pub use loss::PerSampleLoss;
+pub use noise::GaussianNoise;
+pub use optimizer::{DpOptimizer, DpOptimizerBuilder, Engine, PrivacyBudget};
+pub use sampler::{PoissonSampler, SamplerDescription, ShuffledSampler};

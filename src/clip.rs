@@ -1,0 +1,62 @@
+//! How per-example gradients are clipped.
+
+use crate::error::{Error, Result};
+
+/// The clipping rule. Either way each example's whole contribution has L2
+/// norm at most `C`, the `max_grad_norm` the noise is calibrated to.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum ClipMode {
+    /// One norm over all parameters, clipped to `C` (Abadi et al. 2016).
+    #[default]
+    Flat,
+    /// Each DP layer's parameters clipped to their own threshold `C_l`, with
+    /// `sum_l C_l^2 = C^2` so the total stays within `C`. Thresholds are in the
+    /// order in which the layers' variables first appear in the optimizer's
+    /// variable list. Ghost engine only.
+    PerLayer(Vec<f64>),
+}
+
+impl ClipMode {
+    /// Equal thresholds `C / sqrt(L)` for `layers` layers.
+    pub fn per_layer_uniform(max_grad_norm: f64, layers: usize) -> Self {
+        ClipMode::PerLayer(vec![max_grad_norm / (layers.max(1) as f64).sqrt(); layers])
+    }
+
+    /// Checks the thresholds against `C` and the number of layers.
+    pub(crate) fn validate(&self, max_grad_norm: f64, layers: usize) -> Result<()> {
+        let ClipMode::PerLayer(t) = self else { return Ok(()) };
+        if t.len() != layers {
+            return Err(Error::InvalidConfig {
+                field: "clipping.per_layer (number of thresholds)",
+                value: t.len() as f64,
+                valid: "one threshold per DP layer of the model",
+            });
+        }
+        if let Some(bad) = t.iter().find(|c| !(**c > 0.0 && c.is_finite())) {
+            return Err(Error::InvalidConfig {
+                field: "clipping.per_layer",
+                value: *bad,
+                valid: "finite and > 0",
+            });
+        }
+        let sum_sq: f64 = t.iter().map(|c| c * c).sum();
+        let c2 = max_grad_norm * max_grad_norm;
+        if (sum_sq - c2).abs() > 1e-9 * c2 {
+            return Err(Error::InvalidConfig {
+                field: "clipping.per_layer (sum of squared thresholds)",
+                value: sum_sq,
+                valid: "equal to max_grad_norm^2 (to 1e-9 relative)",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The clip factor `min(1, C / norm)`; 1 for a zero gradient.
+pub(crate) fn clip_factor(norm: f64, threshold: f64) -> f64 {
+    if norm > threshold {
+        threshold / norm
+    } else {
+        1.0
+    }
+}

@@ -1,0 +1,100 @@
+//! The one error type of `candle-dp`.
+
+/// Everything the training side can refuse, each with what to fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A configuration value outside its valid range (NaN included).
+    #[error("{field} = {value}: must be {valid}")]
+    InvalidConfig {
+        /// The field's name.
+        field: &'static str,
+        /// The value given.
+        value: f64,
+        /// The valid range.
+        valid: &'static str,
+    },
+    /// A per-sample loss or gradient that is NaN or infinite: the step is
+    /// refused, nothing is updated and nothing is recorded.
+    #[error("non-finite {what} for sample {sample} of the batch: the step was not taken and nothing was recorded")]
+    NonFinite {
+        /// `"loss"` or `"gradient norm"`.
+        what: &'static str,
+        /// The sample's index in its physical batch.
+        sample: usize,
+    },
+    /// The next step would spend more privacy than the budget allows.
+    #[error(
+        "privacy budget exhausted: one more step would spend epsilon {would_spend} > budget {budget} at delta \
+         {delta}; the step was not taken"
+    )]
+    BudgetExhausted {
+        /// The epsilon after the refused step.
+        would_spend: f64,
+        /// The budget.
+        budget: f64,
+        /// Its delta.
+        delta: f64,
+    },
+    /// A trainable variable that no DP layer owns: it would be trained without clipping.
+    #[error(
+        "trainable variable #{index} (shape {shape:?}) is not owned by any DP layer: per-sample gradients cannot be \
+         clipped. Build it with a candle_dp layer (linear, embedding, ...), freeze it, or use the microbatch engine"
+    )]
+    UnownedVariable {
+        /// Its position in the optimizer's variable list.
+        index: usize,
+        /// Its shape.
+        shape: Vec<usize>,
+    },
+    /// A trainable variable that received no gradient in a step.
+    #[error("trainable variable #{index} (shape {shape:?}) received no gradient: is it used by the model?")]
+    MissingGradient {
+        /// Its position in the optimizer's variable list.
+        index: usize,
+        /// Its shape.
+        shape: Vec<usize>,
+    },
+    /// A layer that mixes samples, which per-sample clipping cannot make private.
+    #[error("{layer} mixes examples within a batch, so no per-example gradient exists: use {instead} instead")]
+    UnsupportedLayer {
+        /// The refused layer.
+        layer: &'static str,
+        /// What to use.
+        instead: &'static str,
+    },
+    /// Tensors of the wrong shape for the call.
+    #[error("{what}: expected {expected}, got shape {got:?}")]
+    Shape {
+        /// The argument.
+        what: &'static str,
+        /// What was expected.
+        expected: &'static str,
+        /// The shape given.
+        got: Vec<usize>,
+    },
+    /// The operating system's entropy source failed.
+    #[error("could not seed the noise generator from the operating system: {0}")]
+    Entropy(String),
+    /// A step was requested with nothing accumulated and no empty-batch mark.
+    #[error("step() without accumulate(): call accumulate (or accumulate_empty for an empty Poisson batch) first")]
+    NothingAccumulated,
+    /// The accountant refused something.
+    #[error(transparent)]
+    Accountant(#[from] dp_accountant::Error),
+    /// Candle failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Checks that `value` satisfies `ok`, else names `field` and `valid`.
+pub(crate) fn ensure(field: &'static str, value: f64, valid: &'static str, ok: bool) -> Result<f64> {
+    if ok {
+        Ok(value)
+    } else {
+        Err(Error::InvalidConfig { field, value, valid })
+    }
+}

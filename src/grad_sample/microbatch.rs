@@ -1,0 +1,73 @@
+//! The microbatch engine: any Candle model, one example at a time.
+//!
+//! It needs no DP layer: each example's loss is differentiated on its own,
+//! its gradient read, clipped and added. `B` backward passes make it slow;
+//! it is the universal fallback, and the oracle the ghost engine is tested
+//! against. Use plain candle-nn layers with it (DP layers deliberately give
+//! Candle no weight gradient).
+
+use candle_core::{DType, Tensor, Var};
+
+use super::ghost::ClippedBatch;
+use crate::clip::clip_factor;
+use crate::error::{Error, Result};
+
+/// Clips each of `batch_size` examples' gradients (of `loss_of(i)`, a scalar)
+/// with respect to `vars` to norm `max_grad_norm`, and sums them.
+///
+/// # Errors
+/// [`Error::NonFinite`] for a NaN or infinite loss or gradient norm;
+/// [`Error::Shape`] if a loss is not a scalar; Candle's errors otherwise.
+pub fn clip_microbatch(
+    vars: &[Var],
+    batch_size: usize,
+    mut loss_of: impl FnMut(usize) -> candle_core::Result<Tensor>,
+    max_grad_norm: f64,
+) -> Result<ClippedBatch> {
+    let mut sums: Vec<Tensor> = vars
+        .iter()
+        .map(|v| v.zeros_like())
+        .collect::<candle_core::Result<_>>()?;
+    let mut norms = Vec::with_capacity(batch_size);
+    for i in 0..batch_size {
+        let loss = loss_of(i)?;
+        if loss.rank() != 0 {
+            return Err(Error::Shape {
+                what: "microbatch loss",
+                expected: "a scalar",
+                got: loss.dims().to_vec(),
+            });
+        }
+        if !loss.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite() {
+            return Err(Error::NonFinite {
+                what: "loss",
+                sample: i,
+            });
+        }
+        let grads = loss.backward()?;
+        let per_var: Vec<Tensor> = vars
+            .iter()
+            .map(|v| grads.get(v.as_tensor()).cloned().map_or_else(|| v.zeros_like(), Ok))
+            .collect::<candle_core::Result<_>>()?;
+        let mut sq = 0.0;
+        for g in &per_var {
+            sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        }
+        let norm = sq.sqrt();
+        if !norm.is_finite() {
+            return Err(Error::NonFinite {
+                what: "gradient norm",
+                sample: i,
+            });
+        }
+        let c = clip_factor(norm, max_grad_norm);
+        for (s, g) in sums.iter_mut().zip(&per_var) {
+            *s = (&*s + g.affine(c, 0.0)?)?;
+        }
+        norms.push(norm);
+    }
+    Ok(ClippedBatch {
+        clipped_sums: sums,
+        norms,
+    })
+}

@@ -1,0 +1,261 @@
+//! The DP linear layer: `y = x W^T + b`, with per-example gradient norms and
+//! clipped sums after one ordinary backward pass.
+//!
+//! Inputs are `[B, d]` or `[B, T, d]` (a sequence per example); outputs
+//! `[B, p]` or `[B, T, p]`. The variables are named `weight` (`[p, d]`) and
+//! `bias` (`[p]`) and initialized as in `candle_nn::linear`, so a checkpoint
+//! loads into the DP model and the plain one alike.
+//!
+//! # How
+//! The product `x W^T` is a fused Candle op over `(x, W)`: its forward is one
+//! matmul; its backward stores the output gradient `G` and returns the input
+//! gradient only. It returns no weight gradient at all, so Candle does not
+//! spend a GEMM on a gradient that DP-SGD recomputes as a clipped sum anyway
+//! (measured 4x on forward+backward of a 784x512 layer, `../shared/CANDLE.md`).
+//! With `X` the detached input:
+//!
+//! * `||grad W_i||^2 = <X_i X_i^T, G_i G_i^T>` (Gram form, `O(T^2 (d + p))`),
+//!   or `||G_i^T X_i||^2` materialized when `T^2 > d p`; for `T = 1` it is
+//!   `||x_i||^2 ||g_i||^2` (Goodfellow 2015; Li et al. 2021, ghost clipping).
+//! * `||grad b_i||^2 = ||sum_t g_it||^2`.
+//! * `sum_i c_i grad W_i = (c . G)^T X`, one matmul (Bu et al. 2023).
+//!
+//! A layer applied several times in one step accounts all uses: they are
+//! concatenated along `T`, since the per-example gradient is the sum over uses.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, Layout, Module, Shape, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+use crate::grad_sample::registry::{self, GhostLayer};
+
+/// One forward call: the detached input and the slot its output gradient lands in.
+#[derive(Debug)]
+struct LinearUse {
+    input: Tensor,
+    grad: Arc<Mutex<Option<Tensor>>>,
+    batch: usize,
+    time: usize,
+}
+
+#[derive(Debug)]
+struct LinearTrace {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    uses: Mutex<Vec<LinearUse>>,
+}
+
+/// A linear layer whose per-example gradients can be clipped without being
+/// materialized. Construct it with [`linear`] or [`linear_no_bias`].
+#[derive(Debug, Clone)]
+pub struct DpLinear {
+    trace: Arc<LinearTrace>,
+}
+
+/// A DP linear layer `in_dim -> out_dim` with bias, initialized as
+/// `candle_nn::linear`.
+///
+/// # Errors
+/// Candle's, if `vb` cannot provide the variables.
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<DpLinear> {
+    let weight = vb.get_with_hints((out_dim, in_dim), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
+    let bound = 1.0 / (in_dim as f64).sqrt();
+    let bias = vb.get_with_hints(out_dim, "bias", Init::Uniform { lo: -bound, up: bound })?;
+    Ok(DpLinear::new(weight, Some(bias)))
+}
+
+/// A DP linear layer without bias, initialized as `candle_nn::linear_no_bias`.
+///
+/// # Errors
+/// Candle's, if `vb` cannot provide the variable.
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<DpLinear> {
+    let weight = vb.get_with_hints((out_dim, in_dim), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
+    Ok(DpLinear::new(weight, None))
+}
+
+impl DpLinear {
+    /// A layer over existing tensors: `weight [out, in]`, `bias [out]`.
+    /// Pass the variables' own tensors (as a `VarBuilder` hands them out):
+    /// the ghost engine finds a layer by its variables' ids.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        let trace = Arc::new(LinearTrace {
+            weight,
+            bias,
+            uses: Mutex::new(Vec::new()),
+        });
+        let as_layer: Arc<dyn GhostLayer> = trace.clone();
+        registry::register(&as_layer);
+        Self { trace }
+    }
+
+    /// The weight, `[out, in]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.trace.weight
+    }
+
+    /// The bias, `[out]`.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.trace.bias.as_ref()
+    }
+}
+
+impl Module for DpLinear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (batch, time, d, seq) = match *x.dims() {
+            [b, d] => (b, 1, d, false),
+            [b, t, d] => (b, t, d, true),
+            _ => {
+                return Err(candle_core::Error::UnexpectedNumberOfDims {
+                    expected: 2,
+                    got: x.rank(),
+                    shape: x.shape().clone(),
+                })
+            }
+        };
+        let p = self.trace.weight.dim(0)?;
+        let grad = Arc::new(Mutex::new(None));
+        {
+            let mut uses = lock(&self.trace.uses);
+            // Uses whose graph is gone can never receive a gradient (an
+            // evaluation forward): drop them and their activations.
+            uses.retain(|u| Arc::strong_count(&u.grad) > 1 || lock(&u.grad).is_some());
+            uses.push(LinearUse {
+                input: x.detach().reshape((batch, time, d))?,
+                grad: grad.clone(),
+                batch,
+                time,
+            });
+        }
+        let y = x
+            .reshape((batch * time, d))?
+            .apply_op2(&self.trace.weight, LinearOp { grad })?;
+        let y = match &self.trace.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        if seq {
+            y.reshape((batch, time, p))
+        } else {
+            Ok(y)
+        }
+    }
+}
+
+/// Locks a mutex whose data stays valid even if a holder panicked.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// `x W^T` that captures its output gradient and returns no weight gradient.
+struct LinearOp {
+    grad: Arc<Mutex<Option<Tensor>>>,
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "candle-dp-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = xl.shape().dims2()?;
+        let (n, k2) = wl.shape().dims2()?;
+        if k != k2 {
+            return Err(candle_core::Error::ShapeMismatchBinaryOp {
+                lhs: xl.shape().clone(),
+                rhs: wl.shape().clone(),
+                op: "candle-dp-linear",
+            });
+        }
+        let out = x.matmul(w, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
+        Ok((out, Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        *lock(&self.grad) = Some(grad.clone());
+        let grad_x = if x.track_op() { Some(grad.matmul(w)?) } else { None };
+        Ok((grad_x, None))
+    }
+}
+
+impl LinearTrace {
+    /// The uses that received a gradient, concatenated along `T`:
+    /// `X [B, T, d]`, `G [B, T, p]`.
+    fn gathered(&self) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+        let p = self.weight.dim(0)?;
+        let uses = lock(&self.uses);
+        let mut xs = Vec::new();
+        let mut gs = Vec::new();
+        for u in uses.iter() {
+            if let Some(g) = lock(&u.grad).as_ref() {
+                xs.push(u.input.clone());
+                gs.push(g.reshape((u.batch, u.time, p))?);
+            }
+        }
+        match xs.len() {
+            0 => Ok(None),
+            1 => Ok(Some((xs.remove(0), gs.remove(0)))),
+            _ => Ok(Some((Tensor::cat(&xs, 1)?, Tensor::cat(&gs, 1)?))),
+        }
+    }
+}
+
+impl GhostLayer for LinearTrace {
+    fn parameters(&self) -> Vec<Tensor> {
+        std::iter::once(self.weight.clone()).chain(self.bias.clone()).collect()
+    }
+
+    fn squared_norms(&self) -> crate::Result<Option<Vec<Tensor>>> {
+        let Some((x, g)) = self.gathered()? else {
+            return Ok(None);
+        };
+        let (_, t, d) = x.dims3()?;
+        let p = g.dim(2)?;
+        let weight = if t == 1 {
+            (x.squeeze(1)?.sqr()?.sum(1)? * g.squeeze(1)?.sqr()?.sum(1)?)?
+        } else if t * t <= d * p {
+            let xx = x.matmul(&x.t()?)?;
+            let gg = g.matmul(&g.t()?)?;
+            (xx * gg)?.sum((1, 2))?
+        } else {
+            g.t()?.matmul(&x)?.sqr()?.sum((1, 2))?
+        };
+        let mut norms = vec![weight];
+        if self.bias.is_some() {
+            norms.push(g.sum(1)?.sqr()?.sum(1)?);
+        }
+        Ok(Some(norms))
+    }
+
+    fn clipped_sums(&self, c: &Tensor) -> crate::Result<Option<Vec<Tensor>>> {
+        let Some((x, g)) = self.gathered()? else {
+            return Ok(None);
+        };
+        let (b, t, d) = x.dims3()?;
+        let p = g.dim(2)?;
+        let gc = g.broadcast_mul(&c.reshape((b, 1, 1))?)?;
+        let weight = gc.reshape((b * t, p))?.t()?.matmul(&x.reshape((b * t, d))?)?;
+        let mut sums = vec![weight];
+        if self.bias.is_some() {
+            sums.push(gc.sum((0, 1))?);
+        }
+        Ok(Some(sums))
+    }
+
+    fn clear(&self) {
+        lock(&self.uses).clear();
+    }
+}

@@ -1,0 +1,491 @@
+//! `DpOptimizer`: DP-SGD around any Candle optimizer.
+//!
+//! # One step, in stages
+//! 1. **Accumulate** each physical batch of a logical batch:
+//!    [`DpOptimizer::accumulate`] (ghost engine, per-sample losses of a model
+//!    built from DP layers) or [`DpOptimizer::accumulate_microbatch`] (any
+//!    model, one example at a time); [`DpOptimizer::accumulate_empty`] for an
+//!    empty Poisson batch. Each example's gradient is clipped to `C` (flat or
+//!    per layer) and the clipped gradients are summed.
+//! 2. **Step** once per logical batch ([`DpOptimizer::step`]): check the
+//!    budget (refuse before touching anything), add Gaussian noise
+//!    `N(0, (sigma C)^2)` to each coordinate of the sum once, divide by the
+//!    **expected** batch size, hand the result to the inner optimizer as its
+//!    gradients, and account the step.
+//!
+//! The inner optimizer is built and owned here, so it cannot be stepped
+//! around with unclipped gradients.
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use candle_nn::Optimizer;
+use dp_accountant::{
+    calibrate_with, Ledger, LedgerHeader, MechanismRecord, NoiseGenerator, NoiseSource, PrivacyTarget, RdpAccountant,
+};
+
+use crate::clip::ClipMode;
+use crate::error::{ensure, Error, Result};
+use crate::grad_sample::ghost::{ClippedBatch, GhostEngine};
+use crate::grad_sample::microbatch::clip_microbatch;
+use crate::loss::PerSampleLoss;
+use crate::noise::GaussianNoise;
+use crate::sampler::SamplerDescription;
+
+/// A privacy budget: the run must stay `(epsilon, delta)`-DP.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrivacyBudget {
+    /// The largest epsilon the run may spend (> 0).
+    pub epsilon: f64,
+    /// At this delta, in `(0, 1)`.
+    pub delta: f64,
+}
+
+/// Which engine computes the per-example gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Engine {
+    /// Ghost clipping over DP layers (default): every trainable variable must
+    /// belong to a DP layer.
+    #[default]
+    Ghost,
+    /// One example at a time, any model.
+    Microbatch,
+}
+
+/// How the noise multiplier is chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum NoisePlan {
+    Fixed(f64),
+    Calibrated { budget: PrivacyBudget, planned_steps: u64 },
+}
+
+/// Builds a [`DpOptimizer`]; every value is checked in [`DpOptimizerBuilder::build`].
+#[derive(Debug, Clone)]
+pub struct DpOptimizerBuilder<O: Optimizer> {
+    inner: std::marker::PhantomData<fn() -> O>,
+    vars: Vec<Var>,
+    sampler: SamplerDescription,
+    noise_plan: Option<NoisePlan>,
+    budget: Option<PrivacyBudget>,
+    max_grad_norm: f64,
+    clipping: ClipMode,
+    engine: Engine,
+    noise: Option<GaussianNoise>,
+    description: Option<String>,
+}
+
+impl<O: Optimizer> DpOptimizerBuilder<O> {
+    /// Noise of standard deviation `noise_multiplier * max_grad_norm`.
+    pub fn noise_multiplier(mut self, noise_multiplier: f64) -> Self {
+        self.noise_plan = Some(NoisePlan::Fixed(noise_multiplier));
+        self
+    }
+
+    /// The smallest noise that keeps `planned_steps` steps within `budget`
+    /// (calibrated by the RDP accountant), and the budget enforced.
+    pub fn target(mut self, budget: PrivacyBudget, planned_steps: u64) -> Self {
+        self.noise_plan = Some(NoisePlan::Calibrated { budget, planned_steps });
+        self.budget = Some(budget);
+        self
+    }
+
+    /// Enforces `budget`: a step that would exceed it is refused.
+    pub fn budget(mut self, budget: PrivacyBudget) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// The clipping norm `C` (default 1).
+    pub fn max_grad_norm(mut self, max_grad_norm: f64) -> Self {
+        self.max_grad_norm = max_grad_norm;
+        self
+    }
+
+    /// Flat (default) or per-layer clipping.
+    pub fn clipping(mut self, clipping: ClipMode) -> Self {
+        self.clipping = clipping;
+        self
+    }
+
+    /// The per-example gradient engine (default: ghost).
+    pub fn engine(mut self, engine: Engine) -> Self {
+        self.engine = engine;
+        self
+    }
+
+    /// The noise generator (default: ChaCha20 seeded from the OS).
+    pub fn noise(mut self, noise: GaussianNoise) -> Self {
+        self.noise = Some(noise);
+        self
+    }
+
+    /// What is trained, for the ledger's header.
+    pub fn description(mut self, description: impl Into<String>) -> Self {
+        self.description = Some(description.into());
+        self
+    }
+
+    /// Checks the configuration, calibrates the noise if asked, and builds
+    /// the inner optimizer `O` over the variables with `config`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming the field and its range;
+    /// [`Error::UnownedVariable`] (ghost engine) for a variable no DP layer
+    /// owns; the accountant's and Candle's errors.
+    pub fn build(self, config: O::Config) -> Result<DpOptimizer<O>> {
+        let c = ensure(
+            "max_grad_norm",
+            self.max_grad_norm,
+            "finite and > 0",
+            self.max_grad_norm > 0.0 && self.max_grad_norm.is_finite(),
+        )?;
+        if let Some(b) = self.budget {
+            ensure(
+                "budget.epsilon",
+                b.epsilon,
+                "finite and > 0",
+                b.epsilon > 0.0 && b.epsilon.is_finite(),
+            )?;
+            ensure("budget.delta", b.delta, "in (0, 1)", b.delta > 0.0 && b.delta < 1.0)?;
+        }
+        let sampler = self.sampler;
+        let noise_multiplier = match self.noise_plan {
+            None => {
+                return Err(Error::InvalidConfig {
+                    field: "noise_multiplier",
+                    value: f64::NAN,
+                    valid: "set: call noise_multiplier(..) or target(..)",
+                })
+            }
+            Some(NoisePlan::Fixed(s)) => ensure("noise_multiplier", s, "finite and > 0", s > 0.0 && s.is_finite())?,
+            Some(NoisePlan::Calibrated { budget, planned_steps }) => {
+                ensure(
+                    "planned_steps",
+                    planned_steps as f64,
+                    "an integer >= 1",
+                    planned_steps >= 1,
+                )?;
+                calibrate_with(budget.epsilon, |sigma| {
+                    let mut acc = RdpAccountant::new(sampler.adjacency());
+                    acc.compose(&sampler.event(sigma, planned_steps), 1)?;
+                    acc.epsilon(budget.delta)
+                })?
+                .noise_multiplier
+            }
+        };
+        let ghost = match self.engine {
+            Engine::Ghost => {
+                let g = GhostEngine::new(&self.vars)?;
+                self.clipping.validate(c, g.num_layers())?;
+                Some(g)
+            }
+            Engine::Microbatch => {
+                if matches!(self.clipping, ClipMode::PerLayer(_)) {
+                    return Err(Error::InvalidConfig {
+                        field: "clipping",
+                        value: f64::NAN,
+                        valid: "flat with the microbatch engine (per-layer clipping needs DP layers)",
+                    });
+                }
+                None
+            }
+        };
+        let max_steps = match self.budget {
+            Some(b) => Some(max_steps_within(&sampler, noise_multiplier, b)?),
+            None => None,
+        };
+        let noise = match self.noise {
+            Some(n) => n,
+            None => GaussianNoise::from_os_entropy()?,
+        };
+        let header = LedgerHeader {
+            created_by: format!("candle-dp {}", env!("CARGO_PKG_VERSION")),
+            description: self.description,
+            dataset_size: Some(sampler.dataset_size() as u64),
+            target: self.budget.map(|b| PrivacyTarget {
+                epsilon: b.epsilon,
+                delta: b.delta,
+            }),
+        };
+        let inner = O::new(self.vars.clone(), config)?;
+        Ok(DpOptimizer {
+            inner,
+            vars: self.vars,
+            noise_multiplier,
+            max_grad_norm: c,
+            clipping: self.clipping,
+            sampler,
+            noise,
+            ghost,
+            accumulated: None,
+            empty_marked: false,
+            ledger: Ledger::new(header),
+            pending_steps: 0,
+            steps: 0,
+            accountant: RdpAccountant::new(sampler.adjacency()),
+            budget: self.budget.zip(max_steps),
+        })
+    }
+}
+
+/// The largest number of steps with this sampler and noise that stays within `budget`.
+fn max_steps_within(sampler: &SamplerDescription, sigma: f64, budget: PrivacyBudget) -> Result<u64> {
+    let eps = |n: u64| -> Result<f64> {
+        let mut acc = RdpAccountant::new(sampler.adjacency());
+        acc.compose(&sampler.event(sigma, n), 1)?;
+        Ok(acc.epsilon(budget.delta)?.epsilon)
+    };
+    if eps(1)? > budget.epsilon {
+        return Ok(0);
+    }
+    let (mut lo, mut hi) = (1u64, 2u64);
+    while eps(hi)? <= budget.epsilon {
+        lo = hi;
+        if hi >= 1 << 40 {
+            return Ok(hi);
+        }
+        hi *= 2;
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if eps(mid)? <= budget.epsilon {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(lo)
+}
+
+/// DP-SGD around the Candle optimizer `O` (SGD, AdamW, or any implementation).
+#[derive(Debug)]
+pub struct DpOptimizer<O: Optimizer> {
+    inner: O,
+    vars: Vec<Var>,
+    noise_multiplier: f64,
+    max_grad_norm: f64,
+    clipping: ClipMode,
+    sampler: SamplerDescription,
+    noise: GaussianNoise,
+    ghost: Option<GhostEngine>,
+    accumulated: Option<Vec<Tensor>>,
+    empty_marked: bool,
+    ledger: Ledger,
+    pending_steps: u64,
+    steps: u64,
+    accountant: RdpAccountant,
+    budget: Option<(PrivacyBudget, u64)>,
+}
+
+impl<O: Optimizer> DpOptimizer<O> {
+    /// Starts building an optimizer over `vars`, sampled as `sampler` describes.
+    pub fn builder(vars: Vec<Var>, sampler: SamplerDescription) -> DpOptimizerBuilder<O> {
+        DpOptimizerBuilder {
+            inner: std::marker::PhantomData,
+            vars,
+            sampler,
+            noise_plan: None,
+            budget: None,
+            max_grad_norm: 1.0,
+            clipping: ClipMode::Flat,
+            engine: Engine::Ghost,
+            noise: None,
+            description: None,
+        }
+    }
+
+    /// Stage 1 (ghost engine): clips and accumulates one physical batch from
+    /// its per-example losses (their sum is back-propagated here).
+    ///
+    /// # Errors
+    /// [`Error::NonFinite`] (nothing accumulated), [`Error::MissingGradient`],
+    /// [`Error::InvalidConfig`] if the optimizer uses the microbatch engine.
+    pub fn accumulate(&mut self, losses: &PerSampleLoss) -> Result<()> {
+        let Some(ghost) = &self.ghost else {
+            return Err(Error::InvalidConfig {
+                field: "engine",
+                value: f64::NAN,
+                valid: "Engine::Ghost for accumulate (use accumulate_microbatch)",
+            });
+        };
+        let batch = ghost.clip(losses, &self.clipping, self.max_grad_norm)?;
+        self.add(batch)
+    }
+
+    /// Stage 1 (any engine): clips and accumulates `batch_size` examples one
+    /// at a time; `loss_of(i)` returns example `i`'s scalar loss.
+    ///
+    /// # Errors
+    /// [`Error::NonFinite`] (nothing accumulated); Candle's errors.
+    pub fn accumulate_microbatch(
+        &mut self,
+        batch_size: usize,
+        loss_of: impl FnMut(usize) -> candle_core::Result<Tensor>,
+    ) -> Result<()> {
+        let batch = clip_microbatch(&self.vars, batch_size, loss_of, self.max_grad_norm)?;
+        self.add(batch)
+    }
+
+    /// Stage 1 for an empty Poisson batch: the step still adds noise and is
+    /// accounted (skipping it would change the sampling the accountant assumes).
+    pub fn accumulate_empty(&mut self) {
+        self.empty_marked = true;
+    }
+
+    fn add(&mut self, batch: ClippedBatch) -> Result<()> {
+        let summed = match self.accumulated.take() {
+            None => batch.clipped_sums,
+            Some(acc) => {
+                let mut out = Vec::with_capacity(acc.len());
+                for (a, b) in acc.iter().zip(&batch.clipped_sums) {
+                    match a + b {
+                        Ok(t) => out.push(t),
+                        Err(e) => {
+                            self.accumulated = Some(acc);
+                            return Err(e.into());
+                        }
+                    }
+                }
+                out
+            }
+        };
+        self.accumulated = Some(summed);
+        Ok(())
+    }
+
+    /// Stage 2: noise, scaling, the inner optimizer's step, accounting.
+    ///
+    /// # Errors
+    /// [`Error::BudgetExhausted`] before anything is touched;
+    /// [`Error::NothingAccumulated`]; Candle's errors.
+    pub fn step(&mut self) -> Result<()> {
+        if let Some((budget, max_steps)) = self.budget {
+            if self.steps >= max_steps {
+                let mut acc = self.accountant.clone();
+                acc.compose(&self.sampler.event(self.noise_multiplier, 1), 1)?;
+                return Err(Error::BudgetExhausted {
+                    would_spend: acc.epsilon(budget.delta)?.epsilon,
+                    budget: budget.epsilon,
+                    delta: budget.delta,
+                });
+            }
+        }
+        let sums = match &self.accumulated {
+            Some(s) => s.clone(),
+            None if self.empty_marked => self
+                .vars
+                .iter()
+                .map(|v| v.zeros_like())
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            None => return Err(Error::NothingAccumulated),
+        };
+        let std = self.noise_multiplier * self.max_grad_norm;
+        let scale = 1.0 / self.sampler.expected_batch_size();
+        // Draw all noise before changing anything: a failure leaves the
+        // optimizer, the variables and the ledger as they were.
+        let mut noise = self.noise.clone();
+        let mut grads = GradStore::default();
+        for (var, sum) in self.vars.iter().zip(&sums) {
+            grads.insert(var.as_tensor(), noisy_mean(sum, &mut noise, std, scale)?);
+        }
+        self.inner.step(&grads)?;
+        self.noise = noise;
+        self.accountant
+            .compose(&self.sampler.event(self.noise_multiplier, 1), 1)?;
+        self.pending_steps += 1;
+        self.steps += 1;
+        self.accumulated = None;
+        self.empty_marked = false;
+        Ok(())
+    }
+
+    /// The epsilon spent so far at `delta`.
+    ///
+    /// # Errors
+    /// The accountant's, for a `delta` outside `(0, 1)`.
+    pub fn epsilon(&self, delta: f64) -> Result<f64> {
+        Ok(self.accountant.epsilon(delta)?.epsilon)
+    }
+
+    /// The ledger as it stands, with the steps since the last flush as one entry.
+    ///
+    /// # Errors
+    /// The ledger's, which cannot occur for records this optimizer makes.
+    pub fn ledger(&self) -> Result<Ledger> {
+        let mut ledger = self.ledger.clone();
+        if self.pending_steps > 0 {
+            ledger.append(self.record(self.pending_steps))?;
+        }
+        Ok(ledger)
+    }
+
+    /// Appends the steps since the last flush to the ledger as one entry.
+    ///
+    /// # Errors
+    /// As [`DpOptimizer::ledger`].
+    pub fn flush_ledger(&mut self) -> Result<&Ledger> {
+        if self.pending_steps > 0 {
+            self.ledger.append(self.record(self.pending_steps))?;
+            self.pending_steps = 0;
+        }
+        Ok(&self.ledger)
+    }
+
+    fn record(&self, steps: u64) -> MechanismRecord {
+        MechanismRecord {
+            event: self.sampler.event(self.noise_multiplier, steps),
+            adjacency: self.sampler.adjacency(),
+            clipping_norm: self.max_grad_norm,
+            sampler: self.sampler.kind(),
+            noise: NoiseSource {
+                generator: NoiseGenerator::Chacha20,
+                seed: self.noise.seeding(),
+            },
+        }
+    }
+
+    /// The noise multiplier (calibrated, if a target was given).
+    pub fn noise_multiplier(&self) -> f64 {
+        self.noise_multiplier
+    }
+
+    /// The clipping norm `C`.
+    pub fn max_grad_norm(&self) -> f64 {
+        self.max_grad_norm
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// The most steps the budget allows, if one is enforced.
+    pub fn max_steps(&self) -> Option<u64> {
+        self.budget.map(|(_, m)| m)
+    }
+
+    /// The inner optimizer's learning rate.
+    pub fn learning_rate(&self) -> f64 {
+        self.inner.learning_rate()
+    }
+
+    /// Sets the inner optimizer's learning rate (privacy is unaffected).
+    pub fn set_learning_rate(&mut self, lr: f64) {
+        self.inner.set_learning_rate(lr)
+    }
+
+    /// The trained variables.
+    pub fn vars(&self) -> &[Var] {
+        &self.vars
+    }
+}
+
+/// `(sum + N(0, std^2)) * scale`, elementwise, in `f64`, back in the sum's dtype.
+fn noisy_mean(sum: &Tensor, noise: &mut GaussianNoise, std: f64, scale: f64) -> Result<Tensor> {
+    let dtype = sum.dtype();
+    let mut values = sum.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    noise.add_to_f64(&mut values, std);
+    for v in &mut values {
+        *v *= scale;
+    }
+    Ok(Tensor::from_vec(values, sum.shape(), sum.device())?.to_dtype(dtype)?)
+}
