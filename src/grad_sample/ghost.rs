@@ -19,10 +19,14 @@ pub struct ClippedBatch {
     pub norms: Vec<f64>,
 }
 
+/// A DP layer, and for each of its parameters the index of the optimizer
+/// variable it is (`None` for a frozen parameter).
+type OwnedLayer = (Arc<dyn GhostLayer>, Vec<Option<usize>>);
+
 /// The DP layers owning a list of variables, with where each parameter goes.
 #[derive(Debug, Clone)]
 pub struct GhostEngine {
-    layers: Vec<(Arc<dyn GhostLayer>, Vec<Option<usize>>)>,
+    layers: Vec<OwnedLayer>,
     shapes: Vec<Vec<usize>>,
 }
 
@@ -32,7 +36,7 @@ impl GhostEngine {
     /// # Errors
     /// [`Error::UnownedVariable`] for a variable no live DP layer owns.
     pub fn new(vars: &[Var]) -> Result<Self> {
-        let mut layers: Vec<(Arc<dyn GhostLayer>, Vec<Option<usize>>)> = Vec::new();
+        let mut layers: Vec<OwnedLayer> = Vec::new();
         for (index, var) in vars.iter().enumerate() {
             let owner = registry::owner(var.id()).ok_or_else(|| Error::UnownedVariable {
                 index,
