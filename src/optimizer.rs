@@ -440,6 +440,7 @@ impl<O: Optimizer> DpOptimizer<O> {
                 generator: NoiseGenerator::Chacha20,
                 seed: self.noise.seeding(),
             },
+            sampler_seed: self.sampler.seeding(),
         }
     }
 

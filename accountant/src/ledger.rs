@@ -94,6 +94,9 @@ pub struct MechanismRecord {
     pub sampler: SamplerKind,
     /// Where the noise came from.
     pub noise: NoiseSource,
+    /// How the sampler's generator was seeded. Amplification by sampling
+    /// assumes the batches are secret: a fixed seed makes them predictable.
+    pub sampler_seed: Seeding,
 }
 
 /// A privacy target declared by the run.

@@ -38,6 +38,7 @@
 //!     clipping_norm: 1.0,
 //!     sampler: SamplerKind::Poisson,
 //!     noise: NoiseSource { generator: NoiseGenerator::Chacha20, seed: Seeding::OsEntropy },
+//!     sampler_seed: Seeding::OsEntropy,
 //! })?;
 //!
 //! // What a reviewer runs: parse (which verifies the chain), then report.

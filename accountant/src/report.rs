@@ -134,6 +134,17 @@ impl PrivacyReport {
                     .to_string(),
             );
         }
+        if ledger
+            .entries()
+            .iter()
+            .any(|e| e.record.sampler_seed == Seeding::Fixed && e.record.sampler != SamplerKind::FullBatch)
+        {
+            caveats.push(
+                "The batches were drawn with a fixed seed: whoever knows it knows which examples each step used, and \
+                 the amplification by sampling that the accounting relies on assumes they are secret."
+                    .to_string(),
+            );
+        }
         if mechanisms.iter().any(|m| m.noise.seed == Seeding::Fixed) {
             caveats.push(
                 "The noise came from a fixed seed: anyone who knows it can regenerate and subtract the noise, which \

@@ -269,6 +269,7 @@ fn shuffled_fixed_size_batches_are_recorded_and_accounted_without_amplification(
                 generator: dp_accountant::NoiseGenerator::Chacha20,
                 seed: Seeding::Fixed,
             },
+            sampler_seed: Seeding::OsEntropy,
         })
         .unwrap();
     let ledger = Ledger::from_json(&ledger.to_json()).unwrap();

@@ -55,7 +55,16 @@ fn fixed_seed_and_shuffled_batches_are_flagged() {
         .unwrap();
     let c = caveats(&ledger, Some(1e-5));
     assert!(c.contains("without amplification"), "{c}");
-    assert!(c.contains("fixed seed"), "{c}");
+    assert!(c.contains("noise came from a fixed seed"), "{c}");
+    assert!(!c.contains("batches were drawn with a fixed seed"), "{c}");
+    let mut seeded = Ledger::new(Default::default());
+    seeded
+        .append(MechanismRecord {
+            sampler_seed: Seeding::Fixed,
+            ..poisson_record(0.1, 1.0, 10)
+        })
+        .unwrap();
+    assert!(caveats(&seeded, Some(1e-5)).contains("batches were drawn with a fixed seed"));
     let r = PrivacyReport::from_ledger(&ledger, Some(1e-5)).unwrap();
     assert!(r.to_text().contains("replace-one"));
 }

@@ -148,5 +148,6 @@ pub fn poisson_record(q: f64, sigma: f64, n: u64) -> dp_accountant::MechanismRec
             generator: NoiseGenerator::Chacha20,
             seed: Seeding::OsEntropy,
         },
+        sampler_seed: Seeding::OsEntropy,
     }
 }
