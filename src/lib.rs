@@ -61,7 +61,10 @@ pub mod sampler;
 
 pub use clip::ClipMode;
 pub use error::{Error, Result};
-pub use layers::{linear, linear_no_bias, DpLinear};
+pub use layers::{
+    batch_norm, conv1d, conv2d, embedding, group_norm, layer_norm, linear, linear_no_bias, rms_norm, DpConv,
+    DpEmbedding, DpLinear, DpNorm,
+};
 pub use loss::PerSampleLoss;
 pub use noise::GaussianNoise;
 pub use optimizer::{DpOptimizer, DpOptimizerBuilder, Engine, PrivacyBudget};

@@ -29,22 +29,15 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Module, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use super::tap::{lock, Captures, GradSlot};
 use crate::grad_sample::registry::{self, GhostLayer};
-
-/// One forward call: the detached input and the slot its output gradient lands in.
-#[derive(Debug)]
-struct LinearUse {
-    input: Tensor,
-    grad: Arc<Mutex<Option<Tensor>>>,
-    batch: usize,
-    time: usize,
-}
 
 #[derive(Debug)]
 struct LinearTrace {
     weight: Tensor,
     bias: Option<Tensor>,
-    uses: Mutex<Vec<LinearUse>>,
+    /// Per use: the detached input as `[B, T, d]`.
+    uses: Captures<Tensor>,
 }
 
 /// A linear layer whose per-example gradients can be clipped without being
@@ -83,7 +76,7 @@ impl DpLinear {
         let trace = Arc::new(LinearTrace {
             weight,
             bias,
-            uses: Mutex::new(Vec::new()),
+            uses: Captures::new(),
         });
         let as_layer: Arc<dyn GhostLayer> = trace.clone();
         registry::register(&as_layer);
@@ -115,19 +108,10 @@ impl Module for DpLinear {
             }
         };
         let p = self.trace.weight.dim(0)?;
-        let grad = Arc::new(Mutex::new(None));
-        {
-            let mut uses = lock(&self.trace.uses);
-            // Uses whose graph is gone can never receive a gradient (an
-            // evaluation forward): drop them and their activations.
-            uses.retain(|u| Arc::strong_count(&u.grad) > 1 || lock(&u.grad).is_some());
-            uses.push(LinearUse {
-                input: x.detach().reshape((batch, time, d))?,
-                grad: grad.clone(),
-                batch,
-                time,
-            });
-        }
+        let grad: GradSlot = Arc::new(Mutex::new(None));
+        self.trace
+            .uses
+            .push(x.detach().reshape((batch, time, d))?, grad.clone());
         let y = x
             .reshape((batch * time, d))?
             .apply_op2(&self.trace.weight, LinearOp { grad })?;
@@ -143,14 +127,9 @@ impl Module for DpLinear {
     }
 }
 
-/// Locks a mutex whose data stays valid even if a holder panicked.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// `x W^T` that captures its output gradient and returns no weight gradient.
 struct LinearOp {
-    grad: Arc<Mutex<Option<Tensor>>>,
+    grad: GradSlot,
 }
 
 impl CustomOp2 for LinearOp {
@@ -196,21 +175,59 @@ impl LinearTrace {
     /// `X [B, T, d]`, `G [B, T, p]`.
     fn gathered(&self) -> candle_core::Result<Option<(Tensor, Tensor)>> {
         let p = self.weight.dim(0)?;
-        let uses = lock(&self.uses);
         let mut xs = Vec::new();
         let mut gs = Vec::new();
-        for u in uses.iter() {
-            if let Some(g) = lock(&u.grad).as_ref() {
-                xs.push(u.input.clone());
-                gs.push(g.reshape((u.batch, u.time, p))?);
-            }
+        for (x, g) in self.uses.with_grads() {
+            let (b, t, _) = x.dims3()?;
+            gs.push(g.reshape((b, t, p))?);
+            xs.push(x);
         }
-        match xs.len() {
-            0 => Ok(None),
-            1 => Ok(Some((xs.remove(0), gs.remove(0)))),
-            _ => Ok(Some((Tensor::cat(&xs, 1)?, Tensor::cat(&gs, 1)?))),
-        }
+        concat_uses(xs, gs)
     }
+}
+
+/// Concatenates the uses of a layer along `T` (dim 1): the per-example
+/// gradient of a layer used several times is the sum over its uses.
+pub(crate) fn concat_uses(mut xs: Vec<Tensor>, mut gs: Vec<Tensor>) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+    match xs.len() {
+        0 => Ok(None),
+        1 => Ok(xs.pop().zip(gs.pop())),
+        _ => Ok(Some((Tensor::cat(&xs, 1)?, Tensor::cat(&gs, 1)?))),
+    }
+}
+
+/// Per-example squared norms of a linear map's gradients from its inputs
+/// `x [B, T, d]` and output gradients `g [B, T, p]`: `[weight, bias?]`.
+pub(crate) fn linear_squared_norms(x: &Tensor, g: &Tensor, bias: bool) -> candle_core::Result<Vec<Tensor>> {
+    let (_, t, d) = x.dims3()?;
+    let p = g.dim(2)?;
+    let weight = if t == 1 {
+        (x.squeeze(1)?.sqr()?.sum(1)? * g.squeeze(1)?.sqr()?.sum(1)?)?
+    } else if t * t <= d * p {
+        let xx = x.matmul(&x.t()?)?;
+        let gg = g.matmul(&g.t()?)?;
+        (xx * gg)?.sum((1, 2))?
+    } else {
+        g.t()?.matmul(x)?.sqr()?.sum((1, 2))?
+    };
+    let mut norms = vec![weight];
+    if bias {
+        norms.push(g.sum(1)?.sqr()?.sum(1)?);
+    }
+    Ok(norms)
+}
+
+/// `sum_i c_i grad_i` of a linear map's weight `[p, d]` (and bias `[p]`).
+pub(crate) fn linear_clipped_sums(x: &Tensor, g: &Tensor, c: &Tensor, bias: bool) -> candle_core::Result<Vec<Tensor>> {
+    let (b, t, d) = x.dims3()?;
+    let p = g.dim(2)?;
+    let gc = g.broadcast_mul(&c.reshape((b, 1, 1))?)?;
+    let weight = gc.reshape((b * t, p))?.t()?.matmul(&x.reshape((b * t, d))?)?;
+    let mut sums = vec![weight];
+    if bias {
+        sums.push(gc.sum((0, 1))?);
+    }
+    Ok(sums)
 }
 
 impl GhostLayer for LinearTrace {
@@ -222,40 +239,17 @@ impl GhostLayer for LinearTrace {
         let Some((x, g)) = self.gathered()? else {
             return Ok(None);
         };
-        let (_, t, d) = x.dims3()?;
-        let p = g.dim(2)?;
-        let weight = if t == 1 {
-            (x.squeeze(1)?.sqr()?.sum(1)? * g.squeeze(1)?.sqr()?.sum(1)?)?
-        } else if t * t <= d * p {
-            let xx = x.matmul(&x.t()?)?;
-            let gg = g.matmul(&g.t()?)?;
-            (xx * gg)?.sum((1, 2))?
-        } else {
-            g.t()?.matmul(&x)?.sqr()?.sum((1, 2))?
-        };
-        let mut norms = vec![weight];
-        if self.bias.is_some() {
-            norms.push(g.sum(1)?.sqr()?.sum(1)?);
-        }
-        Ok(Some(norms))
+        Ok(Some(linear_squared_norms(&x, &g, self.bias.is_some())?))
     }
 
     fn clipped_sums(&self, c: &Tensor) -> crate::Result<Option<Vec<Tensor>>> {
         let Some((x, g)) = self.gathered()? else {
             return Ok(None);
         };
-        let (b, t, d) = x.dims3()?;
-        let p = g.dim(2)?;
-        let gc = g.broadcast_mul(&c.reshape((b, 1, 1))?)?;
-        let weight = gc.reshape((b * t, p))?.t()?.matmul(&x.reshape((b * t, d))?)?;
-        let mut sums = vec![weight];
-        if self.bias.is_some() {
-            sums.push(gc.sum((0, 1))?);
-        }
-        Ok(Some(sums))
+        Ok(Some(linear_clipped_sums(&x, &g, c, self.bias.is_some())?))
     }
 
     fn clear(&self) {
-        lock(&self.uses).clear();
+        self.uses.clear();
     }
 }

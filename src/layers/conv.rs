@@ -1,0 +1,208 @@
+//! DP convolutions: `conv1d` and `conv2d`, clipped as linear maps over the
+//! unfolded input.
+//!
+//! Variables `weight` (`[C_out, C_in, k]` or `[C_out, C_in, k, k]`) and `bias`
+//! (`[C_out]`), initialized as candle-nn's. The forward is Candle's
+//! convolution with a detached kernel, its output tapped for `G`; the
+//! detached input is unfolded (im2col) into `X [B, T, C_in k^n]`, `T` the
+//! output positions, and the layer is then a linear map with `T` positions
+//! per example (see [`super::linear`]): ghost or materialized norms by cost,
+//! the clipped sum as one matmul. Groups and dilation other than 1 are
+//! refused (Candle's `unfold` cannot express them here yet).
+
+use std::sync::Arc;
+
+use candle_core::{Module, Tensor};
+use candle_nn::{Conv1dConfig, Conv2dConfig, Init, VarBuilder};
+
+use super::linear::{concat_uses, linear_clipped_sums, linear_squared_norms};
+use super::tap::{tap, Captures};
+use crate::grad_sample::registry::{self, GhostLayer};
+
+/// Padding and stride of a convolution, per spatial dimension (equal).
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    padding: usize,
+    stride: usize,
+    spatial: usize,
+}
+
+#[derive(Debug)]
+struct ConvTrace {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    geometry: Geometry,
+    /// Per use: the unfolded detached input `[B, T, C_in k^n]`.
+    uses: Captures<Tensor>,
+}
+
+/// A DP convolution. Construct it with [`conv1d`] or [`conv2d`].
+#[derive(Debug, Clone)]
+pub struct DpConv {
+    trace: Arc<ConvTrace>,
+}
+
+fn check_config(groups: usize, dilation: usize) -> candle_core::Result<()> {
+    if groups != 1 || dilation != 1 {
+        return Err(candle_core::Error::Msg(format!(
+            "candle-dp convolutions support groups = 1 and dilation = 1 (got groups = {groups}, dilation = \
+             {dilation}); use the microbatch engine for other convolutions"
+        )));
+    }
+    Ok(())
+}
+
+/// A DP 1-d convolution, as `candle_nn::conv1d` (groups and dilation 1).
+///
+/// # Errors
+/// Candle's, and an error for groups or dilation other than 1.
+pub fn conv1d(in_c: usize, out_c: usize, k: usize, cfg: Conv1dConfig, vb: VarBuilder) -> candle_core::Result<DpConv> {
+    check_config(cfg.groups, cfg.dilation)?;
+    let weight = vb.get_with_hints((out_c, in_c, k), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
+    let bias = conv_bias(in_c * k, out_c, &vb)?;
+    Ok(DpConv::new(
+        weight,
+        Some(bias),
+        Geometry {
+            padding: cfg.padding,
+            stride: cfg.stride,
+            spatial: 1,
+        },
+    ))
+}
+
+/// A DP 2-d convolution, as `candle_nn::conv2d` (groups and dilation 1).
+///
+/// # Errors
+/// Candle's, and an error for groups or dilation other than 1.
+pub fn conv2d(in_c: usize, out_c: usize, k: usize, cfg: Conv2dConfig, vb: VarBuilder) -> candle_core::Result<DpConv> {
+    check_config(cfg.groups, cfg.dilation)?;
+    let weight = vb.get_with_hints((out_c, in_c, k, k), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
+    let bias = conv_bias(in_c * k * k, out_c, &vb)?;
+    Ok(DpConv::new(
+        weight,
+        Some(bias),
+        Geometry {
+            padding: cfg.padding,
+            stride: cfg.stride,
+            spatial: 2,
+        },
+    ))
+}
+
+/// candle-nn's bias initialization: uniform in `+-1/sqrt(fan_in)`.
+fn conv_bias(fan_in: usize, out_c: usize, vb: &VarBuilder) -> candle_core::Result<Tensor> {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    vb.get_with_hints(out_c, "bias", Init::Uniform { lo: -bound, up: bound })
+}
+
+impl DpConv {
+    fn new(weight: Tensor, bias: Option<Tensor>, geometry: Geometry) -> Self {
+        let trace = Arc::new(ConvTrace {
+            weight,
+            bias,
+            geometry,
+            uses: Captures::new(),
+        });
+        let as_layer: Arc<dyn GhostLayer> = trace.clone();
+        registry::register(&as_layer);
+        Self { trace }
+    }
+
+    /// The kernel.
+    pub fn weight(&self) -> &Tensor {
+        &self.trace.weight
+    }
+
+    /// The bias.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.trace.bias.as_ref()
+    }
+}
+
+impl Module for DpConv {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let t = &self.trace;
+        let Geometry {
+            padding,
+            stride,
+            spatial,
+        } = t.geometry;
+        let k = t.weight.dim(2)?;
+        let w = t.weight.detach();
+        let (y, unfolded) = if spatial == 1 {
+            let y = x.conv1d(&w, padding, stride, 1, 1)?;
+            let b = x.dim(0)?;
+            let cols = x.detach().pad_with_zeros(2, padding, padding)?.unfold(2, k, stride)?; // [B, C, Lo, k]
+            let lo = cols.dim(2)?;
+            (y, cols.permute((0, 2, 1, 3))?.contiguous()?.reshape((b, lo, ()))?)
+        } else {
+            let y = x.conv2d(&w, padding, stride, 1, 1)?;
+            let b = x.dim(0)?;
+            let cols = x
+                .detach()
+                .pad_with_zeros(2, padding, padding)?
+                .pad_with_zeros(3, padding, padding)?
+                .unfold(2, k, stride)?
+                .unfold(3, k, stride)?; // [B, C, Ho, Wo, k, k]
+            let (ho, wo) = (cols.dim(2)?, cols.dim(3)?);
+            (
+                y,
+                cols.permute((0, 2, 3, 1, 4, 5))?
+                    .contiguous()?
+                    .reshape((b, ho * wo, ()))?,
+            )
+        };
+        let y = match &t.bias {
+            Some(bias) => {
+                let mut dims = vec![1; y.rank()];
+                dims[1] = bias.dim(0)?;
+                y.broadcast_add(&bias.detach().reshape(dims)?)?
+            }
+            None => y,
+        };
+        let (y, slot) = tap(&y, &t.weight)?;
+        t.uses.push(unfolded, slot);
+        Ok(y)
+    }
+}
+
+impl ConvTrace {
+    /// Unfolded inputs `[B, T, d]` and output gradients `[B, T, C_out]`.
+    fn gathered(&self) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+        let mut xs = Vec::new();
+        let mut gs = Vec::new();
+        for (x, g) in self.uses.with_grads() {
+            let (b, c_out) = (g.dim(0)?, g.dim(1)?);
+            gs.push(g.reshape((b, c_out, ()))?.transpose(1, 2)?.contiguous()?);
+            xs.push(x);
+        }
+        concat_uses(xs, gs)
+    }
+}
+
+impl GhostLayer for ConvTrace {
+    fn parameters(&self) -> Vec<Tensor> {
+        std::iter::once(self.weight.clone()).chain(self.bias.clone()).collect()
+    }
+
+    fn squared_norms(&self) -> crate::Result<Option<Vec<Tensor>>> {
+        let Some((x, g)) = self.gathered()? else {
+            return Ok(None);
+        };
+        Ok(Some(linear_squared_norms(&x, &g, self.bias.is_some())?))
+    }
+
+    fn clipped_sums(&self, c: &Tensor) -> crate::Result<Option<Vec<Tensor>>> {
+        let Some((x, g)) = self.gathered()? else {
+            return Ok(None);
+        };
+        let mut sums = linear_clipped_sums(&x, &g, c, self.bias.is_some())?;
+        sums[0] = sums[0].reshape(self.weight.shape())?;
+        Ok(Some(sums))
+    }
+
+    fn clear(&self) {
+        self.uses.clear();
+    }
+}

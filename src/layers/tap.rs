@@ -1,0 +1,98 @@
+//! A pass-through op that captures the gradient of a layer's output, and
+//! the per-layer list of captures.
+//!
+//! The tap sits on a layer's output with one of the layer's variables as a
+//! second, unused input: that makes the output part of the autograd graph
+//! even when the layer computed it from detached parameters (so Candle
+//! computes no parameter gradient), and its backward stores the incoming
+//! gradient and passes it through unchanged.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+
+/// Where one use's output gradient lands.
+pub(crate) type GradSlot = Arc<Mutex<Option<Tensor>>>;
+
+/// Locks a mutex whose data stays valid even if a holder panicked.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// `x`, unchanged, with its gradient captured; `anchor` must be a variable
+/// of the layer (passed as the variable's own tensor).
+pub(crate) fn tap(x: &Tensor, anchor: &Tensor) -> candle_core::Result<(Tensor, GradSlot)> {
+    let slot: GradSlot = Arc::new(Mutex::new(None));
+    let y = x.apply_op2(anchor, TapOp { slot: slot.clone() })?;
+    Ok((y, slot))
+}
+
+struct TapOp {
+    slot: GradSlot,
+}
+
+impl CustomOp2 for TapOp {
+    fn name(&self) -> &'static str {
+        "candle-dp-tap"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        // Copy by layout: `try_clone` ignores the layout of a narrowed or
+        // transposed view on CPU (../shared/CANDLE.md).
+        let mut out = candle_core::cpu_backend::CpuDevice.zeros_impl(xl.shape(), x.dtype())?;
+        x.copy_strided_src(&mut out, 0, xl)?;
+        Ok((out, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        *lock(&self.slot) = Some(grad.clone());
+        Ok((x.track_op().then(|| grad.clone()), None))
+    }
+}
+
+/// The uses of a layer since its last clear: what each saved, and its slot.
+#[derive(Debug, Default)]
+pub(crate) struct Captures<S> {
+    uses: Mutex<Vec<(S, GradSlot)>>,
+}
+
+impl<S: Clone> Captures<S> {
+    pub(crate) fn new() -> Self {
+        Self {
+            uses: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Records a use; drops earlier uses whose graph is gone (an evaluation
+    /// forward can never receive a gradient) with their activations.
+    pub(crate) fn push(&self, saved: S, slot: GradSlot) {
+        let mut uses = lock(&self.uses);
+        uses.retain(|(_, s)| Arc::strong_count(s) > 1 || lock(s).is_some());
+        uses.push((saved, slot));
+    }
+
+    /// The uses that received a gradient, with it.
+    pub(crate) fn with_grads(&self) -> Vec<(S, Tensor)> {
+        lock(&self.uses)
+            .iter()
+            .filter_map(|(saved, slot)| lock(slot).clone().map(|g| (saved.clone(), g)))
+            .collect()
+    }
+
+    pub(crate) fn clear(&self) {
+        lock(&self.uses).clear();
+    }
+}

@@ -1,0 +1,262 @@
+//! Every DP layer type against the microbatch oracle on its candle-nn twin:
+//! embedding (with repeated tokens), layer/RMS/group norm, conv1d, conv2d.
+//! f64 to 1e-9 relative, f32 to 1e-4.
+
+mod common;
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_dp::grad_sample::ghost::GhostEngine;
+use candle_dp::grad_sample::microbatch::clip_microbatch;
+use candle_dp::{loss, ClipMode};
+use candle_nn::{Conv1dConfig, Conv2dConfig, VarBuilder, VarMap};
+use common::{rel_diff, set_deterministic, tensor, vars_by_name};
+
+/// Runs both engines on `b` examples and compares them.
+fn compare(
+    varmap: &VarMap,
+    b: usize,
+    dp_losses: impl Fn() -> candle_core::Result<Tensor>,
+    plain_loss: impl Fn(usize) -> candle_core::Result<Tensor>,
+    tol: f64,
+    what: &str,
+) {
+    let vars = vars_by_name(varmap);
+    let engine = GhostEngine::new(&vars).unwrap();
+    let losses = candle_dp::PerSampleLoss::new(dp_losses().unwrap()).unwrap();
+    let max_grad_norm = 0.2;
+    let ghost = engine.clip(&losses, &ClipMode::Flat, max_grad_norm).unwrap();
+    let oracle = clip_microbatch(&vars, b, plain_loss, max_grad_norm).unwrap();
+    for (i, (g, o)) in ghost.norms.iter().zip(&oracle.norms).enumerate() {
+        assert!(((g - o) / o).abs() < tol, "{what}: example {i} norm {g} vs oracle {o}");
+    }
+    for (k, (g, o)) in ghost.clipped_sums.iter().zip(&oracle.clipped_sums).enumerate() {
+        let d = rel_diff(g, o);
+        assert!(d < tol, "{what}: variable {k} relative difference {d:e}");
+    }
+}
+
+fn vb(varmap: &VarMap, dtype: DType) -> VarBuilder<'static> {
+    VarBuilder::from_varmap(varmap, dtype, &Device::Cpu)
+}
+
+fn embedding_case(dtype: DType, tol: f64, t: usize) {
+    let varmap = VarMap::new();
+    let v = vb(&varmap, dtype);
+    let (emb, head) = (
+        candle_dp::embedding(7, 4, v.pp("emb")).unwrap(),
+        candle_dp::linear(4, 3, v.pp("head")).unwrap(),
+    );
+    let (pemb, phead) = (
+        candle_nn::embedding(7, 4, v.pp("emb")).unwrap(),
+        candle_nn::linear(4, 3, v.pp("head")).unwrap(),
+    );
+    set_deterministic(&varmap, 31).unwrap();
+    let b = 6;
+    // Repeated tokens within an example exercise the token-equality term.
+    let ids: Vec<u32> = (0..b * t).map(|k| ((k * 5 + k / 3) % 7) as u32).collect();
+    let shape: Vec<usize> = if t == 1 { vec![b] } else { vec![b, t] };
+    let ids = Tensor::from_vec(ids, shape, &Device::Cpu).unwrap();
+    let target = tensor(&[b, 3], 32, 1.0, dtype).unwrap();
+    let forward = |e: &dyn Module, h: &dyn Module, ids: &Tensor| -> candle_core::Result<Tensor> {
+        let z = e.forward(ids)?;
+        let z = if t == 1 { z } else { z.tanh()?.sum(1)? };
+        h.forward(&z)
+    };
+    compare(
+        &varmap,
+        b,
+        || {
+            Ok(loss::mse(&forward(&emb, &head, &ids)?, &target)
+                .unwrap()
+                .tensor()
+                .clone())
+        },
+        |i| {
+            loss::mse(
+                &forward(&pemb, &phead, &ids.narrow(0, i, 1)?)?,
+                &target.narrow(0, i, 1)?,
+            )
+            .unwrap()
+            .tensor()
+            .sum_all()
+        },
+        tol,
+        "embedding",
+    );
+}
+
+#[test]
+fn embedding_matches_microbatch() {
+    embedding_case(DType::F64, 1e-9, 5);
+    embedding_case(DType::F64, 1e-9, 1);
+    embedding_case(DType::F32, 1e-4, 5);
+}
+
+fn norm_case(dtype: DType, tol: f64, rms: bool) {
+    let varmap = VarMap::new();
+    let v = vb(&varmap, dtype);
+    let fc = candle_dp::linear(3, 5, v.pp("fc")).unwrap();
+    let out = candle_dp::linear(5, 2, v.pp("out")).unwrap();
+    let norm = if rms {
+        candle_dp::rms_norm(5, 1e-5, v.pp("norm"))
+    } else {
+        candle_dp::layer_norm(5, 1e-5, v.pp("norm"))
+    }
+    .unwrap();
+    let pfc = candle_nn::linear(3, 5, v.pp("fc")).unwrap();
+    let pout = candle_nn::linear(5, 2, v.pp("out")).unwrap();
+    let pnorm: Box<dyn Module> = if rms {
+        Box::new(candle_nn::rms_norm(5, 1e-5, v.pp("norm")).unwrap())
+    } else {
+        Box::new(candle_nn::layer_norm(5, 1e-5, v.pp("norm")).unwrap())
+    };
+    set_deterministic(&varmap, 41).unwrap();
+    let b = 5;
+    let x = tensor(&[b, 4, 3], 42, 2.0, dtype).unwrap();
+    let target = tensor(&[b, 2], 43, 1.0, dtype).unwrap();
+    // candle-nn's fused norm kernels have no f64 path; a non-contiguous
+    // input sends its layers down their reference (unfused) path.
+    let forward = |fc: &dyn Module, n: &dyn Module, o: &dyn Module, x: &Tensor| -> candle_core::Result<Tensor> {
+        let h = fc.forward(x)?;
+        let h = Tensor::cat(&[&h, &h], D::Minus1)?.narrow(D::Minus1, 0, 5)?;
+        o.forward(&n.forward(&h)?)?.mean(1)
+    };
+    compare(
+        &varmap,
+        b,
+        || {
+            Ok(loss::mse(&forward(&fc, &norm, &out, &x)?, &target)
+                .unwrap()
+                .tensor()
+                .clone())
+        },
+        |i| {
+            loss::mse(
+                &forward(&pfc, pnorm.as_ref(), &pout, &x.narrow(0, i, 1)?)?,
+                &target.narrow(0, i, 1)?,
+            )
+            .unwrap()
+            .tensor()
+            .sum_all()
+        },
+        tol,
+        if rms { "rms_norm" } else { "layer_norm" },
+    );
+}
+
+#[test]
+fn layer_norm_and_rms_norm_match_microbatch() {
+    norm_case(DType::F64, 1e-9, false);
+    norm_case(DType::F64, 1e-9, true);
+    norm_case(DType::F32, 1e-4, false);
+}
+
+fn conv2d_case(dtype: DType, tol: f64, group_norm: bool) {
+    let varmap = VarMap::new();
+    let v = vb(&varmap, dtype);
+    let cfg = Conv2dConfig {
+        padding: 1,
+        stride: 2,
+        ..Default::default()
+    };
+    let conv = candle_dp::conv2d(2, 4, 3, cfg, v.pp("conv")).unwrap();
+    // Built only when used: an unused DP layer is a missing gradient.
+    let gn = group_norm.then(|| candle_dp::group_norm(2, 4, 1e-5, v.pp("gn")).unwrap());
+    let head = candle_dp::linear(4 * 4 * 4, 3, v.pp("head")).unwrap();
+    let pconv = candle_nn::conv2d(2, 4, 3, cfg, v.pp("conv")).unwrap();
+    let pgn = group_norm.then(|| candle_nn::group_norm(2, 4, 1e-5, v.pp("gn")).unwrap());
+    let phead = candle_nn::linear(4 * 4 * 4, 3, v.pp("head")).unwrap();
+    set_deterministic(&varmap, 51).unwrap();
+    let b = 4;
+    let x = tensor(&[b, 2, 7, 7], 52, 1.5, dtype).unwrap();
+    let y = Tensor::from_vec((0..b as u32).map(|i| i % 3).collect(), b, &Device::Cpu).unwrap();
+    let forward = |c: &dyn Module, g: Option<&dyn Module>, h: &dyn Module, x: &Tensor| -> candle_core::Result<Tensor> {
+        let mut z = c.forward(x)?;
+        if let Some(g) = g {
+            z = g.forward(&z)?;
+        }
+        h.forward(&z.relu()?.flatten_from(1)?)
+    };
+    let gn = gn.as_ref().map(|g| g as &dyn Module);
+    let pgn = pgn.as_ref().map(|g| g as &dyn Module);
+    compare(
+        &varmap,
+        b,
+        || {
+            Ok(loss::cross_entropy(&forward(&conv, gn, &head, &x)?, &y)
+                .unwrap()
+                .tensor()
+                .clone())
+        },
+        |i| {
+            loss::cross_entropy(&forward(&pconv, pgn, &phead, &x.narrow(0, i, 1)?)?, &y.narrow(0, i, 1)?)
+                .unwrap()
+                .tensor()
+                .sum_all()
+        },
+        tol,
+        if group_norm { "conv2d + group_norm" } else { "conv2d" },
+    );
+}
+
+#[test]
+fn conv2d_matches_microbatch() {
+    conv2d_case(DType::F64, 1e-9, false);
+    conv2d_case(DType::F32, 1e-4, false);
+}
+
+#[test]
+fn group_norm_matches_microbatch() {
+    conv2d_case(DType::F64, 1e-9, true);
+}
+
+#[test]
+fn conv1d_matches_microbatch() {
+    for (dtype, tol) in [(DType::F64, 1e-9), (DType::F32, 1e-4)] {
+        let varmap = VarMap::new();
+        let v = vb(&varmap, dtype);
+        let cfg = Conv1dConfig {
+            padding: 1,
+            stride: 1,
+            ..Default::default()
+        };
+        let conv = candle_dp::conv1d(2, 3, 3, cfg, v.pp("c")).unwrap();
+        let head = candle_dp::linear(3, 2, v.pp("h")).unwrap();
+        let pconv = candle_nn::conv1d(2, 3, 3, cfg, v.pp("c")).unwrap();
+        let phead = candle_nn::linear(3, 2, v.pp("h")).unwrap();
+        set_deterministic(&varmap, 61).unwrap();
+        let b = 5;
+        let x = tensor(&[b, 2, 9], 62, 1.0, dtype).unwrap();
+        let target = tensor(&[b, 2], 63, 1.0, dtype).unwrap();
+        let forward = |c: &dyn Module, h: &dyn Module, x: &Tensor| -> candle_core::Result<Tensor> {
+            h.forward(&c.forward(x)?.tanh()?.mean(D::Minus1)?)
+        };
+        compare(
+            &varmap,
+            b,
+            || {
+                Ok(loss::mse(&forward(&conv, &head, &x)?, &target)
+                    .unwrap()
+                    .tensor()
+                    .clone())
+            },
+            |i| {
+                loss::mse(&forward(&pconv, &phead, &x.narrow(0, i, 1)?)?, &target.narrow(0, i, 1)?)
+                    .unwrap()
+                    .tensor()
+                    .sum_all()
+            },
+            tol,
+            "conv1d",
+        );
+    }
+}
+
+#[test]
+fn batch_norm_is_refused_with_a_replacement() {
+    let varmap = VarMap::new();
+    let err = candle_dp::batch_norm(4, vb(&varmap, DType::F32))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("mixes examples") && err.contains("group_norm"), "{err}");
+}
