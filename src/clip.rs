@@ -33,11 +33,7 @@ impl ClipMode {
             });
         }
         if let Some(bad) = t.iter().find(|c| !(**c > 0.0 && c.is_finite())) {
-            return Err(Error::InvalidConfig {
-                field: "clipping.per_layer",
-                value: *bad,
-                valid: "finite and > 0",
-            });
+            return Err(Error::InvalidConfig { field: "clipping.per_layer", value: *bad, valid: "finite and > 0" });
         }
         let sum_sq: f64 = t.iter().map(|c| c * c).sum();
         let c2 = max_grad_norm * max_grad_norm;

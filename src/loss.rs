@@ -20,11 +20,7 @@ impl PerSampleLoss {
     /// [`Error::Shape`] unless `losses` has rank 1.
     pub fn new(losses: Tensor) -> Result<Self> {
         if losses.rank() != 1 {
-            return Err(Error::Shape {
-                what: "per-sample losses",
-                expected: "[B]",
-                got: losses.dims().to_vec(),
-            });
+            return Err(Error::Shape { what: "per-sample losses", expected: "[B]", got: losses.dims().to_vec() });
         }
         Ok(Self(losses))
     }
@@ -51,11 +47,8 @@ impl PerSampleLoss {
 /// # Errors
 /// [`Error::Shape`] for mismatched shapes; Candle's errors otherwise.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<PerSampleLoss> {
-    let (b, _) = logits.dims2().map_err(|_| Error::Shape {
-        what: "logits",
-        expected: "[B, C]",
-        got: logits.dims().to_vec(),
-    })?;
+    let (b, _) =
+        logits.dims2().map_err(|_| Error::Shape { what: "logits", expected: "[B, C]", got: logits.dims().to_vec() })?;
     if targets.dims() != [b] {
         return Err(Error::Shape {
             what: "targets",
@@ -64,9 +57,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<PerSampleLoss>
         });
     }
     let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    let picked = log_probs
-        .gather(&targets.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?
-        .squeeze(1)?;
+    let picked = log_probs.gather(&targets.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?.squeeze(1)?;
     PerSampleLoss::new(picked.neg()?)
 }
 

@@ -139,12 +139,7 @@ impl<O: Optimizer> DpOptimizerBuilder<O> {
             self.max_grad_norm > 0.0 && self.max_grad_norm.is_finite(),
         )?;
         if let Some(b) = self.budget {
-            ensure(
-                "budget.epsilon",
-                b.epsilon,
-                "finite and > 0",
-                b.epsilon > 0.0 && b.epsilon.is_finite(),
-            )?;
+            ensure("budget.epsilon", b.epsilon, "finite and > 0", b.epsilon > 0.0 && b.epsilon.is_finite())?;
             ensure("budget.delta", b.delta, "in (0, 1)", b.delta > 0.0 && b.delta < 1.0)?;
         }
         let sampler = self.sampler;
@@ -158,12 +153,7 @@ impl<O: Optimizer> DpOptimizerBuilder<O> {
             }
             Some(NoisePlan::Fixed(s)) => ensure("noise_multiplier", s, "finite and > 0", s > 0.0 && s.is_finite())?,
             Some(NoisePlan::Calibrated { budget, planned_steps }) => {
-                ensure(
-                    "planned_steps",
-                    planned_steps as f64,
-                    "an integer >= 1",
-                    planned_steps >= 1,
-                )?;
+                ensure("planned_steps", planned_steps as f64, "an integer >= 1", planned_steps >= 1)?;
                 calibrate_with(budget.epsilon, |sigma| {
                     let mut acc = RdpAccountant::new(sampler.adjacency());
                     acc.compose(&sampler.event(sigma, planned_steps), 1)?;
@@ -201,10 +191,7 @@ impl<O: Optimizer> DpOptimizerBuilder<O> {
             created_by: format!("candle-dp {}", env!("CARGO_PKG_VERSION")),
             description: self.description,
             dataset_size: Some(sampler.dataset_size() as u64),
-            target: self.budget.map(|b| PrivacyTarget {
-                epsilon: b.epsilon,
-                delta: b.delta,
-            }),
+            target: self.budget.map(|b| PrivacyTarget { epsilon: b.epsilon, delta: b.delta }),
         };
         let inner = O::new(self.vars.clone(), config)?;
         Ok(DpOptimizer {
@@ -371,11 +358,9 @@ impl<O: Optimizer> DpOptimizer<O> {
         }
         let sums = match &self.accumulated {
             Some(s) => s.clone(),
-            None if self.empty_marked => self
-                .vars
-                .iter()
-                .map(|v| v.zeros_like())
-                .collect::<candle_core::Result<Vec<_>>>()?,
+            None if self.empty_marked => {
+                self.vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?
+            }
             None => return Err(Error::NothingAccumulated),
         };
         let std = self.noise_multiplier * self.max_grad_norm;
@@ -389,8 +374,7 @@ impl<O: Optimizer> DpOptimizer<O> {
         }
         self.inner.step(&grads)?;
         self.noise = noise;
-        self.accountant
-            .compose(&self.sampler.event(self.noise_multiplier, 1), 1)?;
+        self.accountant.compose(&self.sampler.event(self.noise_multiplier, 1), 1)?;
         self.pending_steps += 1;
         self.steps += 1;
         self.accumulated = None;
@@ -436,10 +420,7 @@ impl<O: Optimizer> DpOptimizer<O> {
             adjacency: self.sampler.adjacency(),
             clipping_norm: self.max_grad_norm,
             sampler: self.sampler.kind(),
-            noise: NoiseSource {
-                generator: NoiseGenerator::Chacha20,
-                seed: self.noise.seeding(),
-            },
+            noise: NoiseSource { generator: NoiseGenerator::Chacha20, seed: self.noise.seeding() },
             sampler_seed: self.sampler.seeding(),
         }
     }

@@ -36,11 +36,7 @@ impl SamplerDescription {
     /// (the expected size, never the realized one), the batch size otherwise.
     pub fn expected_batch_size(&self) -> f64 {
         match *self {
-            SamplerDescription::Poisson {
-                dataset_size,
-                sample_rate,
-                ..
-            } => sample_rate * dataset_size as f64,
+            SamplerDescription::Poisson { dataset_size, sample_rate, .. } => sample_rate * dataset_size as f64,
             SamplerDescription::ShuffledFixedSize { batch_size, .. } => batch_size as f64,
         }
     }
@@ -84,11 +80,7 @@ impl SamplerDescription {
             SamplerDescription::Poisson { sample_rate, .. } => {
                 DpEvent::self_composed(DpEvent::poisson_sampled_gaussian(sample_rate, noise_multiplier), steps)
             }
-            SamplerDescription::ShuffledFixedSize {
-                dataset_size,
-                batch_size,
-                ..
-            } => {
+            SamplerDescription::ShuffledFixedSize { dataset_size, batch_size, .. } => {
                 DpEvent::shuffled_fixed_size_batches(noise_multiplier, (dataset_size / batch_size.max(1)) as u64, steps)
             }
         }
@@ -130,12 +122,7 @@ impl PoissonSampler {
     /// # Errors
     /// As [`PoissonSampler::new`].
     pub fn seeded(dataset_size: usize, sample_rate: f64, seed: u64) -> Result<Self> {
-        Self::build(
-            dataset_size,
-            sample_rate,
-            ChaCha20Rng::seed_from_u64(seed),
-            Seeding::Fixed,
-        )
+        Self::build(dataset_size, sample_rate, ChaCha20Rng::seed_from_u64(seed), Seeding::Fixed)
     }
 
     /// A sampler whose expected batch size is `expected_batch_size`
@@ -163,24 +150,9 @@ impl PoissonSampler {
     }
 
     fn build(dataset_size: usize, sample_rate: f64, rng: ChaCha20Rng, seeding: Seeding) -> Result<Self> {
-        ensure(
-            "dataset_size",
-            dataset_size as f64,
-            "an integer >= 1",
-            dataset_size >= 1,
-        )?;
-        ensure(
-            "sample_rate",
-            sample_rate,
-            "in (0, 1]",
-            sample_rate > 0.0 && sample_rate <= 1.0,
-        )?;
-        Ok(Self {
-            dataset_size,
-            sample_rate,
-            rng,
-            seeding,
-        })
+        ensure("dataset_size", dataset_size as f64, "an integer >= 1", dataset_size >= 1)?;
+        ensure("sample_rate", sample_rate, "in (0, 1]", sample_rate > 0.0 && sample_rate <= 1.0)?;
+        Ok(Self { dataset_size, sample_rate, rng, seeding })
     }
 
     /// The indices of the next batch, in increasing order (possibly none).
@@ -231,12 +203,7 @@ impl ShuffledSampler {
     /// # Errors
     /// [`Error::InvalidConfig`] unless `1 <= batch_size <= dataset_size`.
     pub fn new(dataset_size: usize, batch_size: usize, seed: Option<u64>) -> Result<Self> {
-        ensure(
-            "dataset_size",
-            dataset_size as f64,
-            "an integer >= 1",
-            dataset_size >= 1,
-        )?;
+        ensure("dataset_size", dataset_size as f64, "an integer >= 1", dataset_size >= 1)?;
         ensure(
             "batch_size",
             batch_size as f64,
@@ -245,18 +212,9 @@ impl ShuffledSampler {
         )?;
         let (rng, seeding) = match seed {
             Some(s) => (ChaCha20Rng::seed_from_u64(s), Seeding::Fixed),
-            None => (
-                ChaCha20Rng::try_from_os_rng().map_err(|e| Error::Entropy(e.to_string()))?,
-                Seeding::OsEntropy,
-            ),
+            None => (ChaCha20Rng::try_from_os_rng().map_err(|e| Error::Entropy(e.to_string()))?, Seeding::OsEntropy),
         };
-        let mut s = Self {
-            order: (0..dataset_size).collect(),
-            batch_size,
-            position: dataset_size,
-            rng,
-            seeding,
-        };
+        let mut s = Self { order: (0..dataset_size).collect(), batch_size, position: dataset_size, rng, seeding };
         s.position = s.order.len(); // forces a shuffle on the first batch
         Ok(s)
     }
@@ -325,10 +283,7 @@ mod tests {
 
     #[test]
     fn bad_sampler_config_names_the_field() {
-        assert_eq!(
-            PoissonSampler::seeded(10, 0.0, 1).unwrap_err().to_string(),
-            "sample_rate = 0: must be in (0, 1]"
-        );
+        assert_eq!(PoissonSampler::seeded(10, 0.0, 1).unwrap_err().to_string(), "sample_rate = 0: must be in (0, 1]");
         assert!(PoissonSampler::seeded(10, f64::NAN, 1).is_err());
         assert!(PoissonSampler::seeded(0, 0.5, 1).is_err());
         assert!(ShuffledSampler::new(10, 11, Some(1)).is_err());

@@ -33,16 +33,10 @@ fn no_sample_exceeds_clip_norm() {
             clipped += 1;
             assert!((total - c).abs() < 1e-5 * c, "clipped to exactly C: {total}");
         } else {
-            assert!(
-                (total - out.norms[0]).abs() < 1e-5 * out.norms[0].max(1e-12),
-                "unclipped: {total}"
-            );
+            assert!((total - out.norms[0]).abs() < 1e-5 * out.norms[0].max(1e-12), "unclipped: {total}");
         }
     }
-    assert!(
-        clipped > 5 && clipped < 35,
-        "the sweep must cover both regimes: {clipped}"
-    );
+    assert!(clipped > 5 && clipped < 35, "the sweep must cover both regimes: {clipped}");
 }
 
 /// Per-layer clipping: each layer's part of an example's contribution is
@@ -59,9 +53,7 @@ fn per_layer_clipping_bounds_each_layer() {
         let x = tensor(&[1, 8], 200 + k, 5.0, DType::F64).unwrap();
         let y = Tensor::from_vec(vec![(k % 4) as u32], 1, x.device()).unwrap();
         let losses = loss::cross_entropy(&dp.forward(&x).unwrap(), &y).unwrap();
-        let out = engine
-            .clip(&losses, &ClipMode::PerLayer(thresholds.clone()), 1.0)
-            .unwrap();
+        let out = engine.clip(&losses, &ClipMode::PerLayer(thresholds.clone()), 1.0).unwrap();
         let layer =
             |a: usize, b: usize| (norm(&out.clipped_sums[a]).powi(2) + norm(&out.clipped_sums[b]).powi(2)).sqrt();
         assert!(layer(0, 1) <= 0.6 * (1.0 + 1e-12), "fc0: {}", layer(0, 1));

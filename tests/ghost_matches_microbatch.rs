@@ -30,10 +30,7 @@ fn check_mlp(dtype: DType, tol: f64, max_grad_norm: f64) {
         |i| {
             let xi = x.narrow(0, i, 1)?;
             let yi = y.narrow(0, i, 1)?;
-            loss::cross_entropy(&plain.forward(&xi)?, &yi)
-                .unwrap()
-                .tensor()
-                .sum_all()
+            loss::cross_entropy(&plain.forward(&xi)?, &yi).unwrap().tensor().sum_all()
         },
         max_grad_norm,
     )

@@ -42,14 +42,10 @@ fn vb(varmap: &VarMap, dtype: DType) -> VarBuilder<'static> {
 fn embedding_case(dtype: DType, tol: f64, t: usize) {
     let varmap = VarMap::new();
     let v = vb(&varmap, dtype);
-    let (emb, head) = (
-        candle_dp::embedding(7, 4, v.pp("emb")).unwrap(),
-        candle_dp::linear(4, 3, v.pp("head")).unwrap(),
-    );
-    let (pemb, phead) = (
-        candle_nn::embedding(7, 4, v.pp("emb")).unwrap(),
-        candle_nn::linear(4, 3, v.pp("head")).unwrap(),
-    );
+    let (emb, head) =
+        (candle_dp::embedding(7, 4, v.pp("emb")).unwrap(), candle_dp::linear(4, 3, v.pp("head")).unwrap());
+    let (pemb, phead) =
+        (candle_nn::embedding(7, 4, v.pp("emb")).unwrap(), candle_nn::linear(4, 3, v.pp("head")).unwrap());
     set_deterministic(&varmap, 31).unwrap();
     let b = 6;
     // Repeated tokens within an example exercise the token-equality term.
@@ -65,20 +61,12 @@ fn embedding_case(dtype: DType, tol: f64, t: usize) {
     compare(
         &varmap,
         b,
-        || {
-            Ok(loss::mse(&forward(&emb, &head, &ids)?, &target)
+        || Ok(loss::mse(&forward(&emb, &head, &ids)?, &target).unwrap().tensor().clone()),
+        |i| {
+            loss::mse(&forward(&pemb, &phead, &ids.narrow(0, i, 1)?)?, &target.narrow(0, i, 1)?)
                 .unwrap()
                 .tensor()
-                .clone())
-        },
-        |i| {
-            loss::mse(
-                &forward(&pemb, &phead, &ids.narrow(0, i, 1)?)?,
-                &target.narrow(0, i, 1)?,
-            )
-            .unwrap()
-            .tensor()
-            .sum_all()
+                .sum_all()
         },
         tol,
         "embedding",
@@ -97,12 +85,9 @@ fn norm_case(dtype: DType, tol: f64, rms: bool) {
     let v = vb(&varmap, dtype);
     let fc = candle_dp::linear(3, 5, v.pp("fc")).unwrap();
     let out = candle_dp::linear(5, 2, v.pp("out")).unwrap();
-    let norm = if rms {
-        candle_dp::rms_norm(5, 1e-5, v.pp("norm"))
-    } else {
-        candle_dp::layer_norm(5, 1e-5, v.pp("norm"))
-    }
-    .unwrap();
+    let norm =
+        if rms { candle_dp::rms_norm(5, 1e-5, v.pp("norm")) } else { candle_dp::layer_norm(5, 1e-5, v.pp("norm")) }
+            .unwrap();
     let pfc = candle_nn::linear(3, 5, v.pp("fc")).unwrap();
     let pout = candle_nn::linear(5, 2, v.pp("out")).unwrap();
     let pnorm: Box<dyn Module> = if rms {
@@ -124,20 +109,12 @@ fn norm_case(dtype: DType, tol: f64, rms: bool) {
     compare(
         &varmap,
         b,
-        || {
-            Ok(loss::mse(&forward(&fc, &norm, &out, &x)?, &target)
+        || Ok(loss::mse(&forward(&fc, &norm, &out, &x)?, &target).unwrap().tensor().clone()),
+        |i| {
+            loss::mse(&forward(&pfc, pnorm.as_ref(), &pout, &x.narrow(0, i, 1)?)?, &target.narrow(0, i, 1)?)
                 .unwrap()
                 .tensor()
-                .clone())
-        },
-        |i| {
-            loss::mse(
-                &forward(&pfc, pnorm.as_ref(), &pout, &x.narrow(0, i, 1)?)?,
-                &target.narrow(0, i, 1)?,
-            )
-            .unwrap()
-            .tensor()
-            .sum_all()
+                .sum_all()
         },
         tol,
         if rms { "rms_norm" } else { "layer_norm" },
@@ -154,11 +131,7 @@ fn layer_norm_and_rms_norm_match_microbatch() {
 fn conv2d_case(dtype: DType, tol: f64, group_norm: bool) {
     let varmap = VarMap::new();
     let v = vb(&varmap, dtype);
-    let cfg = Conv2dConfig {
-        padding: 1,
-        stride: 2,
-        ..Default::default()
-    };
+    let cfg = Conv2dConfig { padding: 1, stride: 2, ..Default::default() };
     let conv = candle_dp::conv2d(2, 4, 3, cfg, v.pp("conv")).unwrap();
     // Built only when used: an unused DP layer is a missing gradient.
     let gn = group_norm.then(|| candle_dp::group_norm(2, 4, 1e-5, v.pp("gn")).unwrap());
@@ -182,12 +155,7 @@ fn conv2d_case(dtype: DType, tol: f64, group_norm: bool) {
     compare(
         &varmap,
         b,
-        || {
-            Ok(loss::cross_entropy(&forward(&conv, gn, &head, &x)?, &y)
-                .unwrap()
-                .tensor()
-                .clone())
-        },
+        || Ok(loss::cross_entropy(&forward(&conv, gn, &head, &x)?, &y).unwrap().tensor().clone()),
         |i| {
             loss::cross_entropy(&forward(&pconv, pgn, &phead, &x.narrow(0, i, 1)?)?, &y.narrow(0, i, 1)?)
                 .unwrap()
@@ -215,11 +183,7 @@ fn conv1d_matches_microbatch() {
     for (dtype, tol) in [(DType::F64, 1e-9), (DType::F32, 1e-4)] {
         let varmap = VarMap::new();
         let v = vb(&varmap, dtype);
-        let cfg = Conv1dConfig {
-            padding: 1,
-            stride: 1,
-            ..Default::default()
-        };
+        let cfg = Conv1dConfig { padding: 1, stride: 1, ..Default::default() };
         let conv = candle_dp::conv1d(2, 3, 3, cfg, v.pp("c")).unwrap();
         let head = candle_dp::linear(3, 2, v.pp("h")).unwrap();
         let pconv = candle_nn::conv1d(2, 3, 3, cfg, v.pp("c")).unwrap();
@@ -234,12 +198,7 @@ fn conv1d_matches_microbatch() {
         compare(
             &varmap,
             b,
-            || {
-                Ok(loss::mse(&forward(&conv, &head, &x)?, &target)
-                    .unwrap()
-                    .tensor()
-                    .clone())
-            },
+            || Ok(loss::mse(&forward(&conv, &head, &x)?, &target).unwrap().tensor().clone()),
             |i| {
                 loss::mse(&forward(&pconv, &phead, &x.narrow(0, i, 1)?)?, &target.narrow(0, i, 1)?)
                     .unwrap()
@@ -255,8 +214,6 @@ fn conv1d_matches_microbatch() {
 #[test]
 fn batch_norm_is_refused_with_a_replacement() {
     let varmap = VarMap::new();
-    let err = candle_dp::batch_norm(4, vb(&varmap, DType::F32))
-        .unwrap_err()
-        .to_string();
+    let err = candle_dp::batch_norm(4, vb(&varmap, DType::F32)).unwrap_err().to_string();
     assert!(err.contains("mixes examples") && err.contains("group_norm"), "{err}");
 }

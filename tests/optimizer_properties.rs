@@ -15,15 +15,7 @@ use dp_accountant::{Ledger, PrivacyReport, Seeding};
 fn weights(varmap: &VarMap) -> Vec<f64> {
     vars_by_name(varmap)
         .iter()
-        .flat_map(|v| {
-            v.as_tensor()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap()
-        })
+        .flat_map(|v| v.as_tensor().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap())
         .collect()
 }
 
@@ -37,8 +29,7 @@ fn toy_data(n: usize) -> (Tensor, Tensor) {
 
 fn take(t: &Tensor, idx: &[usize]) -> Tensor {
     let i: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
-    t.index_select(&Tensor::from_vec(i, idx.len(), t.device()).unwrap(), 0)
-        .unwrap()
+    t.index_select(&Tensor::from_vec(i, idx.len(), t.device()).unwrap(), 0).unwrap()
 }
 
 /// With zero gradients (empty Poisson batches) and SGD at learning rate 1,
@@ -70,10 +61,7 @@ fn noise_std_is_sigma_times_c() {
     let expected = sigma * c / 100.0;
     let mean = deltas.iter().sum::<f64>() / n;
     let sd = (deltas.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
-    assert!(
-        ((sd - expected) / expected).abs() < 5.0 / (2.0 * n).sqrt(),
-        "sd {sd} vs {expected}"
-    );
+    assert!(((sd - expected) / expected).abs() < 5.0 / (2.0 * n).sqrt(), "sd {sd} vs {expected}");
     assert!(mean.abs() < 5.0 * expected / n.sqrt(), "mean {mean}");
     // Five noise-only steps were accounted.
     assert_eq!(opt.steps(), 5);
@@ -98,31 +86,11 @@ fn nan_input_is_refused_and_changes_nothing() {
     let y = Tensor::new(&[0u32, 1, 0], &Device::Cpu).unwrap();
     // ReLU maps the NaN activation to 0, so the loss is finite; the NaN
     // reaches the first layer's weight gradient and its norm.
-    let err = opt
-        .accumulate(&loss::cross_entropy(&dp.forward(&x).unwrap(), &y).unwrap())
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::NonFinite {
-                what: "gradient norm",
-                sample: 1
-            }
-        ),
-        "{err}"
-    );
+    let err = opt.accumulate(&loss::cross_entropy(&dp.forward(&x).unwrap(), &y).unwrap()).unwrap_err();
+    assert!(matches!(err, Error::NonFinite { what: "gradient norm", sample: 1 }), "{err}");
     // Through the first layer alone the loss itself is NaN.
     let err = opt.accumulate(&loss::cross_entropy(&dp.0[0].forward(&x).unwrap().narrow(1, 0, 2).unwrap(), &y).unwrap());
-    assert!(
-        matches!(
-            err,
-            Err(Error::NonFinite {
-                what: "loss",
-                sample: 1
-            })
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, Err(Error::NonFinite { what: "loss", sample: 1 })), "{err:?}");
     assert!(matches!(opt.step().unwrap_err(), Error::NothingAccumulated));
     assert_eq!(weights(&varmap), before);
     assert_eq!(opt.steps(), 0);
@@ -130,8 +98,7 @@ fn nan_input_is_refused_and_changes_nothing() {
     assert_eq!(opt.epsilon(1e-5).unwrap(), 0.0);
     // The optimizer is still usable afterwards.
     let x = tensor(&[3, 4], 2, 1.0, DType::F32).unwrap();
-    opt.accumulate(&loss::cross_entropy(&dp.forward(&x).unwrap(), &y).unwrap())
-        .unwrap();
+    opt.accumulate(&loss::cross_entropy(&dp.forward(&x).unwrap(), &y).unwrap()).unwrap();
     opt.step().unwrap();
     assert_ne!(weights(&varmap), before);
 }
@@ -142,10 +109,7 @@ fn budget_stops_training_before_it_is_exceeded() {
     let (dp, _) = mlp_pair(&varmap, &[4, 2], DType::F32).unwrap();
     let (x, y) = toy_data(100);
     let mut sampler = PoissonSampler::seeded(100, 0.2, 3).unwrap();
-    let budget = PrivacyBudget {
-        epsilon: 2.0,
-        delta: 1e-5,
-    };
+    let budget = PrivacyBudget { epsilon: 2.0, delta: 1e-5 };
     let mut opt = DpOptimizer::<SGD>::builder(varmap.all_vars(), sampler.description())
         .target(budget, 10)
         .noise(GaussianNoise::from_seed(3))
@@ -168,9 +132,7 @@ fn budget_stops_training_before_it_is_exceeded() {
     let before = weights(&varmap);
     opt.accumulate_empty();
     match opt.step() {
-        Err(Error::BudgetExhausted {
-            would_spend, budget, ..
-        }) => {
+        Err(Error::BudgetExhausted { would_spend, budget, .. }) => {
             assert!(would_spend > 2.0 && budget == 2.0, "{would_spend}");
         }
         other => panic!("expected BudgetExhausted, got {other:?}"),
@@ -204,28 +166,14 @@ fn train<O: Optimizer>(config: O::Config, seed: u64) -> (f64, Vec<f64>, Ledger) 
         opt.step().unwrap();
     }
     let pred = dp.forward(&x).unwrap().argmax(1).unwrap();
-    let correct = pred
-        .eq(&y)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
+    let correct = pred.eq(&y).unwrap().to_dtype(DType::F64).unwrap().mean_all().unwrap().to_scalar::<f64>().unwrap();
     (correct, weights(&varmap), opt.ledger().unwrap())
 }
 
 #[test]
 fn sgd_and_adamw_are_both_wrapped_and_learn() {
     let (acc_sgd, _, _) = train::<SGD>(0.5, 1);
-    let (acc_adam, _, _) = train::<AdamW>(
-        ParamsAdamW {
-            lr: 0.02,
-            ..Default::default()
-        },
-        1,
-    );
+    let (acc_adam, _, _) = train::<AdamW>(ParamsAdamW { lr: 0.02, ..Default::default() }, 1);
     assert!(acc_sgd > 0.85, "SGD accuracy {acc_sgd}");
     assert!(acc_adam > 0.85, "AdamW accuracy {acc_adam}");
 }
@@ -250,8 +198,7 @@ fn the_ledger_matches_the_optimizer_and_verifies() {
     assert_eq!(entry.clipping_norm, 1.0);
     let report = PrivacyReport::from_ledger(&reloaded, Some(1e-5)).unwrap();
     let mut acc = dp_accountant::RdpAccountant::new(dp_accountant::Adjacency::AddOrRemoveOne);
-    acc.compose(&dp_accountant::DpEvent::poisson_sampled_gaussian(0.1, 0.8), 150)
-        .unwrap();
+    acc.compose(&dp_accountant::DpEvent::poisson_sampled_gaussian(0.1, 0.8), 150).unwrap();
     assert_eq!(report.epsilon, acc.epsilon(1e-5).unwrap().epsilon);
 }
 
@@ -268,8 +215,7 @@ fn shuffled_batches_are_recorded_as_such() {
         .unwrap();
     for _ in 0..7 {
         let idx = sampler.sample();
-        opt.accumulate(&loss::cross_entropy(&dp.forward(&take(&x, &idx)).unwrap(), &take(&y, &idx)).unwrap())
-            .unwrap();
+        opt.accumulate(&loss::cross_entropy(&dp.forward(&take(&x, &idx)).unwrap(), &take(&y, &idx)).unwrap()).unwrap();
         opt.step().unwrap();
     }
     let ledger = opt.ledger().unwrap();
@@ -295,10 +241,7 @@ fn microbatch_engine_trains_a_plain_model() {
         .unwrap();
     let before = weights(&varmap);
     opt.accumulate_microbatch(10, |i| {
-        loss::cross_entropy(&plain.forward(&x.narrow(0, i, 1)?)?, &y.narrow(0, i, 1)?)
-            .unwrap()
-            .tensor()
-            .sum_all()
+        loss::cross_entropy(&plain.forward(&x.narrow(0, i, 1)?)?, &y.narrow(0, i, 1)?).unwrap().tensor().sum_all()
     })
     .unwrap();
     opt.step().unwrap();
@@ -307,52 +250,28 @@ fn microbatch_engine_trains_a_plain_model() {
 
 #[test]
 fn unowned_variables_and_bad_config_are_refused() {
-    let sampler = SamplerDescription::Poisson {
-        dataset_size: 100,
-        sample_rate: 0.1,
-        seeding: Seeding::Fixed,
-    };
+    let sampler = SamplerDescription::Poisson { dataset_size: 100, sample_rate: 0.1, seeding: Seeding::Fixed };
     // A plain candle-nn layer: its variables would be trained without clipping.
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let _plain = candle_nn::linear(4, 2, vb.pp("plain")).unwrap();
-    let err = DpOptimizer::<SGD>::builder(varmap.all_vars(), sampler)
-        .noise_multiplier(1.0)
-        .build(0.1)
-        .unwrap_err();
+    let err = DpOptimizer::<SGD>::builder(varmap.all_vars(), sampler).noise_multiplier(1.0).build(0.1).unwrap_err();
     assert!(matches!(err, Error::UnownedVariable { .. }), "{err}");
 
     let varmap = VarMap::new();
     let (_dp, _) = mlp_pair(&varmap, &[4, 3, 2], DType::F32).unwrap();
     let build = |f: &dyn Fn(candle_dp::DpOptimizerBuilder<SGD>) -> candle_dp::DpOptimizerBuilder<SGD>| {
-        f(DpOptimizer::<SGD>::builder(varmap.all_vars(), sampler))
-            .build(0.1)
-            .unwrap_err()
-            .to_string()
+        f(DpOptimizer::<SGD>::builder(varmap.all_vars(), sampler)).build(0.1).unwrap_err().to_string()
     };
-    assert_eq!(
-        build(&|b| b.noise_multiplier(-1.0)),
-        "noise_multiplier = -1: must be finite and > 0"
-    );
-    assert_eq!(
-        build(&|b| b.noise_multiplier(f64::NAN)),
-        "noise_multiplier = NaN: must be finite and > 0"
-    );
+    assert_eq!(build(&|b| b.noise_multiplier(-1.0)), "noise_multiplier = -1: must be finite and > 0");
+    assert_eq!(build(&|b| b.noise_multiplier(f64::NAN)), "noise_multiplier = NaN: must be finite and > 0");
     assert!(build(&|b| b).contains("noise_multiplier"));
+    assert_eq!(build(&|b| b.noise_multiplier(1.0).max_grad_norm(0.0)), "max_grad_norm = 0: must be finite and > 0");
     assert_eq!(
-        build(&|b| b.noise_multiplier(1.0).max_grad_norm(0.0)),
-        "max_grad_norm = 0: must be finite and > 0"
-    );
-    assert_eq!(
-        build(&|b| b.noise_multiplier(1.0).budget(PrivacyBudget {
-            epsilon: 1.0,
-            delta: 2.0
-        })),
+        build(&|b| b.noise_multiplier(1.0).budget(PrivacyBudget { epsilon: 1.0, delta: 2.0 })),
         "budget.delta = 2: must be in (0, 1)"
     );
-    assert!(
-        build(&|b| b.noise_multiplier(1.0).clipping(ClipMode::PerLayer(vec![0.5, 0.5]))).contains("sum of squared")
-    );
+    assert!(build(&|b| b.noise_multiplier(1.0).clipping(ClipMode::PerLayer(vec![0.5, 0.5]))).contains("sum of squared"));
     assert!(
         build(&|b| b.noise_multiplier(1.0).clipping(ClipMode::PerLayer(vec![1.0]))).contains("number of thresholds")
     );

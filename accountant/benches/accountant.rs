@@ -15,22 +15,14 @@ fn epsilon_100k_steps(c: &mut Criterion) {
     group.bench_function("epsilon/q=0.01,sigma=1.0,steps=100000/default_orders+refine", |b| {
         b.iter(|| {
             let mut acc = RdpAccountant::new(Adjacency::AddOrRemoveOne);
-            acc.compose(
-                &DpEvent::poisson_sampled_gaussian(black_box(0.01), black_box(1.0)),
-                100_000,
-            )
-            .unwrap();
+            acc.compose(&DpEvent::poisson_sampled_gaussian(black_box(0.01), black_box(1.0)), 100_000).unwrap();
             acc.epsilon(1e-5).unwrap()
         })
     });
     group.bench_function("epsilon/q=0.01,sigma=1.0,steps=100000/default_orders_grid_only", |b| {
         b.iter(|| {
             let mut acc = RdpAccountant::new(Adjacency::AddOrRemoveOne).with_refinement(false);
-            acc.compose(
-                &DpEvent::poisson_sampled_gaussian(black_box(0.01), black_box(1.0)),
-                100_000,
-            )
-            .unwrap();
+            acc.compose(&DpEvent::poisson_sampled_gaussian(black_box(0.01), black_box(1.0)), 100_000).unwrap();
             acc.epsilon(1e-5).unwrap()
         })
     });

@@ -92,10 +92,7 @@ pub fn calibrate_with(target: f64, epsilon_of: impl Fn(f64) -> Result<EpsilonBou
     }
     while e_lo <= target {
         if e_lo >= (1.0 - CALIBRATION_REL_TOL) * target {
-            return Ok(NoiseCalibration {
-                noise_multiplier: lo,
-                epsilon: epsilon_of(lo)?,
-            });
+            return Ok(NoiseCalibration { noise_multiplier: lo, epsilon: epsilon_of(lo)? });
         }
         lo /= 2.0;
         if lo < MIN_NOISE_MULTIPLIER {
@@ -120,11 +117,7 @@ pub fn calibrate_with(target: f64, epsilon_of: impl Fn(f64) -> Result<EpsilonBou
         if e_hi.epsilon >= (1.0 - CALIBRATION_REL_TOL) * target || x_hi - x_lo < 1e-13 {
             break;
         }
-        let x = if g_lo.is_finite() {
-            (x_lo * g_hi - x_hi * g_lo) / (g_hi - g_lo)
-        } else {
-            0.5 * (x_lo + x_hi)
-        };
+        let x = if g_lo.is_finite() { (x_lo * g_hi - x_hi * g_lo) / (g_hi - g_lo) } else { 0.5 * (x_lo + x_hi) };
         let x = x.clamp(x_lo + 0.01 * (x_hi - x_lo), x_hi - 0.01 * (x_hi - x_lo));
         let e = epsilon_of(x.exp())?;
         let g = e.epsilon - target;
@@ -149,10 +142,7 @@ pub fn calibrate_with(target: f64, epsilon_of: impl Fn(f64) -> Result<EpsilonBou
             ),
         });
     }
-    Ok(NoiseCalibration {
-        noise_multiplier: x_hi.exp(),
-        epsilon: e_hi,
-    })
+    Ok(NoiseCalibration { noise_multiplier: x_hi.exp(), epsilon: e_hi })
 }
 
 /// The largest number of DP-SGD steps (Poisson rate `sample_rate`, noise
@@ -176,10 +166,7 @@ pub fn max_steps(target_epsilon: f64, delta: f64, sample_rate: f64, noise_multip
     let eps = |n: u64| acc.epsilon_repeated(delta, n as f64);
     let first = eps(1);
     if first.epsilon > target_epsilon {
-        return Ok(StepsCalibration {
-            steps: 0,
-            epsilon: acc.epsilon_repeated(delta, 0.0),
-        });
+        return Ok(StepsCalibration { steps: 0, epsilon: acc.epsilon_repeated(delta, 0.0) });
     }
     // Invariant: eps(lo) <= target < eps(hi).
     let (mut lo, mut e_lo) = (1u64, first);
@@ -206,8 +193,5 @@ pub fn max_steps(target_epsilon: f64, delta: f64, sample_rate: f64, noise_multip
             hi = mid;
         }
     }
-    Ok(StepsCalibration {
-        steps: lo,
-        epsilon: e_lo,
-    })
+    Ok(StepsCalibration { steps: lo, epsilon: e_lo })
 }

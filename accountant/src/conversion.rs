@@ -80,11 +80,7 @@ pub fn log_delta_at_order(alpha: f64, rdp: f64, epsilon: f64) -> f64 {
         return 0.0;
     }
     let rdp = rdp.max(0.0);
-    let kl = if rdp == 0.0 {
-        f64::NEG_INFINITY
-    } else {
-        0.5 * (-(-rdp).exp_m1()).ln()
-    };
+    let kl = if rdp == 0.0 { f64::NEG_INFINITY } else { 0.5 * (-(-rdp).exp_m1()).ln() };
     if alpha <= MIN_CONVERSION_ORDER {
         return kl;
     }
@@ -107,12 +103,7 @@ fn minimize(
     objective: impl Fn(f64, f64) -> f64,
     refine: Option<impl Fn(f64) -> f64>,
 ) -> Optimum {
-    let dropped: Vec<f64> = orders
-        .iter()
-        .zip(rdp)
-        .filter(|(_, r)| !r.is_finite())
-        .map(|(a, _)| *a)
-        .collect();
+    let dropped: Vec<f64> = orders.iter().zip(rdp).filter(|(_, r)| !r.is_finite()).map(|(a, _)| *a).collect();
     let values: Vec<f64> = orders.iter().zip(rdp).map(|(&a, &r)| objective(a, r)).collect();
     let mut best = 0;
     for k in 1..values.len() {
@@ -121,12 +112,7 @@ fn minimize(
         }
     }
     let at_edge = best == 0 || best + 1 == orders.len();
-    let mut opt = Optimum {
-        value: values[best],
-        order: orders[best],
-        at_edge,
-        dropped,
-    };
+    let mut opt = Optimum { value: values[best], order: orders[best], at_edge, dropped };
     if let Some(rdp_at) = refine {
         if opt.value.is_finite() && orders.len() > 1 {
             let lo = orders[best.saturating_sub(1)];
@@ -252,10 +238,7 @@ mod tests {
         assert!(b.epsilon.is_finite());
         // All dropped: epsilon is infinite, and delta is 1.
         let inf = [f64::INFINITY; 4];
-        assert_eq!(
-            epsilon(&orders, &inf, 1e-5, None::<fn(f64) -> f64>).epsilon,
-            f64::INFINITY
-        );
+        assert_eq!(epsilon(&orders, &inf, 1e-5, None::<fn(f64) -> f64>).epsilon, f64::INFINITY);
         assert_eq!(delta(&orders, &inf, 1.0, None::<fn(f64) -> f64>).delta, 1.0);
     }
 

@@ -108,18 +108,12 @@ impl DpEvent {
 
     /// One step of DP-SGD with Poisson sampling: the Poisson-sampled Gaussian.
     pub fn poisson_sampled_gaussian(sampling_probability: f64, noise_multiplier: f64) -> Self {
-        DpEvent::PoissonSampled {
-            sampling_probability,
-            event: Box::new(DpEvent::gaussian(noise_multiplier)),
-        }
+        DpEvent::PoissonSampled { sampling_probability, event: Box::new(DpEvent::gaussian(noise_multiplier)) }
     }
 
     /// `event` applied `count` times.
     pub fn self_composed(event: DpEvent, count: u64) -> Self {
-        DpEvent::SelfComposed {
-            event: Box::new(event),
-            count,
-        }
+        DpEvent::SelfComposed { event: Box::new(event), count }
     }
 
     /// `events` applied in sequence.
@@ -129,11 +123,7 @@ impl DpEvent {
 
     /// `steps` steps over shuffled fixed-size batches (no amplification).
     pub fn shuffled_fixed_size_batches(noise_multiplier: f64, steps_per_epoch: u64, steps: u64) -> Self {
-        DpEvent::ShuffledFixedSizeBatches {
-            noise_multiplier,
-            steps_per_epoch,
-            steps,
-        }
+        DpEvent::ShuffledFixedSizeBatches { noise_multiplier, steps_per_epoch, steps }
     }
 
     /// The variant's name as the ledger spells it.
@@ -156,10 +146,7 @@ impl DpEvent {
             DpEvent::Gaussian { noise_multiplier } => {
                 ensure("noise_multiplier", *noise_multiplier, Valid::Positive)?;
             }
-            DpEvent::PoissonSampled {
-                sampling_probability,
-                event,
-            } => {
+            DpEvent::PoissonSampled { sampling_probability, event } => {
                 ensure("sampling_probability", *sampling_probability, Valid::ClosedUnit)?;
                 event.validate()?;
             }
@@ -169,11 +156,7 @@ impl DpEvent {
                     e.validate()?;
                 }
             }
-            DpEvent::ShuffledFixedSizeBatches {
-                noise_multiplier,
-                steps_per_epoch,
-                ..
-            } => {
+            DpEvent::ShuffledFixedSizeBatches { noise_multiplier, steps_per_epoch, .. } => {
                 ensure("noise_multiplier", *noise_multiplier, Valid::Positive)?;
                 ensure("steps_per_epoch", *steps_per_epoch as f64, Valid::AtLeastOne)?;
             }

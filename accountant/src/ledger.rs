@@ -171,10 +171,7 @@ struct LedgerFileIn {
 impl Ledger {
     /// An empty ledger.
     pub fn new(header: LedgerHeader) -> Self {
-        Self {
-            header,
-            entries: Vec::new(),
-        }
+        Self { header, entries: Vec::new() }
     }
 
     /// The header.
@@ -190,9 +187,7 @@ impl Ledger {
     /// The hash of the last entry (of the header if there is none), hex: the
     /// value to anchor elsewhere.
     pub fn head(&self) -> String {
-        self.entries
-            .last()
-            .map_or_else(|| hex(&header_hash(&self.header)), |e| e.hash.clone())
+        self.entries.last().map_or_else(|| hex(&header_hash(&self.header)), |e| e.hash.clone())
     }
 
     /// Checks `record` and appends it, returning the new entry.
@@ -204,32 +199,21 @@ impl Ledger {
     pub fn append(&mut self, record: MechanismRecord) -> Result<&LedgerEntry> {
         let index = self.entries.len();
         check_record(&record, self.entries.first().map(|e| e.record.adjacency), index)?;
-        let prev = self
-            .entries
-            .last()
-            .map_or_else(|| header_hash(&self.header), |e| unhex(&e.hash).unwrap_or_default());
+        let prev =
+            self.entries.last().map_or_else(|| header_hash(&self.header), |e| unhex(&e.hash).unwrap_or_default());
         let hash = entry_hash(&prev, index as u64, &record);
-        self.entries.push(LedgerEntry {
-            index: index as u64,
-            prev_hash: hex(&prev),
-            record,
-            hash: hex(&hash),
-        });
+        self.entries.push(LedgerEntry { index: index as u64, prev_hash: hex(&prev), record, hash: hex(&hash) });
         Ok(&self.entries[index])
     }
 
     /// The total number of noisy steps recorded.
     pub fn total_steps(&self) -> u64 {
-        self.entries
-            .iter()
-            .fold(0u64, |s, e| s.saturating_add(e.record.event.steps()))
+        self.entries.iter().fold(0u64, |s, e| s.saturating_add(e.record.event.steps()))
     }
 
     /// The adjacency of the entries (that of an empty ledger is add/remove).
     pub fn adjacency(&self) -> Adjacency {
-        self.entries
-            .first()
-            .map_or(Adjacency::AddOrRemoveOne, |e| e.record.adjacency)
+        self.entries.first().map_or(Adjacency::AddOrRemoveOne, |e| e.record.adjacency)
     }
 
     /// An RDP accountant with every entry composed.
@@ -254,11 +238,7 @@ impl Ledger {
         if head.eq_ignore_ascii_case(anchor) {
             Ok(())
         } else {
-            Err(LedgerError::AnchorMismatch {
-                anchor: anchor.to_string(),
-                head,
-                entries: self.entries.len(),
-            })
+            Err(LedgerError::AnchorMismatch { anchor: anchor.to_string(), head, entries: self.entries.len() })
         }
     }
 
@@ -297,12 +277,7 @@ impl Ledger {
         }
         match obj.get("version").and_then(|v| v.as_u64()) {
             Some(LEDGER_VERSION) => {}
-            Some(found) => {
-                return Err(LedgerError::UnsupportedVersion {
-                    found,
-                    supported: LEDGER_VERSION,
-                })
-            }
+            Some(found) => return Err(LedgerError::UnsupportedVersion { found, supported: LEDGER_VERSION }),
             None => {
                 return Err(LedgerError::Malformed {
                     entry: None,
@@ -316,50 +291,28 @@ impl Ledger {
         for (k, raw) in file.entries.into_iter().enumerate() {
             let entry: LedgerEntry = serde_json::from_value(raw).map_err(|e| malformed(Some(k), &e))?;
             if entry.index != k as u64 {
-                return Err(LedgerError::IndexMismatch {
-                    entry: k,
-                    found: entry.index,
-                });
+                return Err(LedgerError::IndexMismatch { entry: k, found: entry.index });
             }
             let prev_hex = hex(&prev);
             if !entry.prev_hash.eq_ignore_ascii_case(&prev_hex) {
-                return Err(LedgerError::BrokenChain {
-                    entry: k,
-                    expected: prev_hex,
-                    found: entry.prev_hash,
-                });
+                return Err(LedgerError::BrokenChain { entry: k, expected: prev_hex, found: entry.prev_hash });
             }
             let hash = entry_hash(&prev, k as u64, &entry.record);
             if !entry.hash.eq_ignore_ascii_case(&hex(&hash)) {
-                return Err(LedgerError::HashMismatch {
-                    entry: k,
-                    expected: hex(&hash),
-                    found: entry.hash,
-                });
+                return Err(LedgerError::HashMismatch { entry: k, expected: hex(&hash), found: entry.hash });
             }
             check_record(&entry.record, ledger.entries.first().map(|e| e.record.adjacency), k).map_err(
                 |e| match e {
                     Error::Ledger(l) => l,
-                    other => LedgerError::InvalidEntry {
-                        entry: k,
-                        message: other.to_string(),
-                    },
+                    other => LedgerError::InvalidEntry { entry: k, message: other.to_string() },
                 },
             )?;
             prev = hash;
-            ledger.entries.push(LedgerEntry {
-                prev_hash: prev_hex,
-                hash: hex(&hash),
-                ..entry
-            });
+            ledger.entries.push(LedgerEntry { prev_hash: prev_hex, hash: hex(&hash), ..entry });
         }
         let head = ledger.head();
         if !head.eq_ignore_ascii_case(&file.head) {
-            return Err(LedgerError::HeadMismatch {
-                expected: head,
-                found: file.head,
-                entries: ledger.entries.len(),
-            });
+            return Err(LedgerError::HeadMismatch { expected: head, found: file.head, entries: ledger.entries.len() });
         }
         Ok(ledger)
     }
@@ -370,10 +323,7 @@ impl Ledger {
     /// [`Error::Io`] if it cannot be read; [`Error::Ledger`] as [`Ledger::from_json`].
     pub fn read(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
         Ok(Self::from_json(&text)?)
     }
 
@@ -383,10 +333,7 @@ impl Ledger {
     /// [`Error::Io`].
     pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        let io = |source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        };
+        let io = |source| Error::Io { path: path.to_path_buf(), source };
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(".tmp");
         std::fs::write(&tmp, self.to_json()).map_err(io)?;
@@ -395,10 +342,7 @@ impl Ledger {
 }
 
 fn malformed(entry: Option<usize>, e: &serde_json::Error) -> LedgerError {
-    LedgerError::Malformed {
-        entry,
-        message: e.to_string(),
-    }
+    LedgerError::Malformed { entry, message: e.to_string() }
 }
 
 /// Checks a record's values and their consistency with each other and with
@@ -406,9 +350,7 @@ fn malformed(entry: Option<usize>, e: &serde_json::Error) -> LedgerError {
 fn check_record(record: &MechanismRecord, ledger_adjacency: Option<Adjacency>, index: usize) -> Result<()> {
     let invalid = |message: String| Error::Ledger(LedgerError::InvalidEntry { entry: index, message });
     ensure("clipping_norm", record.clipping_norm, Valid::Positive).map_err(|e| invalid(e.to_string()))?;
-    RdpAccountant::new(record.adjacency)
-        .check(&record.event)
-        .map_err(|e| invalid(e.to_string()))?;
+    RdpAccountant::new(record.adjacency).check(&record.event).map_err(|e| invalid(e.to_string()))?;
     if let Some(adjacency) = ledger_adjacency {
         if adjacency != record.adjacency {
             return Err(invalid(format!(

@@ -28,11 +28,7 @@ pub(crate) fn log_sub(a: f64, b: f64) -> Option<f64> {
     // ln(1 - e^{-d}) for d = a - b > 0: use ln(-expm1(-d)) when d is small,
     // ln1p(-e^{-d}) when it is large (both are then accurate).
     let d = a - b;
-    let tail = if d < std::f64::consts::LN_2 {
-        (-(-d).exp_m1()).ln()
-    } else {
-        (-(-d).exp()).ln_1p()
-    };
+    let tail = if d < std::f64::consts::LN_2 { (-(-d).exp_m1()).ln() } else { (-(-d).exp()).ln_1p() };
     Some(a + tail)
 }
 
@@ -111,10 +107,7 @@ pub(crate) struct SignedLogSum {
 }
 
 impl SignedLogSum {
-    pub(crate) const ZERO: Self = Self {
-        log_pos: f64::NEG_INFINITY,
-        log_neg: f64::NEG_INFINITY,
-    };
+    pub(crate) const ZERO: Self = Self { log_pos: f64::NEG_INFINITY, log_neg: f64::NEG_INFINITY };
 
     /// Adds `sign * exp(log_mag)`.
     pub(crate) fn add(&mut self, positive: bool, log_mag: f64) {
@@ -193,18 +186,12 @@ mod tests {
         // ln 2 = sum (-1)^j / (j + 1), and 1/(j+1) = int_0^1 t^j dt.
         let a: Vec<f64> = (0..20).map(|j| 1.0 / (j as f64 + 1.0)).collect();
         let (s, bound) = alternating_moment_sum(&a);
-        assert!(
-            (s - std::f64::consts::LN_2).abs() <= bound.max(1e-16),
-            "{s} bound {bound}"
-        );
+        assert!((s - std::f64::consts::LN_2).abs() <= bound.max(1e-16), "{s} bound {bound}");
         assert!(bound < 1e-14);
         // pi/4 = sum (-1)^j / (2j + 1), 1/(2j+1) = int_0^1 t^j t^{-1/2}/2 dt.
         let a: Vec<f64> = (0..24).map(|j| 1.0 / (2.0 * j as f64 + 1.0)).collect();
         let (s, bound) = alternating_moment_sum(&a);
-        assert!(
-            (s - std::f64::consts::FRAC_PI_4).abs() <= bound + 4.0 * f64::EPSILON,
-            "{s}"
-        );
+        assert!((s - std::f64::consts::FRAC_PI_4).abs() <= bound + 4.0 * f64::EPSILON, "{s}");
     }
 
     #[test]

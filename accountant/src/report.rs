@@ -153,9 +153,8 @@ impl PrivacyReport {
             );
         }
         if delta_source == DeltaSource::Default {
-            caveats.push(format!(
-                "No delta was given and the ledger declares none: delta = {DEFAULT_DELTA:e} was used."
-            ));
+            caveats
+                .push(format!("No delta was given and the ledger declares none: delta = {DEFAULT_DELTA:e} was used."));
         }
         if let Some(n) = header.dataset_size {
             if n > 0 && delta >= 1.0 / n as f64 {
@@ -231,17 +230,8 @@ impl PrivacyReport {
         let _ = writeln!(s, "                 {}", self.accountant_reference);
         let _ = writeln!(s, "Conversion:      {}", self.conversion);
         let _ = writeln!(s, "                 {}", self.conversion_reference);
-        let _ = writeln!(
-            s,
-            "Orders:          {}; optimal order {}",
-            self.orders,
-            fmt_num(self.order)
-        );
-        let _ = writeln!(
-            s,
-            "Ledger:          {} entries, head {}",
-            self.ledger_entries, self.ledger_head
-        );
+        let _ = writeln!(s, "Orders:          {}; optimal order {}", self.orders, fmt_num(self.order));
+        let _ = writeln!(s, "Ledger:          {} entries, head {}", self.ledger_entries, self.ledger_head);
         let _ = writeln!(s, "Written by:      {}{}", self.created_by, self.description_suffix());
         let _ = writeln!(s);
         if self.caveats.is_empty() {
@@ -263,38 +253,18 @@ impl PrivacyReport {
         let _ = writeln!(s, "| | |\n|---|---|");
         let _ = writeln!(s, "| Protected unit | {} |", self.protected_unit());
         let _ = writeln!(s, "| Epsilon | {} |", fmt_num(self.epsilon));
-        let _ = writeln!(
-            s,
-            "| Delta | {:e} ({}) |",
-            self.delta,
-            delta_source_words(self.delta_source)
-        );
+        let _ = writeln!(s, "| Delta | {:e} ({}) |", self.delta, delta_source_words(self.delta_source));
         let _ = writeln!(s, "| Total steps | {} |", self.total_steps);
         if let Some(t) = self.target {
             let _ = writeln!(s, "| Declared budget | {} |", self.target_sentence(t));
         }
-        let _ = writeln!(
-            s,
-            "| Accountant | {} ({}) |",
-            self.accountant, self.accountant_reference
-        );
-        let _ = writeln!(
-            s,
-            "| Conversion | {} ({}) |",
-            self.conversion, self.conversion_reference
-        );
+        let _ = writeln!(s, "| Accountant | {} ({}) |", self.accountant, self.accountant_reference);
+        let _ = writeln!(s, "| Conversion | {} ({}) |", self.conversion, self.conversion_reference);
         let _ = writeln!(s, "| Optimal RDP order | {} ({}) |", fmt_num(self.order), self.orders);
-        let _ = writeln!(
-            s,
-            "| Ledger | {} entries, head `{}` |",
-            self.ledger_entries, self.ledger_head
-        );
+        let _ = writeln!(s, "| Ledger | {} entries, head `{}` |", self.ledger_entries, self.ledger_head);
         let _ = writeln!(s, "| Written by | {}{} |", self.created_by, self.description_suffix());
         let _ = writeln!(s, "\n## Mechanisms\n");
-        let _ = writeln!(
-            s,
-            "| Sampler | Sample rate | Noise multiplier | Clipping norm | Noise source | Steps |"
-        );
+        let _ = writeln!(s, "| Sampler | Sample rate | Noise multiplier | Clipping norm | Noise source | Steps |");
         let _ = writeln!(s, "|---|---|---|---|---|---|");
         for m in &self.mechanisms {
             let _ = writeln!(
@@ -368,26 +338,16 @@ fn summarize(ledger: &Ledger) -> Vec<MechanismSummary> {
         leaves_with_count(&r.event, 1, &mut leaves);
         for (leaf, count) in leaves {
             let (sample_rate, steps_per_epoch, noise_multiplier, steps) = match leaf {
-                DpEvent::PoissonSampled {
-                    sampling_probability,
-                    event,
-                } => match **event {
+                DpEvent::PoissonSampled { sampling_probability, event } => match **event {
                     DpEvent::Gaussian { noise_multiplier } => {
                         (Some(*sampling_probability), None, noise_multiplier, count)
                     }
                     _ => continue,
                 },
                 DpEvent::Gaussian { noise_multiplier } => (None, None, *noise_multiplier, count),
-                DpEvent::ShuffledFixedSizeBatches {
-                    noise_multiplier,
-                    steps_per_epoch,
-                    steps,
-                } => (
-                    None,
-                    Some(*steps_per_epoch),
-                    *noise_multiplier,
-                    steps.saturating_mul(count),
-                ),
+                DpEvent::ShuffledFixedSizeBatches { noise_multiplier, steps_per_epoch, steps } => {
+                    (None, Some(*steps_per_epoch), *noise_multiplier, steps.saturating_mul(count))
+                }
                 _ => continue,
             };
             let m = MechanismSummary {
@@ -399,12 +359,7 @@ fn summarize(ledger: &Ledger) -> Vec<MechanismSummary> {
                 noise: r.noise,
                 steps,
             };
-            match out.iter_mut().find(|o| {
-                MechanismSummary {
-                    steps: o.steps,
-                    ..m.clone()
-                } == **o
-            }) {
+            match out.iter_mut().find(|o| MechanismSummary { steps: o.steps, ..m.clone() } == **o) {
                 Some(o) => o.steps = o.steps.saturating_add(steps),
                 None => out.push(m),
             }

@@ -4,19 +4,15 @@ use dp_accountant::{calibrate_noise_multiplier, max_steps, Adjacency, DpEvent, E
 
 fn epsilon(q: f64, sigma: f64, steps: u64, delta: f64) -> f64 {
     let mut acc = RdpAccountant::new(Adjacency::AddOrRemoveOne);
-    acc.compose(&DpEvent::poisson_sampled_gaussian(q, sigma), steps)
-        .unwrap();
+    acc.compose(&DpEvent::poisson_sampled_gaussian(q, sigma), steps).unwrap();
     acc.epsilon(delta).unwrap().epsilon
 }
 
 #[test]
 fn calibrated_sigma_meets_target() {
-    for &(target, delta, q, steps) in &[
-        (3.0, 1e-5, 64.0 / 1437.0, 674),
-        (1.0, 1e-5, 0.01, 10_000),
-        (8.0, 1e-6, 0.004, 100_000),
-        (0.5, 1e-5, 1.0, 1),
-    ] {
+    for &(target, delta, q, steps) in
+        &[(3.0, 1e-5, 64.0 / 1437.0, 674), (1.0, 1e-5, 0.01, 10_000), (8.0, 1e-6, 0.004, 100_000), (0.5, 1e-5, 1.0, 1)]
+    {
         let c = calibrate_noise_multiplier(target, delta, q, steps).unwrap();
         // Recomputed independently of the calibration's own bookkeeping.
         let eps = epsilon(q, c.noise_multiplier, steps, delta);
@@ -43,16 +39,7 @@ fn max_steps_is_the_last_step_within_budget() {
 #[test]
 fn calibration_rejects_bad_input_naming_the_field() {
     let err = calibrate_noise_multiplier(f64::NAN, 1e-5, 0.01, 10).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::InvalidParameter {
-                field: "target_epsilon",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, Error::InvalidParameter { field: "target_epsilon", .. }), "{err}");
     let err = calibrate_noise_multiplier(1.0, 1.0, 0.01, 10).unwrap_err();
     assert_eq!(err.to_string(), "delta = 1: must be in (0, 1)");
     let err = calibrate_noise_multiplier(1.0, 1e-5, 0.0, 10).unwrap_err();

@@ -9,10 +9,7 @@ use common::sample_ledger;
 use serde_json::Value;
 
 fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dp-accountant"))
-        .args(args)
-        .output()
-        .unwrap()
+    Command::new(env!("CARGO_BIN_EXE_dp-accountant")).args(args).output().unwrap()
 }
 
 fn stdout(o: &Output) -> String {
@@ -113,12 +110,7 @@ fn rdp_json_is_the_curve() {
         "50",
         "--json",
     ]);
-    let rdp: Vec<f64> = v["rdp"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect();
+    let rdp: Vec<f64> = v["rdp"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
     assert_eq!(v["orders"].as_array().unwrap().len(), 3);
     for (got, want) in rdp.iter().zip([2.180_756_56e-03, 2.384_603_75e-02, 1.674_163_08e02]) {
         assert!((got / want - 1.0).abs() < 1e-8, "{got} vs {want}");
@@ -147,38 +139,16 @@ fn calibrate_json_meets_the_target() {
 #[test]
 fn every_bad_number_is_a_one_line_error_naming_the_flag() {
     let base = |sigma: &str, q: &str, steps: &str, delta: &str| {
-        vec![
-            "epsilon",
-            "--noise-multiplier",
-            sigma,
-            "--sample-rate",
-            q,
-            "--steps",
-            steps,
-            "--delta",
-            delta,
-        ]
-        .into_iter()
-        .map(String::from)
-        .collect::<Vec<_>>()
+        vec!["epsilon", "--noise-multiplier", sigma, "--sample-rate", q, "--steps", steps, "--delta", delta]
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>()
     };
     let cases = [
-        (
-            base("NaN", "0.01", "10", "1e-5"),
-            "--noise-multiplier = NaN: must be finite and > 0",
-        ),
-        (
-            base("-1", "0.01", "10", "1e-5"),
-            "--noise-multiplier = -1: must be finite and > 0",
-        ),
-        (
-            base("0", "0.01", "10", "1e-5"),
-            "--noise-multiplier = 0: must be finite and > 0",
-        ),
-        (
-            base("inf", "0.01", "10", "1e-5"),
-            "--noise-multiplier = inf: must be finite and > 0",
-        ),
+        (base("NaN", "0.01", "10", "1e-5"), "--noise-multiplier = NaN: must be finite and > 0"),
+        (base("-1", "0.01", "10", "1e-5"), "--noise-multiplier = -1: must be finite and > 0"),
+        (base("0", "0.01", "10", "1e-5"), "--noise-multiplier = 0: must be finite and > 0"),
+        (base("inf", "0.01", "10", "1e-5"), "--noise-multiplier = inf: must be finite and > 0"),
         (base("1", "0", "10", "1e-5"), "--sample-rate = 0: must be in (0, 1]"),
         (base("1", "1.5", "10", "1e-5"), "--sample-rate = 1.5: must be in (0, 1]"),
         (base("1", "NaN", "10", "1e-5"), "--sample-rate = NaN: must be in (0, 1]"),
@@ -229,43 +199,15 @@ fn every_bad_number_is_a_one_line_error_naming_the_flag() {
         "--epochs = -1: must be finite and > 0",
     );
     assert_usage_error(
-        &[
-            "rdp",
-            "--noise-multiplier",
-            "1",
-            "--sample-rate",
-            "0.1",
-            "--orders",
-            "2,1",
-        ],
+        &["rdp", "--noise-multiplier", "1", "--sample-rate", "0.1", "--orders", "2,1"],
         "--orders = 1: must be finite and > 1",
     );
     assert_usage_error(
-        &[
-            "calibrate",
-            "--target-epsilon",
-            "-3",
-            "--delta",
-            "1e-5",
-            "--sample-rate",
-            "0.1",
-            "--steps",
-            "10",
-        ],
+        &["calibrate", "--target-epsilon", "-3", "--delta", "1e-5", "--sample-rate", "0.1", "--steps", "10"],
         "--target-epsilon = -3: must be finite and > 0",
     );
     assert_usage_error(
-        &[
-            "max-steps",
-            "--target-epsilon",
-            "1",
-            "--delta",
-            "1e-5",
-            "--sample-rate",
-            "2",
-            "--noise-multiplier",
-            "1",
-        ],
+        &["max-steps", "--target-epsilon", "1", "--delta", "1e-5", "--sample-rate", "2", "--noise-multiplier", "1"],
         "--sample-rate = 2: must be in (0, 1]",
     );
     assert_usage_error(&["report", "/nonexistent/ledger.json"], "/nonexistent/ledger.json");
@@ -293,15 +235,9 @@ fn verify_exit_codes() {
     assert!(stderr(&o).contains("entry 1"), "{}", stderr(&o));
     assert_eq!(stderr(&o).trim().lines().count(), 1);
 
-    let malformed = temp_file(
-        "malformed.json",
-        "{\"format\": \"dp-accountant-ledger\", \"version\": 1,",
-    );
+    let malformed = temp_file("malformed.json", "{\"format\": \"dp-accountant-ledger\", \"version\": 1,");
     assert_eq!(run(&["verify", malformed.to_str().unwrap()]).status.code(), Some(2));
-    let future = temp_file(
-        "future.json",
-        &ledger.to_json().replace("\"version\": 1", "\"version\": 7"),
-    );
+    let future = temp_file("future.json", &ledger.to_json().replace("\"version\": 1", "\"version\": 7"));
     let o = run(&["verify", future.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("version = 7"), "{}", stderr(&o));
@@ -339,15 +275,7 @@ fn report_formats_contain_the_ledgers_numbers() {
         let o = run(&["report", p, "--delta", "1e-6", "--format", format]);
         assert_eq!(o.status.code(), Some(0));
         let out = stdout(&o);
-        for needle in [
-            eps_text.as_str(),
-            "1e-6",
-            "674",
-            &ledger.head(),
-            "add-or-remove-one",
-            "Mironov",
-            "Balle",
-        ] {
+        for needle in [eps_text.as_str(), "1e-6", "674", &ledger.head(), "add-or-remove-one", "Mironov", "Balle"] {
             assert!(out.contains(needle), "{format} report lacks {needle:?}:\n{out}");
         }
     }

@@ -45,8 +45,7 @@ fn rdp_of_gaussian_is_alpha_over_two_sigma_sq_and_four_times_under_replacement()
 #[test]
 fn conversion_at_q1_sigma_4_530877117_delta_1e6_gives_epsilon_1() {
     let mut acc = RdpAccountant::new(Adjacency::AddOrRemoveOne);
-    acc.compose(&DpEvent::poisson_sampled_gaussian(1.0, 4.530877117), 1)
-        .unwrap();
+    acc.compose(&DpEvent::poisson_sampled_gaussian(1.0, 4.530877117), 1).unwrap();
     let eps = acc.epsilon(1e-6).unwrap();
     assert!((eps.epsilon - 1.0).abs() < 1e-8, "{}", eps.epsilon);
     let delta = acc.delta(1.0).unwrap();
@@ -57,9 +56,7 @@ fn conversion_at_q1_sigma_4_530877117_delta_1e6_gives_epsilon_1() {
 /// orders 2..32 is pure DP; the conversion gives 1.32783806176 at order 32.
 #[test]
 fn pure_dp_conversion_matches_dp_accounting() {
-    let best = (2..=32)
-        .map(|a| epsilon_at_order(a as f64, 1.1, 1e-5))
-        .fold(f64::INFINITY, f64::min);
+    let best = (2..=32).map(|a| epsilon_at_order(a as f64, 1.1, 1e-5)).fold(f64::INFINITY, f64::min);
     assert!((best - 1.327_838_061_76).abs() < 1e-10, "{best}");
     assert_eq!(epsilon_at_order(32.0, 1.1, 1e-5), best);
     let log_delta = log_delta_at_order(32.0, 1.1, 1.327_838_061_76);
@@ -78,10 +75,7 @@ fn gaussian_delta_lies_between_optimal_and_standard_bounds() {
         let delta = acc.delta(eps).unwrap().delta;
         let phi = |x: f64| 0.5 * erfc_independent(-x / 2f64.sqrt());
         let optimal = phi(0.5 - eps) - eps.exp() * phi(-0.5 - eps);
-        assert!(
-            optimal <= delta * (1.0 + 1e-12) + 1e-300,
-            "eps {eps}: {optimal} > {delta}"
-        );
+        assert!(optimal <= delta * (1.0 + 1e-12) + 1e-300, "eps {eps}: {optimal} > {delta}");
         if eps >= 0.5 {
             let standard = (-0.5 * (eps - 0.5).powi(2)).exp();
             assert!(delta <= standard, "eps {eps}: {delta} > {standard}");

@@ -43,17 +43,9 @@ fn heterogeneous_composition_adds() {
     acc.compose(&b, 50).unwrap();
     let mut one_call = RdpAccountant::new(Adjacency::AddOrRemoveOne);
     one_call
-        .compose(
-            &DpEvent::composed(vec![DpEvent::self_composed(a, 100), DpEvent::self_composed(b, 50)]),
-            1,
-        )
+        .compose(&DpEvent::composed(vec![DpEvent::self_composed(a, 100), DpEvent::self_composed(b, 50)]), 1)
         .unwrap();
-    assert!(
-        rel(
-            acc.epsilon(1e-5).unwrap().epsilon,
-            one_call.epsilon(1e-5).unwrap().epsilon
-        ) < 1e-12
-    );
+    assert!(rel(acc.epsilon(1e-5).unwrap().epsilon, one_call.epsilon(1e-5).unwrap().epsilon) < 1e-12);
 }
 
 #[test]
@@ -67,17 +59,7 @@ fn a_bad_event_is_refused_and_changes_nothing() {
         DpEvent::poisson_sampled_gaussian(0.01, -1.0),
     ]);
     let err = acc.compose(&bad, 1).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::InvalidParameter {
-                field: "noise_multiplier",
-                valid: Valid::Positive,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, Error::InvalidParameter { field: "noise_multiplier", valid: Valid::Positive, .. }), "{err}");
     for (field, event) in [
         ("noise_multiplier", DpEvent::gaussian(f64::NAN)),
         ("noise_multiplier", DpEvent::gaussian(0.0)),
@@ -98,15 +80,11 @@ fn a_bad_event_is_refused_and_changes_nothing() {
 #[test]
 fn unsupported_events_say_why() {
     let mut add_remove = RdpAccountant::new(Adjacency::AddOrRemoveOne);
-    let err = add_remove
-        .compose(&DpEvent::shuffled_fixed_size_batches(1.0, 10, 10), 1)
-        .unwrap_err();
+    let err = add_remove.compose(&DpEvent::shuffled_fixed_size_batches(1.0, 10, 10), 1).unwrap_err();
     assert!(matches!(err, Error::UnsupportedEvent { .. }));
     assert!(err.to_string().contains("replace-one"), "{err}");
     let mut replace = RdpAccountant::new(Adjacency::ReplaceOne);
-    let err = replace
-        .compose(&DpEvent::poisson_sampled_gaussian(0.1, 1.0), 1)
-        .unwrap_err();
+    let err = replace.compose(&DpEvent::poisson_sampled_gaussian(0.1, 1.0), 1).unwrap_err();
     assert!(err.to_string().contains("add-or-remove-one"), "{err}");
     let nested = DpEvent::PoissonSampled {
         sampling_probability: 0.1,
@@ -120,17 +98,11 @@ fn bad_orders_and_deltas_are_refused() {
     assert!(RdpAccountant::with_orders(Adjacency::AddOrRemoveOne, &[]).is_err());
     for bad in [1.0, 0.5, f64::NAN, f64::INFINITY] {
         let err = RdpAccountant::with_orders(Adjacency::AddOrRemoveOne, &[2.0, bad]).unwrap_err();
-        assert!(
-            matches!(err, Error::InvalidParameter { field: "order", .. }),
-            "{bad}: {err}"
-        );
+        assert!(matches!(err, Error::InvalidParameter { field: "order", .. }), "{bad}: {err}");
     }
     let acc = RdpAccountant::new(Adjacency::AddOrRemoveOne);
     for bad in [0.0, 1.0, -1e-5, f64::NAN] {
-        assert_eq!(
-            acc.epsilon(bad).unwrap_err().to_string(),
-            format!("delta = {bad}: must be in (0, 1)")
-        );
+        assert_eq!(acc.epsilon(bad).unwrap_err().to_string(), format!("delta = {bad}: must be in (0, 1)"));
     }
     assert!(acc.delta(f64::NAN).is_err());
     assert!(acc.delta(-1.0).is_err());

@@ -24,10 +24,8 @@ fn round_trip_preserves_everything() {
     // And the epsilon it implies is the one of the events composed directly.
     let direct = {
         let mut acc = dp_accountant::RdpAccountant::new(Adjacency::AddOrRemoveOne);
-        acc.compose(&DpEvent::poisson_sampled_gaussian(0.0445, 1.9), 450)
-            .unwrap();
-        acc.compose(&DpEvent::poisson_sampled_gaussian(0.0445, 2.1), 224)
-            .unwrap();
+        acc.compose(&DpEvent::poisson_sampled_gaussian(0.0445, 1.9), 450).unwrap();
+        acc.compose(&DpEvent::poisson_sampled_gaussian(0.0445, 2.1), 224).unwrap();
         acc.epsilon(1e-5).unwrap()
     };
     assert_eq!(back.rdp_accountant().unwrap().epsilon(1e-5).unwrap(), direct);
@@ -37,11 +35,7 @@ fn round_trip_preserves_everything() {
 fn tampered_ledger_is_detected_when_an_entry_is_edited() {
     let mut v = json(&sample_ledger());
     v["entries"][1]["record"]["event"]["self_composed"]["count"] = Value::from(25);
-    assert!(
-        matches!(load(&v), Err(LedgerError::HashMismatch { entry: 1, .. })),
-        "{:?}",
-        load(&v)
-    );
+    assert!(matches!(load(&v), Err(LedgerError::HashMismatch { entry: 1, .. })), "{:?}", load(&v));
     let mut v = json(&sample_ledger());
     v["entries"][2]["record"]["clipping_norm"] = Value::from(10.0);
     assert!(matches!(load(&v), Err(LedgerError::HashMismatch { entry: 2, .. })));
@@ -62,10 +56,7 @@ fn tampered_ledger_is_detected_when_entries_are_reordered() {
     let mut v = json(&sample_ledger());
     let entries = v["entries"].as_array_mut().unwrap();
     entries.swap(1, 2);
-    assert!(matches!(
-        load(&v),
-        Err(LedgerError::IndexMismatch { entry: 1, found: 2 })
-    ));
+    assert!(matches!(load(&v), Err(LedgerError::IndexMismatch { entry: 1, found: 2 })));
     // Even with the indices rewritten, the chain breaks.
     let mut v = json(&sample_ledger());
     let entries = v["entries"].as_array_mut().unwrap();
@@ -79,21 +70,14 @@ fn tampered_ledger_is_detected_when_entries_are_reordered() {
 fn tampered_ledger_is_detected_when_an_entry_is_removed() {
     let mut v = json(&sample_ledger());
     v["entries"].as_array_mut().unwrap().remove(1);
-    assert!(matches!(
-        load(&v),
-        Err(LedgerError::IndexMismatch { entry: 1, found: 2 })
-    ));
+    assert!(matches!(load(&v), Err(LedgerError::IndexMismatch { entry: 1, found: 2 })));
 }
 
 #[test]
 fn tampered_ledger_is_detected_when_truncated() {
     let mut v = json(&sample_ledger());
     v["entries"].as_array_mut().unwrap().pop();
-    assert!(
-        matches!(load(&v), Err(LedgerError::HeadMismatch { entries: 2, .. })),
-        "{:?}",
-        load(&v)
-    );
+    assert!(matches!(load(&v), Err(LedgerError::HeadMismatch { entries: 2, .. })), "{:?}", load(&v));
     // A truncation that also rewrites `head` is consistent on its own; the
     // anchored head (kept in a checkpoint or report) still catches it.
     let full = sample_ledger();
@@ -101,10 +85,7 @@ fn tampered_ledger_is_detected_when_truncated() {
     v["entries"].as_array_mut().unwrap().pop();
     v["head"] = v["entries"][1]["hash"].clone();
     let truncated = load(&v).unwrap();
-    assert!(matches!(
-        truncated.verify_head(&full.head()),
-        Err(LedgerError::AnchorMismatch { entries: 2, .. })
-    ));
+    assert!(matches!(truncated.verify_head(&full.head()), Err(LedgerError::AnchorMismatch { entries: 2, .. })));
 }
 
 #[test]
@@ -131,35 +112,22 @@ fn tampered_ledger_is_detected_when_an_entry_is_appended() {
 fn unknown_version_format_field_or_event_is_an_error() {
     let mut v = json(&sample_ledger());
     v["version"] = Value::from(2);
-    assert_eq!(
-        load(&v),
-        Err(LedgerError::UnsupportedVersion { found: 2, supported: 1 })
-    );
+    assert_eq!(load(&v), Err(LedgerError::UnsupportedVersion { found: 2, supported: 1 }));
     let mut v = json(&sample_ledger());
     v["format"] = Value::from("something-else");
     assert!(matches!(load(&v), Err(LedgerError::WrongFormat { .. })));
     let mut v = json(&sample_ledger());
     v["entries"][1]["record"]["comment"] = Value::from("hi");
-    assert!(
-        matches!(load(&v), Err(LedgerError::Malformed { entry: Some(1), .. })),
-        "{:?}",
-        load(&v)
-    );
+    assert!(matches!(load(&v), Err(LedgerError::Malformed { entry: Some(1), .. })), "{:?}", load(&v));
     let mut v = json(&sample_ledger());
     v["entries"][2]["record"]["event"] = serde_json::json!({"laplace": {"scale": 1.0}});
     let err = load(&v).unwrap_err();
     assert!(matches!(err, LedgerError::Malformed { entry: Some(2), .. }));
-    assert!(
-        err.to_string().contains("ledger entry 2") && err.to_string().contains("laplace"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("ledger entry 2") && err.to_string().contains("laplace"), "{err}");
     let mut v = json(&sample_ledger());
     v["extra"] = Value::from(1);
     assert!(matches!(load(&v), Err(LedgerError::Malformed { entry: None, .. })));
-    assert!(matches!(
-        Ledger::from_json("{not json"),
-        Err(LedgerError::Malformed { entry: None, .. })
-    ));
+    assert!(matches!(Ledger::from_json("{not json"), Err(LedgerError::Malformed { entry: None, .. })));
 }
 
 #[test]
@@ -182,17 +150,9 @@ fn inconsistent_records_are_refused_at_append() {
     // A bad value.
     let mut r = poisson_record(0.01, 1.0, 10);
     r.clipping_norm = f64::NAN;
-    assert!(ledger
-        .append(r)
-        .unwrap_err()
-        .to_string()
-        .contains("clipping_norm = NaN: must be finite and > 0"));
+    assert!(ledger.append(r).unwrap_err().to_string().contains("clipping_norm = NaN: must be finite and > 0"));
     let r = poisson_record(1.5, 1.0, 10);
-    assert!(ledger
-        .append(r)
-        .unwrap_err()
-        .to_string()
-        .contains("sampling_probability = 1.5: must be in [0, 1]"));
+    assert!(ledger.append(r).unwrap_err().to_string().contains("sampling_probability = 1.5: must be in [0, 1]"));
     // Poisson amplification under replace-one is not claimed.
     let mut r = poisson_record(0.01, 1.0, 10);
     r.adjacency = Adjacency::ReplaceOne;
@@ -250,10 +210,7 @@ fn a_consistently_hashed_but_contradictory_entry_is_invalid() {
         ["noise_multiplier"] = Value::from(-1.0);
     rehash(&mut v);
     let err = load(&v).unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "ledger entry 2: noise_multiplier = -1: must be finite and > 0"
-    );
+    assert_eq!(err.to_string(), "ledger entry 2: noise_multiplier = -1: must be finite and > 0");
 }
 
 #[test]

@@ -7,10 +7,7 @@ use dp_accountant::{Adjacency, DpEvent, RdpAccountant};
 
 /// Opacus' alphas: 1.1..10.9 by 0.1, then 12..63.
 fn opacus_orders() -> Vec<f64> {
-    (1..100)
-        .map(|x| 1.0 + x as f64 / 10.0)
-        .chain((12..64).map(f64::from))
-        .collect()
+    (1..100).map(|x| 1.0 + x as f64 / 10.0).chain((12..64).map(f64::from)).collect()
 }
 
 /// Opacus (opacus/tests/accountants_test.py, `test_rdp_accountant`): q = 0.04, sigma = 1.5, 2250 steps,
@@ -18,20 +15,14 @@ fn opacus_orders() -> Vec<f64> {
 /// refined it can only be lower.
 #[test]
 fn opacus_epsilon_at_its_orders() {
-    let mut acc = RdpAccountant::with_orders(Adjacency::AddOrRemoveOne, &opacus_orders())
-        .unwrap()
-        .with_refinement(false);
-    acc.compose(&DpEvent::poisson_sampled_gaussian(0.04, 1.5), 2250)
-        .unwrap();
+    let mut acc =
+        RdpAccountant::with_orders(Adjacency::AddOrRemoveOne, &opacus_orders()).unwrap().with_refinement(false);
+    acc.compose(&DpEvent::poisson_sampled_gaussian(0.04, 1.5), 2250).unwrap();
     let grid = acc.epsilon(1e-5).unwrap();
     assert!(rel(grid.epsilon, 7.329_111_171_43) < 1e-9, "{}", grid.epsilon);
     let refined = acc.clone().with_refinement(true).epsilon(1e-5).unwrap();
     assert!(refined.epsilon <= grid.epsilon);
-    assert!(
-        refined.epsilon < 7.3285,
-        "refinement should find order ~3.94: {}",
-        refined.epsilon
-    );
+    assert!(refined.epsilon < 7.3285, "refinement should find order ~3.94: {}", refined.epsilon);
 }
 
 /// dp_accounting (rdp_privacy_accountant_test.py,
@@ -42,11 +33,7 @@ fn opacus_epsilon_at_its_orders() {
 fn dp_accounting_rdp_at_integer_orders() {
     let mut acc = RdpAccountant::with_orders(Adjacency::AddOrRemoveOne, &[5.0, 50.0, 100.0]).unwrap();
     acc.compose(&DpEvent::poisson_sampled_gaussian(0.01, 2.5), 50).unwrap();
-    for (got, want) in acc
-        .rdp()
-        .iter()
-        .zip([2.180_756_56e-03, 2.384_603_75e-02, 1.674_163_08e02])
-    {
+    for (got, want) in acc.rdp().iter().zip([2.180_756_56e-03, 2.384_603_75e-02, 1.674_163_08e02]) {
         assert!(rel(*got, want) < 1e-8, "{got} vs {want}");
     }
 }

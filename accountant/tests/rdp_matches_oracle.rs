@@ -56,14 +56,8 @@ fn rdp_matches_quadrature_at_corners() {
     for &(q, s, a) in CORNERS {
         let got = rdp_poisson_subsampled_gaussian(q, s, a).unwrap();
         let want = rdp_oracle(q, s, a);
-        println!(
-            "q={q:e} s={s} a={a}: {got:.17e} oracle {want:.17e} rel {:.2e}",
-            rel(got, want)
-        );
-        assert!(
-            rel(got, want) < 1e-9,
-            "q={q} sigma={s} alpha={a}: {got} vs oracle {want}"
-        );
+        println!("q={q:e} s={s} a={a}: {got:.17e} oracle {want:.17e} rel {:.2e}", rel(got, want));
+        assert!(rel(got, want) < 1e-9, "q={q} sigma={s} alpha={a}: {got} vs oracle {want}");
     }
 }
 
@@ -91,10 +85,7 @@ fn rdp_matches_quadrature_on_a_random_sweep() {
         let got = rdp_poisson_subsampled_gaussian(q, s, a).unwrap();
         let want = rdp_oracle(q, s, a);
         worst = worst.max(rel(got, want));
-        assert!(
-            rel(got, want) < 1e-9,
-            "q={q} sigma={s} alpha={a}: {got} vs oracle {want}"
-        );
+        assert!(rel(got, want) < 1e-9, "q={q} sigma={s} alpha={a}: {got} vs oracle {want}");
     }
     println!("worst relative difference over the sweep: {worst:.2e}");
 }

@@ -25,10 +25,7 @@ fn a_clean_run_has_no_caveats_and_meets_its_target() {
 fn an_exceeded_budget_is_flagged() {
     let mut ledger = Ledger::new(LedgerHeader {
         created_by: "t".into(),
-        target: Some(PrivacyTarget {
-            epsilon: 1.0,
-            delta: 1e-5,
-        }),
+        target: Some(PrivacyTarget { epsilon: 1.0, delta: 1e-5 }),
         ..Default::default()
     });
     ledger.append(poisson_record(0.05, 1.0, 1000)).unwrap();
@@ -46,10 +43,7 @@ fn fixed_seed_and_shuffled_batches_are_flagged() {
             event: DpEvent::shuffled_fixed_size_batches(2.0, 10, 30),
             adjacency: Adjacency::ReplaceOne,
             sampler: SamplerKind::ShuffledFixedSize,
-            noise: dp_accountant::NoiseSource {
-                seed: Seeding::Fixed,
-                ..poisson_record(0.1, 1.0, 1).noise
-            },
+            noise: dp_accountant::NoiseSource { seed: Seeding::Fixed, ..poisson_record(0.1, 1.0, 1).noise },
             ..poisson_record(0.1, 1.0, 1)
         })
         .unwrap();
@@ -58,12 +52,7 @@ fn fixed_seed_and_shuffled_batches_are_flagged() {
     assert!(c.contains("noise came from a fixed seed"), "{c}");
     assert!(!c.contains("batches were drawn with a fixed seed"), "{c}");
     let mut seeded = Ledger::new(Default::default());
-    seeded
-        .append(MechanismRecord {
-            sampler_seed: Seeding::Fixed,
-            ..poisson_record(0.1, 1.0, 10)
-        })
-        .unwrap();
+    seeded.append(MechanismRecord { sampler_seed: Seeding::Fixed, ..poisson_record(0.1, 1.0, 10) }).unwrap();
     assert!(caveats(&seeded, Some(1e-5)).contains("batches were drawn with a fixed seed"));
     let r = PrivacyReport::from_ledger(&ledger, Some(1e-5)).unwrap();
     assert!(r.to_text().contains("replace-one"));
@@ -71,11 +60,8 @@ fn fixed_seed_and_shuffled_batches_are_flagged() {
 
 #[test]
 fn default_delta_and_large_delta_are_flagged() {
-    let mut ledger = Ledger::new(LedgerHeader {
-        created_by: "t".into(),
-        dataset_size: Some(1000),
-        ..Default::default()
-    });
+    let mut ledger =
+        Ledger::new(LedgerHeader { created_by: "t".into(), dataset_size: Some(1000), ..Default::default() });
     ledger.append(poisson_record(0.01, 1.0, 100)).unwrap();
     let c = caveats(&ledger, None);
     assert!(c.contains("delta = 1e-5 was used"), "{c}");

@@ -16,12 +16,7 @@ fn epsilon_delta_round_trip() {
                     assert!(back.delta <= delta, "q={q} s={s}: {} > {delta}", back.delta);
                 } else {
                     let r = (back.delta / delta - 1.0).abs();
-                    assert!(
-                        r < 1e-6,
-                        "q={q} s={s} delta={delta}: eps {} -> delta {}",
-                        eps.epsilon,
-                        back.delta
-                    );
+                    assert!(r < 1e-6, "q={q} s={s} delta={delta}: eps {} -> delta {}", eps.epsilon, back.delta);
                 }
             }
         }

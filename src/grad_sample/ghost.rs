@@ -38,26 +38,18 @@ impl GhostEngine {
     pub fn new(vars: &[Var]) -> Result<Self> {
         let mut layers: Vec<OwnedLayer> = Vec::new();
         for (index, var) in vars.iter().enumerate() {
-            let owner = registry::owner(var.id()).ok_or_else(|| Error::UnownedVariable {
-                index,
-                shape: var.dims().to_vec(),
-            })?;
+            let owner = registry::owner(var.id())
+                .ok_or_else(|| Error::UnownedVariable { index, shape: var.dims().to_vec() })?;
             let params = owner.parameters();
-            let slot = layers
-                .iter()
-                .position(|(l, _)| Arc::ptr_eq(l, &owner))
-                .unwrap_or_else(|| {
-                    layers.push((owner.clone(), vec![None; params.len()]));
-                    layers.len() - 1
-                });
+            let slot = layers.iter().position(|(l, _)| Arc::ptr_eq(l, &owner)).unwrap_or_else(|| {
+                layers.push((owner.clone(), vec![None; params.len()]));
+                layers.len() - 1
+            });
             if let Some(k) = params.iter().position(|p| p.id() == var.id()) {
                 layers[slot].1[k] = Some(index);
             }
         }
-        Ok(Self {
-            layers,
-            shapes: vars.iter().map(|v| v.dims().to_vec()).collect(),
-        })
+        Ok(Self { layers, shapes: vars.iter().map(|v| v.dims().to_vec()).collect() })
     }
 
     /// The number of DP layers (for per-layer clipping).
@@ -83,10 +75,7 @@ impl GhostEngine {
         let b = losses.len();
         let values = losses.tensor().to_dtype(DType::F64)?.to_vec1::<f64>()?;
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite {
-                what: "loss",
-                sample: i,
-            });
+            return Err(Error::NonFinite { what: "loss", sample: i });
         }
         // The per-example gradients of the sum are the per-example gradients.
         let _ = losses.tensor().sum_all()?.backward()?;
@@ -99,10 +88,7 @@ impl GhostEngine {
             for (k, slot) in slots.iter().enumerate() {
                 let Some(index) = slot else { continue };
                 let Some(n) = norms.as_ref().map(|n| &n[k]) else {
-                    return Err(Error::MissingGradient {
-                        index: *index,
-                        shape: self.shapes[*index].clone(),
-                    });
+                    return Err(Error::MissingGradient { index: *index, shape: self.shapes[*index].clone() });
                 };
                 for (acc, v) in sq.iter_mut().zip(n.to_dtype(DType::F64)?.to_vec1::<f64>()?) {
                     *acc += v;
@@ -110,14 +96,9 @@ impl GhostEngine {
             }
             layer_sq.push(sq);
         }
-        let norms: Vec<f64> = (0..b)
-            .map(|i| layer_sq.iter().map(|l| l[i]).sum::<f64>().sqrt())
-            .collect();
+        let norms: Vec<f64> = (0..b).map(|i| layer_sq.iter().map(|l| l[i]).sum::<f64>().sqrt()).collect();
         if let Some(i) = norms.iter().position(|n| !n.is_finite()) {
-            return Err(Error::NonFinite {
-                what: "gradient norm",
-                sample: i,
-            });
+            return Err(Error::NonFinite { what: "gradient norm", sample: i });
         }
 
         let mut clipped_sums: Vec<Option<Tensor>> = vec![None; self.shapes.len()];
@@ -140,12 +121,7 @@ impl GhostEngine {
         let clipped_sums = clipped_sums
             .into_iter()
             .enumerate()
-            .map(|(index, s)| {
-                s.ok_or_else(|| Error::MissingGradient {
-                    index,
-                    shape: self.shapes[index].clone(),
-                })
-            })
+            .map(|(index, s)| s.ok_or_else(|| Error::MissingGradient { index, shape: self.shapes[index].clone() }))
             .collect::<Result<Vec<_>>>()?;
         Ok(ClippedBatch { clipped_sums, norms })
     }

@@ -24,25 +24,15 @@ pub fn clip_microbatch(
     mut loss_of: impl FnMut(usize) -> candle_core::Result<Tensor>,
     max_grad_norm: f64,
 ) -> Result<ClippedBatch> {
-    let mut sums: Vec<Tensor> = vars
-        .iter()
-        .map(|v| v.zeros_like())
-        .collect::<candle_core::Result<_>>()?;
+    let mut sums: Vec<Tensor> = vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<_>>()?;
     let mut norms = Vec::with_capacity(batch_size);
     for i in 0..batch_size {
         let loss = loss_of(i)?;
         if loss.rank() != 0 {
-            return Err(Error::Shape {
-                what: "microbatch loss",
-                expected: "a scalar",
-                got: loss.dims().to_vec(),
-            });
+            return Err(Error::Shape { what: "microbatch loss", expected: "a scalar", got: loss.dims().to_vec() });
         }
         if !loss.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite() {
-            return Err(Error::NonFinite {
-                what: "loss",
-                sample: i,
-            });
+            return Err(Error::NonFinite { what: "loss", sample: i });
         }
         let grads = loss.backward()?;
         let per_var: Vec<Tensor> = vars
@@ -55,10 +45,7 @@ pub fn clip_microbatch(
         }
         let norm = sq.sqrt();
         if !norm.is_finite() {
-            return Err(Error::NonFinite {
-                what: "gradient norm",
-                sample: i,
-            });
+            return Err(Error::NonFinite { what: "gradient norm", sample: i });
         }
         let c = clip_factor(norm, max_grad_norm);
         for (s, g) in sums.iter_mut().zip(&per_var) {
@@ -66,8 +53,5 @@ pub fn clip_microbatch(
         }
         norms.push(norm);
     }
-    Ok(ClippedBatch {
-        clipped_sums: sums,
-        norms,
-    })
+    Ok(ClippedBatch { clipped_sums: sums, norms })
 }

@@ -60,15 +60,7 @@ pub fn conv1d(in_c: usize, out_c: usize, k: usize, cfg: Conv1dConfig, vb: VarBui
     check_config(cfg.groups, cfg.dilation)?;
     let weight = vb.get_with_hints((out_c, in_c, k), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
     let bias = conv_bias(in_c * k, out_c, &vb)?;
-    Ok(DpConv::new(
-        weight,
-        Some(bias),
-        Geometry {
-            padding: cfg.padding,
-            stride: cfg.stride,
-            spatial: 1,
-        },
-    ))
+    Ok(DpConv::new(weight, Some(bias), Geometry { padding: cfg.padding, stride: cfg.stride, spatial: 1 }))
 }
 
 /// A DP 2-d convolution, as `candle_nn::conv2d` (groups and dilation 1).
@@ -79,15 +71,7 @@ pub fn conv2d(in_c: usize, out_c: usize, k: usize, cfg: Conv2dConfig, vb: VarBui
     check_config(cfg.groups, cfg.dilation)?;
     let weight = vb.get_with_hints((out_c, in_c, k, k), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
     let bias = conv_bias(in_c * k * k, out_c, &vb)?;
-    Ok(DpConv::new(
-        weight,
-        Some(bias),
-        Geometry {
-            padding: cfg.padding,
-            stride: cfg.stride,
-            spatial: 2,
-        },
-    ))
+    Ok(DpConv::new(weight, Some(bias), Geometry { padding: cfg.padding, stride: cfg.stride, spatial: 2 }))
 }
 
 /// candle-nn's bias initialization: uniform in `+-1/sqrt(fan_in)`.
@@ -98,12 +82,7 @@ fn conv_bias(fan_in: usize, out_c: usize, vb: &VarBuilder) -> candle_core::Resul
 
 impl DpConv {
     fn new(weight: Tensor, bias: Option<Tensor>, geometry: Geometry) -> Self {
-        let trace = Arc::new(ConvTrace {
-            weight,
-            bias,
-            geometry,
-            uses: Captures::new(),
-        });
+        let trace = Arc::new(ConvTrace { weight, bias, geometry, uses: Captures::new() });
         let as_layer: Arc<dyn GhostLayer> = trace.clone();
         registry::register(&as_layer);
         Self { trace }
@@ -123,11 +102,7 @@ impl DpConv {
 impl Module for DpConv {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let t = &self.trace;
-        let Geometry {
-            padding,
-            stride,
-            spatial,
-        } = t.geometry;
+        let Geometry { padding, stride, spatial } = t.geometry;
         let k = t.weight.dim(2)?;
         let w = t.weight.detach();
         let (y, unfolded) = if spatial == 1 {
@@ -146,12 +121,7 @@ impl Module for DpConv {
                 .unfold(2, k, stride)?
                 .unfold(3, k, stride)?; // [B, C, Ho, Wo, k, k]
             let (ho, wo) = (cols.dim(2)?, cols.dim(3)?);
-            (
-                y,
-                cols.permute((0, 2, 3, 1, 4, 5))?
-                    .contiguous()?
-                    .reshape((b, ho * wo, ()))?,
-            )
+            (y, cols.permute((0, 2, 3, 1, 4, 5))?.contiguous()?.reshape((b, ho * wo, ()))?)
         };
         let y = match &t.bias {
             Some(bias) => {

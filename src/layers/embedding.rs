@@ -48,10 +48,7 @@ pub fn embedding(in_size: usize, out_size: usize, vb: VarBuilder) -> candle_core
 impl DpEmbedding {
     /// A layer over an existing table `[V, d]` (the variable's own tensor).
     pub fn new(weight: Tensor) -> Self {
-        let trace = Arc::new(EmbeddingTrace {
-            weight,
-            uses: Captures::new(),
-        });
+        let trace = Arc::new(EmbeddingTrace { weight, uses: Captures::new() });
         let as_layer: Arc<dyn GhostLayer> = trace.clone();
         registry::register(&as_layer);
         Self { trace }
@@ -115,10 +112,7 @@ impl GhostLayer for EmbeddingTrace {
         let norms = if t == 1 {
             g.sqr()?.sum((1, 2))?
         } else {
-            let same = ids
-                .unsqueeze(2)?
-                .broadcast_eq(&ids.unsqueeze(1)?)?
-                .to_dtype(g.dtype())?;
+            let same = ids.unsqueeze(2)?.broadcast_eq(&ids.unsqueeze(1)?)?.to_dtype(g.dtype())?;
             (g.matmul(&g.t()?)? * same)?.sum((1, 2))?
         };
         Ok(Some(vec![norms]))

@@ -73,11 +73,7 @@ impl DpLinear {
     /// Pass the variables' own tensors (as a `VarBuilder` hands them out):
     /// the ghost engine finds a layer by its variables' ids.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        let trace = Arc::new(LinearTrace {
-            weight,
-            bias,
-            uses: Captures::new(),
-        });
+        let trace = Arc::new(LinearTrace { weight, bias, uses: Captures::new() });
         let as_layer: Arc<dyn GhostLayer> = trace.clone();
         registry::register(&as_layer);
         Self { trace }
@@ -109,12 +105,8 @@ impl Module for DpLinear {
         };
         let p = self.trace.weight.dim(0)?;
         let grad: GradSlot = Arc::new(Mutex::new(None));
-        self.trace
-            .uses
-            .push(x.detach().reshape((batch, time, d))?, grad.clone());
-        let y = x
-            .reshape((batch * time, d))?
-            .apply_op2(&self.trace.weight, LinearOp { grad })?;
+        self.trace.uses.push(x.detach().reshape((batch, time, d))?, grad.clone());
+        let y = x.reshape((batch * time, d))?.apply_op2(&self.trace.weight, LinearOp { grad })?;
         let y = match &self.trace.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

@@ -51,11 +51,7 @@ pub struct DpNorm {
 pub fn layer_norm<C: Into<LayerNormConfig>>(size: usize, config: C, vb: VarBuilder) -> candle_core::Result<DpNorm> {
     let config = config.into();
     let weight = vb.get_with_hints(size, "weight", Init::Const(1.0))?;
-    let bias = if config.affine {
-        Some(vb.get_with_hints(size, "bias", Init::Const(0.0))?)
-    } else {
-        None
-    };
+    let bias = if config.affine { Some(vb.get_with_hints(size, "bias", Init::Const(0.0))?) } else { None };
     Ok(DpNorm::new(weight, bias, Axis::Last, config.remove_mean, config.eps))
 }
 
@@ -82,13 +78,7 @@ pub fn group_norm(num_groups: usize, num_channels: usize, eps: f64, vb: VarBuild
     }
     let weight = vb.get_with_hints(num_channels, "weight", Init::Const(1.0))?;
     let bias = vb.get_with_hints(num_channels, "bias", Init::Const(0.0))?;
-    Ok(DpNorm::new(
-        weight,
-        Some(bias),
-        Axis::Channel { groups: num_groups },
-        true,
-        eps,
-    ))
+    Ok(DpNorm::new(weight, Some(bias), Axis::Channel { groups: num_groups }, true, eps))
 }
 
 /// Batch normalization mixes the examples of a batch (each output depends on
@@ -107,14 +97,7 @@ pub fn batch_norm(_num_features: usize, _vb: VarBuilder) -> crate::Result<DpNorm
 
 impl DpNorm {
     fn new(weight: Tensor, bias: Option<Tensor>, axis: Axis, remove_mean: bool, eps: f64) -> Self {
-        let trace = Arc::new(NormTrace {
-            weight,
-            bias,
-            axis,
-            remove_mean,
-            eps,
-            uses: Captures::new(),
-        });
+        let trace = Arc::new(NormTrace { weight, bias, axis, remove_mean, eps, uses: Captures::new() });
         let as_layer: Arc<dyn GhostLayer> = trace.clone();
         registry::register(&as_layer);
         Self { trace }
@@ -143,26 +126,15 @@ fn normalize(x: &Tensor, axis: Axis, remove_mean: bool, eps: f64) -> candle_core
         Axis::Last => (x.to_dtype(internal)?, D::Minus1),
         Axis::Channel { groups } => {
             if x.rank() < 3 {
-                return Err(candle_core::Error::UnexpectedNumberOfDims {
-                    expected: 3,
-                    got: x.rank(),
-                    shape,
-                });
+                return Err(candle_core::Error::UnexpectedNumberOfDims { expected: 3, got: x.rank(), shape });
             }
             (x.reshape((x.dim(0)?, groups, ()))?.to_dtype(internal)?, D::Minus1)
         }
     };
     let n = grouped.dim(dim)? as f64;
-    let centered = if remove_mean {
-        grouped.broadcast_sub(&(grouped.sum_keepdim(dim)? / n)?)?
-    } else {
-        grouped
-    };
+    let centered = if remove_mean { grouped.broadcast_sub(&(grouped.sum_keepdim(dim)? / n)?)? } else { grouped };
     let var = (centered.sqr()?.sum_keepdim(dim)? / n)?;
-    centered
-        .broadcast_div(&(var + eps)?.sqrt()?)?
-        .to_dtype(dtype)?
-        .reshape(shape)
+    centered.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?.reshape(shape)
 }
 
 impl Module for DpNorm {

@@ -71,9 +71,7 @@ pub(crate) struct Captures<S> {
 
 impl<S: Clone> Captures<S> {
     pub(crate) fn new() -> Self {
-        Self {
-            uses: Mutex::new(Vec::new()),
-        }
+        Self { uses: Mutex::new(Vec::new()) }
     }
 
     /// Records a use; drops earlier uses whose graph is gone (an evaluation
@@ -86,10 +84,7 @@ impl<S: Clone> Captures<S> {
 
     /// The uses that received a gradient, with it.
     pub(crate) fn with_grads(&self) -> Vec<(S, Tensor)> {
-        lock(&self.uses)
-            .iter()
-            .filter_map(|(saved, slot)| lock(slot).clone().map(|g| (saved.clone(), g)))
-            .collect()
+        lock(&self.uses).iter().filter_map(|(saved, slot)| lock(slot).clone().map(|g| (saved.clone(), g))).collect()
     }
 
     pub(crate) fn clear(&self) {

@@ -92,10 +92,7 @@ impl Composition {
             DpEvent::Gaussian { noise_multiplier: s } => {
                 self.gaussian += count * adjacency.squared_sensitivity() / (2.0 * s * s);
             }
-            DpEvent::PoissonSampled {
-                sampling_probability: q,
-                event,
-            } => {
+            DpEvent::PoissonSampled { sampling_probability: q, event } => {
                 let DpEvent::Gaussian { noise_multiplier: s } = **event else {
                     return; // refused by `check`
                 };
@@ -111,11 +108,7 @@ impl Composition {
                     self.add(e, adjacency, count, orders);
                 }
             }
-            DpEvent::ShuffledFixedSizeBatches {
-                noise_multiplier: s,
-                steps_per_epoch,
-                steps,
-            } => {
+            DpEvent::ShuffledFixedSizeBatches { noise_multiplier: s, steps_per_epoch, steps } => {
                 // Each started epoch is one Gaussian release on the example's batch.
                 let epochs = steps.div_ceil(*steps_per_epoch) as f64;
                 self.gaussian += count * epochs * adjacency.squared_sensitivity() / (2.0 * s * s);
@@ -129,27 +122,18 @@ impl Composition {
             return;
         }
         let rdp_at_orders = orders.iter().map(|&a| sampled_gaussian_rdp(q, sigma, a)).collect();
-        self.sampled.push(SampledAtom {
-            q,
-            sigma,
-            count,
-            rdp_at_orders,
-        });
+        self.sampled.push(SampledAtom { q, sigma, count, rdp_at_orders });
     }
 
     fn rdp_at(&self, alpha: f64) -> f64 {
-        self.sampled.iter().fold(self.gaussian * alpha, |acc, a| {
-            acc + a.count * sampled_gaussian_rdp(a.q, a.sigma, alpha)
-        })
+        self.sampled
+            .iter()
+            .fold(self.gaussian * alpha, |acc, a| acc + a.count * sampled_gaussian_rdp(a.q, a.sigma, alpha))
     }
 
     fn rdp_at_orders(&self, orders: &[f64]) -> Vec<f64> {
         (0..orders.len())
-            .map(|k| {
-                self.sampled
-                    .iter()
-                    .fold(self.gaussian * orders[k], |acc, a| acc + a.count * a.rdp_at_orders[k])
-            })
+            .map(|k| self.sampled.iter().fold(self.gaussian * orders[k], |acc, a| acc + a.count * a.rdp_at_orders[k]))
             .collect()
     }
 }
@@ -217,12 +201,7 @@ pub struct RdpAccountant {
 impl RdpAccountant {
     /// An empty accountant at the default orders, with refinement.
     pub fn new(adjacency: Adjacency) -> Self {
-        Self {
-            adjacency,
-            orders: default_orders(),
-            refine: true,
-            composition: Composition::default(),
-        }
+        Self { adjacency, orders: default_orders(), refine: true, composition: Composition::default() }
     }
 
     /// An empty accountant at the given orders (sorted, duplicates removed).
@@ -232,11 +211,7 @@ impl RdpAccountant {
     /// finite and > 1.
     pub fn with_orders(adjacency: Adjacency, orders: &[f64]) -> Result<Self> {
         if orders.is_empty() {
-            return Err(Error::InvalidParameter {
-                field: "orders",
-                value: f64::NAN,
-                valid: Valid::AboveOne,
-            });
+            return Err(Error::InvalidParameter { field: "orders", value: f64::NAN, valid: Valid::AboveOne });
         }
         for &a in orders {
             ensure("order", a, Valid::AboveOne)?;
@@ -244,12 +219,7 @@ impl RdpAccountant {
         let mut orders = orders.to_vec();
         orders.sort_by(f64::total_cmp);
         orders.dedup();
-        Ok(Self {
-            adjacency,
-            orders,
-            refine: true,
-            composition: Composition::default(),
-        })
+        Ok(Self { adjacency, orders, refine: true, composition: Composition::default() })
     }
 
     /// Turns the refinement between grid orders off (grid-only answers, as
@@ -331,9 +301,7 @@ impl RdpAccountant {
     /// calibration, without recomputing the series.
     pub(crate) fn epsilon_repeated(&self, delta: f64, repetitions: f64) -> EpsilonBound {
         let rdp: Vec<f64> = self.rdp().iter().map(|r| r * repetitions).collect();
-        let refine = self
-            .refine
-            .then_some(|alpha| repetitions * self.composition.rdp_at(alpha));
+        let refine = self.refine.then_some(|alpha| repetitions * self.composition.rdp_at(alpha));
         conversion::epsilon(&self.orders, &rdp, delta, refine)
     }
 

@@ -238,12 +238,7 @@ struct LogBinomial {
 
 impl LogBinomial {
     fn new(alpha: f64) -> Self {
-        Self {
-            alpha,
-            i: 0.0,
-            log_abs: 0.0,
-            positive: true,
-        }
+        Self { alpha, i: 0.0, log_abs: 0.0, positive: true }
     }
 
     /// `(i, ln |C(alpha, i)|, C(alpha, i) > 0)`.
@@ -280,10 +275,7 @@ fn add_shifted_term(acc: &mut SignedLogSum, positive: bool, log_b: f64, x: f64, 
             let log_em1 = log_expm1(x);
             match log_sub(log_em1, log_exp_q) {
                 Some(m) => acc.add(positive, log_b + m),
-                None => acc.add(
-                    !positive,
-                    log_b + log_sub(log_exp_q, log_em1).unwrap_or(f64::NEG_INFINITY),
-                ),
+                None => acc.add(!positive, log_b + log_sub(log_exp_q, log_em1).unwrap_or(f64::NEG_INFINITY)),
             }
         } else {
             // x < 0: exp(x)(1 - Q) - 1 = -( -expm1(x) + exp(x) Q ), both positive.

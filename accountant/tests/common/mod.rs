@@ -52,11 +52,7 @@ pub fn quadrature_with_step(q: f64, sigma: f64, alpha: f64, h: f64) -> f64 {
     for l in &logs {
         let t = (l - max).exp();
         let s = sum + t;
-        comp += if sum.abs() >= t.abs() {
-            (sum - s) + t
-        } else {
-            (t - s) + sum
-        };
+        comp += if sum.abs() >= t.abs() { (sum - s) + t } else { (t - s) + sum };
         sum = s;
     }
     max + ((sum + comp) * h).ln()
@@ -82,11 +78,7 @@ fn ln_f(q: f64, y: f64, alpha: f64) -> f64 {
         sum.ln()
     } else if x > 0.0 {
         // In logs: ln x, ln(1 + x) = softplus(ln x), ln(1 + alpha x).
-        let ln_x = if y > 30.0 {
-            q.ln() + y + (-(-y).exp()).ln_1p()
-        } else {
-            x.ln()
-        };
+        let ln_x = if y > 30.0 { q.ln() + y + (-(-y).exp()).ln_1p() } else { x.ln() };
         let ln_1px = softplus(ln_x);
         let ln_r = softplus(alpha.ln() + ln_x) - alpha * ln_1px;
         alpha * ln_1px + (-ln_r.exp()).ln_1p()
@@ -125,10 +117,7 @@ pub fn sample_ledger() -> dp_accountant::Ledger {
         created_by: "test 0".into(),
         description: Some("three segments".into()),
         dataset_size: Some(1437),
-        target: Some(PrivacyTarget {
-            epsilon: 3.0,
-            delta: 1e-5,
-        }),
+        target: Some(PrivacyTarget { epsilon: 3.0, delta: 1e-5 }),
     });
     for (q, s, n) in [(0.0445, 1.9, 200u64), (0.0445, 1.9, 250), (0.0445, 2.1, 224)] {
         ledger.append(poisson_record(q, s, n)).unwrap();
@@ -144,10 +133,7 @@ pub fn poisson_record(q: f64, sigma: f64, n: u64) -> dp_accountant::MechanismRec
         adjacency: Adjacency::AddOrRemoveOne,
         clipping_norm: 1.0,
         sampler: SamplerKind::Poisson,
-        noise: NoiseSource {
-            generator: NoiseGenerator::Chacha20,
-            seed: Seeding::OsEntropy,
-        },
+        noise: NoiseSource { generator: NoiseGenerator::Chacha20, seed: Seeding::OsEntropy },
         sampler_seed: Seeding::OsEntropy,
     }
 }

@@ -182,13 +182,7 @@ fn flag(name: &'static str, value: f64, valid: Valid) -> Result<f64, Failure> {
 impl Plan {
     /// `(sample_rate, steps)`.
     fn resolve(&self) -> Result<(f64, u64), Failure> {
-        match (
-            self.sample_rate,
-            self.steps,
-            self.dataset_size,
-            self.batch_size,
-            self.epochs,
-        ) {
+        match (self.sample_rate, self.steps, self.dataset_size, self.batch_size, self.epochs) {
             (Some(q), Some(n), None, None, None) => {
                 flag("--sample-rate", q, Valid::HalfOpenUnit)?;
                 flag("--steps", n as f64, Valid::AtLeastOne)?;
@@ -198,9 +192,7 @@ impl Plan {
                 flag("--dataset-size", n as f64, Valid::AtLeastOne)?;
                 flag("--batch-size", b as f64, Valid::AtLeastOne)?;
                 if b > n {
-                    return Err(Failure::Usage(format!(
-                        "--batch-size = {b}: must be <= --dataset-size ({n})"
-                    )));
+                    return Err(Failure::Usage(format!("--batch-size = {b}: must be <= --dataset-size ({n})")));
                 }
                 flag("--epochs", e, Valid::Positive)?;
                 let steps = (e * n as f64 / b as f64).ceil();
@@ -238,12 +230,7 @@ fn main() -> ExitCode {
 
 fn run(command: Command, out: &mut String) -> Result<(), Failure> {
     match command {
-        Command::Epsilon {
-            noise_multiplier,
-            plan,
-            delta,
-            json,
-        } => {
+        Command::Epsilon { noise_multiplier, plan, delta, json } => {
             flag("--noise-multiplier", noise_multiplier, Valid::Positive)?;
             let (q, steps) = plan.resolve()?;
             flag("--delta", delta, Valid::OpenUnit)?;
@@ -268,13 +255,7 @@ fn run(command: Command, out: &mut String) -> Result<(), Failure> {
                 edge_notes(out, b.order_at_range_edge, &b.dropped_orders);
             }
         }
-        Command::Rdp {
-            noise_multiplier,
-            sample_rate,
-            orders,
-            steps,
-            json,
-        } => {
+        Command::Rdp { noise_multiplier, sample_rate, orders, steps, json } => {
             flag("--noise-multiplier", noise_multiplier, Valid::Positive)?;
             flag("--sample-rate", sample_rate, Valid::HalfOpenUnit)?;
             for &a in &orders {
@@ -292,12 +273,7 @@ fn run(command: Command, out: &mut String) -> Result<(), Failure> {
                 }
             }
         }
-        Command::Calibrate {
-            target_epsilon,
-            delta,
-            plan,
-            json,
-        } => {
+        Command::Calibrate { target_epsilon, delta, plan, json } => {
             flag("--target-epsilon", target_epsilon, Valid::Positive)?;
             flag("--delta", delta, Valid::OpenUnit)?;
             let (q, steps) = plan.resolve()?;
@@ -319,13 +295,7 @@ fn run(command: Command, out: &mut String) -> Result<(), Failure> {
                 ));
             }
         }
-        Command::MaxSteps {
-            target_epsilon,
-            delta,
-            sample_rate,
-            noise_multiplier,
-            json,
-        } => {
+        Command::MaxSteps { target_epsilon, delta, sample_rate, noise_multiplier, json } => {
             flag("--target-epsilon", target_epsilon, Valid::Positive)?;
             flag("--delta", delta, Valid::OpenUnit)?;
             flag("--sample-rate", sample_rate, Valid::HalfOpenUnit)?;
@@ -359,10 +329,7 @@ fn run(command: Command, out: &mut String) -> Result<(), Failure> {
                 Format::Json => report.to_json() + "\n",
             });
         }
-        Command::Verify {
-            ledger: path,
-            expect_head,
-        } => {
+        Command::Verify { ledger: path, expect_head } => {
             let ledger = Ledger::read(&path)?;
             if let Some(anchor) = expect_head {
                 ledger.verify_head(&anchor).map_err(ledger_failure)?;
