@@ -1,0 +1,150 @@
+//! The cost of privacy per training step: a DP-SGD step against the same
+//! model's non-private step, measured in one criterion group.
+//!
+//! * MLP 784-512-10 (ReLU), batch 256; CNN on 1x28x28 (conv 1->16 k5, max-pool 2,
+//!   conv 16->32 k5, max-pool 2, linear 512->10), batch 128; f32 on CPU.
+//! * `non_private`: candle-nn layers, mean cross-entropy, backward, SGD step.
+//! * `dp_ghost`: candle-dp layers, per-example cross-entropy, ghost clipping,
+//!   noise for every parameter, SGD step, accounting.
+//! * `dp_microbatch`: the candle-nn model through the microbatch engine.
+//! * `noise_only`: drawing the step's noise (one value per parameter), the
+//!   part of `dp_ghost` that clipping does not explain.
+//!
+//! Threads: one (`RAYON_NUM_THREADS=1` unless set), since on a loaded
+//! 2-core machine Candle's default threading is slower and noisier
+//! (../shared/CANDLE.md). Allocator: the system's (glibc malloc, default
+//! settings). Report ratios to `non_private` from the same run.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_dp::{loss, DpOptimizer, Engine, GaussianNoise, SamplerDescription};
+use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
+use criterion::{BenchmarkId, Criterion};
+use dp_accountant::Seeding;
+
+/// The MLP or the CNN, over any layer constructors.
+enum Net<L, C> {
+    Mlp(L, L),
+    Cnn(C, C, L),
+}
+
+impl<L: Module, C: Module> Module for Net<L, C> {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Net::Mlp(a, b) => b.forward(&a.forward(x)?.relu()?),
+            Net::Cnn(c1, c2, fc) => {
+                let h = c1.forward(x)?.relu()?.max_pool2d(2)?;
+                let h = c2.forward(&h)?.relu()?.max_pool2d(2)?;
+                fc.forward(&h.flatten_from(1)?)
+            }
+        }
+    }
+}
+
+type DpNet = Net<candle_dp::DpLinear, candle_dp::DpConv>;
+type PlainNet = Net<candle_nn::Linear, candle_nn::Conv2d>;
+
+fn build(cnn: bool, vb: VarBuilder) -> candle_core::Result<(DpNet, PlainNet)> {
+    let cfg = Default::default();
+    Ok(if cnn {
+        (
+            Net::Cnn(
+                candle_dp::conv2d(1, 16, 5, cfg, vb.pp("c1"))?,
+                candle_dp::conv2d(16, 32, 5, cfg, vb.pp("c2"))?,
+                candle_dp::linear(512, 10, vb.pp("fc"))?,
+            ),
+            Net::Cnn(
+                candle_nn::conv2d(1, 16, 5, cfg, vb.pp("c1"))?,
+                candle_nn::conv2d(16, 32, 5, cfg, vb.pp("c2"))?,
+                candle_nn::linear(512, 10, vb.pp("fc"))?,
+            ),
+        )
+    } else {
+        (
+            Net::Mlp(candle_dp::linear(784, 512, vb.pp("l1"))?, candle_dp::linear(512, 10, vb.pp("l2"))?),
+            Net::Mlp(candle_nn::linear(784, 512, vb.pp("l1"))?, candle_nn::linear(512, 10, vb.pp("l2"))?),
+        )
+    })
+}
+
+fn dp_step(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let mut group = c.benchmark_group("dp_step");
+    group.sample_size(20);
+    for (name, cnn, b) in [("mlp_784_512_10_b256", false, 256usize), ("cnn_mnist_b128", true, 128)] {
+        let varmap = VarMap::new();
+        let (dp, plain) = build(cnn, VarBuilder::from_varmap(&varmap, DType::F32, &dev)).unwrap();
+        let shape: Vec<usize> = if cnn { vec![b, 1, 28, 28] } else { vec![b, 784] };
+        let x = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+        let y = Tensor::from_vec((0..b as u32).map(|i| i % 10).collect(), b, &dev).unwrap();
+        // Poisson sampling of 60 000 examples at the batch size in expectation.
+        let sampler = SamplerDescription::Poisson {
+            dataset_size: 60_000,
+            sample_rate: b as f64 / 60_000.0,
+            seeding: Seeding::Fixed,
+        };
+
+        let mut sgd = SGD::new(varmap.all_vars(), 0.01).unwrap();
+        group.bench_function(BenchmarkId::new("non_private", name), |bench| {
+            bench.iter(|| {
+                let l = candle_nn::loss::cross_entropy(&plain.forward(&x).unwrap(), &y).unwrap();
+                sgd.backward_step(&l).unwrap();
+            })
+        });
+
+        let mut ghost = DpOptimizer::<SGD>::builder(varmap.all_vars(), sampler)
+            .noise_multiplier(1.0)
+            .noise(GaussianNoise::from_seed(0))
+            .build(0.01)
+            .unwrap();
+        group.bench_function(BenchmarkId::new("dp_ghost", name), |bench| {
+            bench.iter(|| {
+                let losses = loss::cross_entropy(&dp.forward(&x).unwrap(), &y).unwrap();
+                ghost.accumulate(&losses).unwrap();
+                ghost.step().unwrap();
+            })
+        });
+
+        // Where the DP overhead goes: the noise alone, one value per parameter.
+        let params: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+        let mut noise = GaussianNoise::from_seed(1);
+        let mut buf = vec![0.0f64; params];
+        group.bench_function(BenchmarkId::new("noise_only", name), |bench| {
+            bench.iter(|| noise.add_to_f64(&mut buf, 1.0))
+        });
+
+        let mut micro = DpOptimizer::<SGD>::builder(varmap.all_vars(), sampler)
+            .noise_multiplier(1.0)
+            .engine(Engine::Microbatch)
+            .noise(GaussianNoise::from_seed(0))
+            .build(0.01)
+            .unwrap();
+        group.sample_size(10);
+        group.bench_function(BenchmarkId::new("dp_microbatch", name), |bench| {
+            bench.iter(|| {
+                micro
+                    .accumulate_microbatch(b, |i| {
+                        let logits = plain.forward(&x.narrow(0, i, 1)?)?;
+                        candle_nn::loss::cross_entropy(&logits, &y.narrow(0, i, 1)?)
+                    })
+                    .unwrap();
+                micro.step().unwrap();
+            })
+        });
+        group.sample_size(20);
+    }
+    group.finish();
+}
+
+fn main() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // Before any thread pool exists: pins Candle's CPU kernels to one thread.
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+    }
+    eprintln!(
+        "dp_step: RAYON_NUM_THREADS={}, allocator: system (glibc malloc, default settings)",
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_default()
+    );
+    let mut c = Criterion::default().configure_from_args();
+    dp_step(&mut c);
+    c.final_summary();
+}
