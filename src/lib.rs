@@ -5,7 +5,7 @@
 //! enforced privacy budget, with every step recorded in a tamper-evident
 //! ledger that [`dp_accountant`] (re-exported as [`accountant`]) reads.
 //!
-//! * [`linear`] and the other DP layers: drop-in replacements for candle-nn's.
+//! * [`linear()`] and the other DP layers: drop-in replacements for candle-nn's.
 //! * [`DpOptimizer`]: DP-SGD around any `candle_nn::Optimizer`.
 //! * [`PoissonSampler`]: the sampling the accounting assumes.
 //! * [`loss::cross_entropy`]: per-example losses, the only kind the optimizer takes.

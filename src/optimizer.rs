@@ -265,6 +265,10 @@ pub struct DpOptimizer<O: Optimizer> {
 
 impl<O: Optimizer> DpOptimizer<O> {
     /// Starts building an optimizer over `vars`, sampled as `sampler` describes.
+    ///
+    /// The noise is drawn in the order of `vars`: for runs that reproduce
+    /// with a fixed seed, pass them in a fixed order (`VarMap::all_vars`
+    /// returns hash order, which changes from one process to the next).
     pub fn builder(vars: Vec<Var>, sampler: SamplerDescription) -> DpOptimizerBuilder<O> {
         DpOptimizerBuilder {
             inner: std::marker::PhantomData,

@@ -6,7 +6,7 @@
 //! convolution with a detached kernel, its output tapped for `G`; the
 //! detached input is unfolded (im2col) into `X [B, T, C_in k^n]`, `T` the
 //! output positions, and the layer is then a linear map with `T` positions
-//! per example (see [`super::linear`]): ghost or materialized norms by cost,
+//! per example (see [`mod@super::linear`]): ghost or materialized norms by cost,
 //! the clipped sum as one matmul. Groups and dilation other than 1 are
 //! refused (Candle's `unfold` cannot express them here yet).
 

@@ -1,0 +1,187 @@
+//! Data loading and small utilities shared by the examples (and their tests).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+
+/// Why a data file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// The file is not there.
+    #[error("{path}: not found ({hint})")]
+    Missing {
+        /// Where it was looked for.
+        path: PathBuf,
+        /// What it is and where to get it.
+        hint: String,
+    },
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The content is not what the format says.
+    #[error("{path}: line {line}: {message}")]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line (for binary formats, 0 and the message says where).
+        line: usize,
+        /// What was wrong.
+        message: String,
+    },
+}
+
+/// A labelled image set: `pixels[i]` has `width * height` values in [0, 1].
+#[derive(Debug, Clone)]
+pub struct Images {
+    /// Pixel rows.
+    pub pixels: Vec<Vec<f32>>,
+    /// Class labels.
+    pub labels: Vec<u32>,
+}
+
+impl Images {
+    /// The examples at `idx` as `([n, features] f32, [n] u32)` tensors.
+    pub fn tensors(&self, idx: &[usize], dev: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+        let f = self.pixels.first().map_or(0, Vec::len);
+        let x: Vec<f32> = idx.iter().flat_map(|&i| self.pixels[i].iter().copied()).collect();
+        let y: Vec<u32> = idx.iter().map(|&i| self.labels[i]).collect();
+        Ok((Tensor::from_vec(x, (idx.len(), f), dev)?, Tensor::from_vec(y, idx.len(), dev)?))
+    }
+}
+
+/// Opens a file, gunzipping it when its name ends in `.gz`.
+pub fn open(path: &Path, hint: &str) -> Result<Box<dyn Read>, DataError> {
+    let file = std::fs::File::open(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => DataError::Missing { path: path.to_path_buf(), hint: hint.to_string() },
+        _ => DataError::Io { path: path.to_path_buf(), source },
+    })?;
+    Ok(if path.extension().is_some_and(|e| e == "gz") {
+        Box::new(flate2::read::GzDecoder::new(file))
+    } else {
+        Box::new(file)
+    })
+}
+
+/// Reads the digits CSV: a header, then 64 pixel values in 0..=16 and a
+/// label in 0..=9 per row. Pixels are scaled to [0, 1] (divided by 16).
+pub fn load_digits_csv(path: &Path) -> Result<Images, DataError> {
+    let hint = "the digits data ships in examples/data/digits.csv.gz";
+    let reader = BufReader::new(open(path, hint)?);
+    let malformed = |line: usize, message: String| DataError::Malformed { path: path.to_path_buf(), line, message };
+    let mut images = Images { pixels: Vec::new(), labels: Vec::new() };
+    for (k, line) in reader.lines().enumerate() {
+        let n = k + 1;
+        let line = line.map_err(|e| malformed(n, format!("unreadable: {e}")))?;
+        if k == 0 {
+            if !line.starts_with("pixel_0,") || !line.trim_end().ends_with(",label") {
+                return Err(malformed(n, "expected the header pixel_0,...,pixel_63,label".into()));
+            }
+            continue;
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        let fields: Vec<&str> = line.trim_end().split(',').collect();
+        if fields.len() != 65 {
+            return Err(malformed(n, format!("{} columns: expected 65 (64 pixels and a label)", fields.len())));
+        }
+        let mut pixels = Vec::with_capacity(64);
+        for (c, f) in fields[..64].iter().enumerate() {
+            match f.trim().parse::<u8>() {
+                Ok(v) if v <= 16 => pixels.push(f32::from(v) / 16.0),
+                _ => return Err(malformed(n, format!("pixel_{c} = {f:?}: must be an integer in 0..=16"))),
+            }
+        }
+        match fields[64].trim().parse::<u32>() {
+            Ok(v) if v <= 9 => images.labels.push(v),
+            _ => return Err(malformed(n, format!("label = {:?}: must be an integer in 0..=9", fields[64]))),
+        }
+        images.pixels.push(pixels);
+    }
+    if images.labels.is_empty() {
+        return Err(malformed(1, "no data rows".into()));
+    }
+    Ok(images)
+}
+
+/// A stratified split: `test_fraction` of each class (rounded) goes to the
+/// test set, chosen by a ChaCha20 shuffle from `seed`. Returns (train, test)
+/// indices, each sorted.
+pub fn stratified_split(labels: &[u32], test_fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let classes = labels.iter().copied().max().map_or(0, |m| m as usize + 1);
+    let (mut train, mut test) = (Vec::new(), Vec::new());
+    for c in 0..classes {
+        let mut members: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] as usize == c).collect();
+        members.shuffle(&mut rng);
+        let n_test = (members.len() as f64 * test_fraction).round() as usize;
+        test.extend_from_slice(&members[..n_test]);
+        train.extend_from_slice(&members[n_test..]);
+    }
+    train.sort_unstable();
+    test.sort_unstable();
+    (train, test)
+}
+
+/// Re-initializes every variable uniformly in `+-1/sqrt(fan_in)` (PyTorch's
+/// default for linear layers) from a ChaCha20 stream, in name order: Candle's
+/// own initialization cannot be seeded.
+pub fn init_seeded(varmap: &VarMap, seed: u64) -> candle_core::Result<()> {
+    let data = varmap.data().lock().map_err(|_| candle_core::Error::Msg("variable map lock poisoned".into()))?;
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    for name in names {
+        let var = &data[name];
+        let dims = var.dims();
+        // weight [out, in...]: fan_in = product of the rest; bias [out]: use the layer's weight fan-in.
+        let fan_in = if dims.len() > 1 {
+            dims[1..].iter().product::<usize>()
+        } else {
+            let weight = name.replace("bias", "weight");
+            data.get(&weight).map_or(dims[0], |w| w.dims()[1..].iter().product())
+        };
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let values: Vec<f32> = (0..var.elem_count()).map(|_| rng.random_range(-bound..bound) as f32).collect();
+        var.set(&Tensor::from_vec(values, dims, var.device())?.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
+}
+
+/// Seconds since the Unix epoch as `YYYYMMDD-HHMMSS` (UTC), for run folders.
+pub fn utc_stamp() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}{month:02}{day:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// The variables of `varmap` in name order: `VarMap::all_vars` comes in hash
+/// order, which differs between runs, and a seeded run needs a fixed one.
+pub fn vars_by_name(varmap: &VarMap) -> Vec<candle_core::Var> {
+    let data = varmap.data().lock().unwrap_or_else(|p| p.into_inner());
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    names.into_iter().map(|n| data[n].clone()).collect()
+}
