@@ -79,6 +79,23 @@ pub enum Error {
     /// A step was requested with nothing accumulated and no empty-batch mark.
     #[error("step() without accumulate(): call accumulate (or accumulate_empty for an empty Poisson batch) first")]
     NothingAccumulated,
+    /// A checkpoint that cannot be resumed: altered, incomplete or unknown.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The file concerned.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The accountant refused something.
     #[error(transparent)]
     Accountant(#[from] dp_accountant::Error),

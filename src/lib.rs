@@ -50,6 +50,7 @@
 
 pub use dp_accountant as accountant;
 
+pub mod checkpoint;
 pub mod clip;
 mod error;
 pub mod grad_sample;

@@ -246,21 +246,21 @@ fn max_steps_within(sampler: &SamplerDescription, sigma: f64, budget: PrivacyBud
 /// DP-SGD around the Candle optimizer `O` (SGD, AdamW, or any implementation).
 #[derive(Debug)]
 pub struct DpOptimizer<O: Optimizer> {
-    inner: O,
-    vars: Vec<Var>,
-    noise_multiplier: f64,
-    max_grad_norm: f64,
-    clipping: ClipMode,
-    sampler: SamplerDescription,
-    noise: GaussianNoise,
-    ghost: Option<GhostEngine>,
-    accumulated: Option<Vec<Tensor>>,
-    empty_marked: bool,
-    ledger: Ledger,
-    pending_steps: u64,
-    steps: u64,
-    accountant: RdpAccountant,
-    budget: Option<(PrivacyBudget, u64)>,
+    pub(crate) inner: O,
+    pub(crate) vars: Vec<Var>,
+    pub(crate) noise_multiplier: f64,
+    pub(crate) max_grad_norm: f64,
+    pub(crate) clipping: ClipMode,
+    pub(crate) sampler: SamplerDescription,
+    pub(crate) noise: GaussianNoise,
+    pub(crate) ghost: Option<GhostEngine>,
+    pub(crate) accumulated: Option<Vec<Tensor>>,
+    pub(crate) empty_marked: bool,
+    pub(crate) ledger: Ledger,
+    pub(crate) pending_steps: u64,
+    pub(crate) steps: u64,
+    pub(crate) accountant: RdpAccountant,
+    pub(crate) budget: Option<(PrivacyBudget, u64)>,
 }
 
 impl<O: Optimizer> DpOptimizer<O> {

@@ -163,6 +163,24 @@ impl PoissonSampler {
             .collect()
     }
 
+    /// The generator's position, for checkpoints: `(seed, stream, word
+    /// position)`. Only a fixed-seed sampler has one worth saving; an
+    /// OS-seeded sampler is re-seeded from the OS when resumed.
+    pub fn state(&self) -> ([u8; 32], u64, u128) {
+        (self.rng.get_seed(), self.rng.get_stream(), self.rng.get_word_pos())
+    }
+
+    /// A sampler restored at `state` (see [`PoissonSampler::state`]).
+    ///
+    /// # Errors
+    /// As [`PoissonSampler::new`].
+    pub fn restore(dataset_size: usize, sample_rate: f64, state: ([u8; 32], u64, u128)) -> Result<Self> {
+        let mut rng = ChaCha20Rng::from_seed(state.0);
+        rng.set_stream(state.1);
+        rng.set_word_pos(state.2);
+        Self::build(dataset_size, sample_rate, rng, Seeding::Fixed)
+    }
+
     /// What this sampler does, for the optimizer and the ledger.
     pub fn description(&self) -> SamplerDescription {
         SamplerDescription::Poisson {

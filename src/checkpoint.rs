@@ -1,0 +1,245 @@
+//! Checkpoints that lose nothing privacy-relevant.
+//!
+//! A checkpoint is a folder: `model.safetensors` (the weights),
+//! `ledger.json` (every step so far) and `checkpoint.json`, a manifest with
+//! the step count, the privacy configuration, the SHA-256 of the weights file
+//! and the ledger's head hash. Resuming verifies both, rebuilds the
+//! accountant from the ledger (the spent budget is never reset), and
+//! continues the noise and the batches exactly where they were for a
+//! fixed-seed run.
+//!
+//! # Security
+//! For a run seeded from the OS, neither the noise generator's nor the
+//! sampler's state is written: the resumed run re-seeds both from the OS. A
+//! fixed-seed run stores their ChaCha20 state, which lets anyone who reads
+//! the checkpoint regenerate the noise: such runs are for research, and the
+//! ledger already says so.
+//!
+//! The wrapped optimizer's own state (Adam's moments) is not part of
+//! Candle's public API and is not saved: a resumed AdamW starts its moments
+//! afresh. Plain SGD resumes bit for bit.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Var;
+use candle_nn::{Optimizer, VarMap};
+use dp_accountant::{Ledger, Seeding};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::clip::ClipMode;
+use crate::error::{Error, Result};
+use crate::noise::GaussianNoise;
+use crate::optimizer::{DpOptimizer, Engine, PrivacyBudget};
+use crate::sampler::{PoissonSampler, SamplerDescription};
+
+const FORMAT: &str = "candle-dp-checkpoint";
+const VERSION: u64 = 1;
+const MANIFEST: &str = "checkpoint.json";
+const WEIGHTS: &str = "model.safetensors";
+const LEDGER: &str = "ledger.json";
+
+/// A ChaCha20 position: key (hex), stream, word position (decimal, a u128).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RngState {
+    key: String,
+    stream: u64,
+    word_pos: String,
+}
+
+impl RngState {
+    fn new(state: ([u8; 32], u64, u128)) -> Self {
+        Self { key: dp_accountant::ledger::hex(&state.0), stream: state.1, word_pos: state.2.to_string() }
+    }
+
+    fn get(&self, path: &Path) -> Result<([u8; 32], u64, u128)> {
+        let bad = |what: &str| Error::Checkpoint { path: path.to_path_buf(), reason: format!("malformed {what}") };
+        if self.key.len() != 64 {
+            return Err(bad("generator key"));
+        }
+        let mut key = [0u8; 32];
+        for (k, b) in key.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&self.key[2 * k..2 * k + 2], 16).map_err(|_| bad("generator key"))?;
+        }
+        Ok((key, self.stream, self.word_pos.parse().map_err(|_| bad("generator position"))?))
+    }
+}
+
+/// The manifest of a checkpoint folder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Manifest {
+    format: String,
+    version: u64,
+    steps: u64,
+    noise_multiplier: f64,
+    max_grad_norm: f64,
+    per_layer_thresholds: Option<Vec<f64>>,
+    microbatch: bool,
+    dataset_size: usize,
+    sample_rate: Option<f64>,
+    batch_size: Option<usize>,
+    sampler_seeding: Seeding,
+    budget: Option<(f64, f64)>,
+    noise_seeding: Seeding,
+    noise_state: Option<RngState>,
+    sampler_state: Option<RngState>,
+    weights_sha256: String,
+    ledger_head: String,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.to_path_buf(), source }
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    Ok(dp_accountant::ledger::hex(&Sha256::digest(bytes)))
+}
+
+impl<O: Optimizer> DpOptimizer<O> {
+    /// Writes a checkpoint of the run to `dir` (created if needed): the
+    /// weights of `varmap`, the ledger (flushed), and the manifest. Pass the
+    /// Poisson sampler the run draws from so a fixed-seed run can continue
+    /// its batches.
+    ///
+    /// # Errors
+    /// [`Error::Io`] and Candle's errors.
+    pub fn save_checkpoint(
+        &mut self,
+        dir: impl AsRef<Path>,
+        varmap: &VarMap,
+        sampler: Option<&PoissonSampler>,
+    ) -> Result<()> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let weights = dir.join(WEIGHTS);
+        varmap.save(&weights)?;
+        let ledger = self.flush_ledger()?.clone();
+        ledger.write(dir.join(LEDGER))?;
+        let (dataset_size, sample_rate, batch_size, sampler_seeding) = match self.sampler {
+            SamplerDescription::Poisson { dataset_size, sample_rate, seeding } => {
+                (dataset_size, Some(sample_rate), None, seeding)
+            }
+            SamplerDescription::ShuffledFixedSize { dataset_size, batch_size, seeding } => {
+                (dataset_size, None, Some(batch_size), seeding)
+            }
+        };
+        let fixed = |s: Seeding| s == Seeding::Fixed;
+        let manifest = Manifest {
+            format: FORMAT.into(),
+            version: VERSION,
+            steps: self.steps,
+            noise_multiplier: self.noise_multiplier,
+            max_grad_norm: self.max_grad_norm,
+            per_layer_thresholds: match &self.clipping {
+                ClipMode::Flat => None,
+                ClipMode::PerLayer(t) => Some(t.clone()),
+            },
+            microbatch: self.ghost.is_none(),
+            dataset_size,
+            sample_rate,
+            batch_size,
+            sampler_seeding,
+            budget: self.budget.map(|(b, _)| (b.epsilon, b.delta)),
+            noise_seeding: self.noise.seeding(),
+            noise_state: fixed(self.noise.seeding()).then(|| RngState::new(self.noise.state())),
+            sampler_state: sampler.filter(|s| fixed(s.seeding())).map(|s| RngState::new(s.state())),
+            weights_sha256: sha256_file(&weights)?,
+            ledger_head: ledger.head(),
+        };
+        let path = dir.join(MANIFEST);
+        let text = serde_json::to_string_pretty(&manifest)
+            .map_err(|e| Error::Checkpoint { path: path.clone(), reason: e.to_string() })?;
+        std::fs::write(&path, text).map_err(io(&path))
+    }
+
+    /// Resumes a run from the checkpoint in `dir`: verifies the weights and
+    /// the ledger against the manifest, loads the weights into `varmap`, and
+    /// rebuilds the optimizer over `vars` (in the same order as when saved)
+    /// with the saved privacy configuration, its spent budget, and (for a
+    /// Poisson run) the sampler to continue with.
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] for a missing, unknown or altered file (weights
+    /// whose SHA-256 or a ledger whose head differs from the manifest's);
+    /// [`Error::Io`]; the accountant's and Candle's errors.
+    pub fn resume(
+        dir: impl AsRef<Path>,
+        varmap: &mut VarMap,
+        vars: Vec<Var>,
+        config: O::Config,
+    ) -> Result<(Self, Option<PoissonSampler>)> {
+        let dir = dir.as_ref();
+        let path = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+        let bad = |path: &PathBuf, reason: String| Error::Checkpoint { path: path.clone(), reason };
+        let m: Manifest = serde_json::from_str(&text).map_err(|e| bad(&path, e.to_string()))?;
+        if m.format != FORMAT || m.version != VERSION {
+            return Err(bad(
+                &path,
+                format!("format {:?} version {}: expected {FORMAT:?} version {VERSION}", m.format, m.version),
+            ));
+        }
+        let weights = dir.join(WEIGHTS);
+        let found = sha256_file(&weights)?;
+        if found != m.weights_sha256 {
+            return Err(bad(
+                &weights,
+                format!("SHA-256 {found} differs from the manifest's {}: the weights were altered", m.weights_sha256),
+            ));
+        }
+        let ledger_path = dir.join(LEDGER);
+        let ledger = Ledger::read(&ledger_path)?;
+        ledger.verify_head(&m.ledger_head).map_err(|e| bad(&ledger_path, e.to_string()))?;
+        if ledger.total_steps() != m.steps {
+            return Err(bad(
+                &ledger_path,
+                format!("{} steps recorded, the manifest says {}", ledger.total_steps(), m.steps),
+            ));
+        }
+        varmap.load(&weights)?;
+
+        let sampler = match (m.sample_rate, m.batch_size) {
+            (Some(q), None) => {
+                SamplerDescription::Poisson { dataset_size: m.dataset_size, sample_rate: q, seeding: m.sampler_seeding }
+            }
+            (None, Some(b)) => SamplerDescription::ShuffledFixedSize {
+                dataset_size: m.dataset_size,
+                batch_size: b,
+                seeding: m.sampler_seeding,
+            },
+            _ => return Err(bad(&path, "a sampler needs exactly one of sample_rate and batch_size".into())),
+        };
+        let noise = match &m.noise_state {
+            Some(s) => GaussianNoise::restore(s.get(&path)?, Seeding::Fixed),
+            None => GaussianNoise::from_os_entropy()?,
+        };
+        let mut builder = DpOptimizer::<O>::builder(vars, sampler)
+            .noise_multiplier(m.noise_multiplier)
+            .max_grad_norm(m.max_grad_norm)
+            .noise(noise)
+            .engine(if m.microbatch { Engine::Microbatch } else { Engine::Ghost });
+        if let Some(t) = &m.per_layer_thresholds {
+            builder = builder.clipping(ClipMode::PerLayer(t.clone()));
+        }
+        if let Some((epsilon, delta)) = m.budget {
+            builder = builder.budget(PrivacyBudget { epsilon, delta });
+        }
+        let mut opt = builder.build(config)?;
+        opt.accountant = ledger.rdp_accountant()?;
+        opt.steps = m.steps;
+        opt.ledger = ledger;
+        let poisson = match (sampler, &m.sampler_state) {
+            (SamplerDescription::Poisson { dataset_size, sample_rate, .. }, Some(s)) => {
+                Some(PoissonSampler::restore(dataset_size, sample_rate, s.get(&path)?)?)
+            }
+            (SamplerDescription::Poisson { dataset_size, sample_rate, .. }, None) => {
+                Some(PoissonSampler::new(dataset_size, sample_rate)?)
+            }
+            _ => None,
+        };
+        Ok((opt, poisson))
+    }
+}

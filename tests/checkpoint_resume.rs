@@ -1,0 +1,145 @@
+//! Checkpoints: resume is bit-identical, the budget continues, tampering is caught.
+
+mod common;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_dp::{loss, DpOptimizer, Error, GaussianNoise, PoissonSampler, PrivacyBudget};
+use candle_nn::{VarMap, SGD};
+use common::{mlp_pair, set_deterministic, tensor, vars_by_name};
+
+fn data() -> (Tensor, Tensor) {
+    let x = tensor(&[60, 5], 3, 1.0, DType::F32).unwrap();
+    let y = Tensor::from_vec((0..60u32).map(|i| i % 3).collect(), 60, &Device::Cpu).unwrap();
+    (x, y)
+}
+
+fn take(t: &Tensor, idx: &[usize]) -> Tensor {
+    let i: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
+    t.index_select(&Tensor::from_vec(i, idx.len(), t.device()).unwrap(), 0).unwrap()
+}
+
+/// Runs `steps` DP-SGD steps.
+fn train(model: &impl Module, opt: &mut DpOptimizer<SGD>, sampler: &mut PoissonSampler, steps: usize) {
+    let (x, y) = data();
+    for _ in 0..steps {
+        let idx = sampler.sample();
+        if idx.is_empty() {
+            opt.accumulate_empty();
+        } else {
+            opt.accumulate(&loss::cross_entropy(&model.forward(&take(&x, &idx)).unwrap(), &take(&y, &idx)).unwrap())
+                .unwrap();
+        }
+        opt.step().unwrap();
+    }
+}
+
+fn weights(varmap: &VarMap) -> Vec<f32> {
+    vars_by_name(varmap).iter().flat_map(|v| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+}
+
+fn fresh(
+    budget: Option<PrivacyBudget>,
+) -> (VarMap, common::Mlp<candle_dp::DpLinear>, DpOptimizer<SGD>, PoissonSampler) {
+    let varmap = VarMap::new();
+    let (dp, _) = mlp_pair(&varmap, &[5, 6, 3], DType::F32).unwrap();
+    set_deterministic(&varmap, 7).unwrap();
+    let sampler = PoissonSampler::seeded(60, 0.2, 11).unwrap();
+    let mut b = DpOptimizer::<SGD>::builder(vars_by_name(&varmap), sampler.description())
+        .noise_multiplier(1.3)
+        .noise(GaussianNoise::from_seed(13));
+    if let Some(budget) = budget {
+        b = b.budget(budget);
+    }
+    let opt = b.build(0.2).unwrap();
+    (varmap, dp, opt, sampler)
+}
+
+fn dir(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("candle-dp-ckpt-{}-{name}", std::process::id()))
+}
+
+#[test]
+fn n_steps_save_resume_n_steps_equals_2n_steps() {
+    let (straight_map, straight_model, mut straight_opt, mut straight_sampler) = fresh(None);
+    train(&straight_model, &mut straight_opt, &mut straight_sampler, 30);
+
+    let (map, model, mut opt, mut sampler) = fresh(None);
+    train(&model, &mut opt, &mut sampler, 15);
+    let d = dir("resume");
+    opt.save_checkpoint(&d, &map, Some(&sampler)).unwrap();
+    drop((map, model, opt, sampler));
+
+    let mut map2 = VarMap::new();
+    let (model2, _) = mlp_pair(&map2, &[5, 6, 3], DType::F32).unwrap();
+    let vars2 = vars_by_name(&map2);
+    let (mut opt2, sampler2) = DpOptimizer::<SGD>::resume(&d, &mut map2, vars2, 0.2).unwrap();
+    let mut sampler2 = sampler2.unwrap();
+    assert_eq!(opt2.steps(), 15);
+    train(&model2, &mut opt2, &mut sampler2, 15);
+
+    assert_eq!(weights(&map2), weights(&straight_map), "resumed weights differ from the straight run");
+    assert_eq!(opt2.ledger().unwrap().total_steps(), 30);
+    assert_eq!(opt2.epsilon(1e-5).unwrap(), straight_opt.epsilon(1e-5).unwrap());
+}
+
+#[test]
+fn resume_keeps_spent_budget() {
+    let budget = PrivacyBudget { epsilon: 4.0, delta: 1e-5 };
+    let (map, model, mut opt, mut sampler) = fresh(Some(budget));
+    let max = opt.max_steps().unwrap();
+    assert!(max > 10);
+    train(&model, &mut opt, &mut sampler, 10);
+    let spent = opt.epsilon(1e-5).unwrap();
+    let d = dir("budget");
+    opt.save_checkpoint(&d, &map, Some(&sampler)).unwrap();
+
+    let mut map2 = VarMap::new();
+    let (model2, _) = mlp_pair(&map2, &[5, 6, 3], DType::F32).unwrap();
+    let vars2 = vars_by_name(&map2);
+    let (mut opt2, sampler2) = DpOptimizer::<SGD>::resume(&d, &mut map2, vars2, 0.2).unwrap();
+    assert_eq!(opt2.epsilon(1e-5).unwrap(), spent, "the spent epsilon carries over");
+    assert_eq!(opt2.max_steps(), Some(max));
+    let mut sampler2 = sampler2.unwrap();
+    train(&model2, &mut opt2, &mut sampler2, (max - 10) as usize);
+    opt2.accumulate_empty();
+    assert!(matches!(opt2.step(), Err(Error::BudgetExhausted { .. })), "the budget counts steps before the resume");
+}
+
+#[test]
+fn tampered_checkpoint_is_detected() {
+    let (map, model, mut opt, mut sampler) = fresh(None);
+    train(&model, &mut opt, &mut sampler, 5);
+    let d = dir("tamper");
+    opt.save_checkpoint(&d, &map, Some(&sampler)).unwrap();
+    let resume = || {
+        let mut m = VarMap::new();
+        let _model = mlp_pair(&m, &[5, 6, 3], DType::F32).unwrap(); // its DP layers must live
+        let vars = vars_by_name(&m);
+        DpOptimizer::<SGD>::resume(&d, &mut m, vars, 0.2).map(|_| ())
+    };
+    resume().unwrap();
+
+    // Altered weights: one byte of the safetensors file.
+    let w = d.join("model.safetensors");
+    let original = std::fs::read(&w).unwrap();
+    let mut bytes = original.clone();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&w, &bytes).unwrap();
+    let err = resume().unwrap_err().to_string();
+    assert!(err.contains("weights were altered"), "{err}");
+    std::fs::write(&w, &original).unwrap();
+
+    // An edited ledger entry (fewer steps recorded) breaks its hash chain.
+    let l = d.join("ledger.json");
+    let text = std::fs::read_to_string(&l).unwrap();
+    std::fs::write(&l, text.replacen("\"count\": 5", "\"count\": 1", 1)).unwrap();
+    let err = resume().unwrap_err().to_string();
+    assert!(err.contains("ledger entry 0"), "{err}");
+    // A consistently rewritten but different ledger fails the manifest's head.
+    let mut other = dp_accountant::Ledger::new(Default::default());
+    other.append(opt.ledger().unwrap().entries()[0].record.clone()).unwrap();
+    other.write(&l).unwrap();
+    let err = resume().unwrap_err().to_string();
+    assert!(err.contains("anchored head"), "{err}");
+}
