@@ -123,6 +123,8 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     if args.batch_size == 0 || args.batch_size > n {
         return Err(format!("--batch-size = {}: must be in [1, {n}]", args.batch_size).into());
     }
+    let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/digits-{}", common::utc_stamp())));
+    std::fs::create_dir_all(&out)?;
     let steps_per_epoch = n.div_ceil(args.batch_size);
     let steps = (args.epochs * steps_per_epoch) as u64;
 
@@ -186,7 +188,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         let budget = PrivacyBudget { epsilon: args.epsilon, delta: args.delta };
         let description = format!("digits MLP 64-{h}-10, {} epochs, expected batch {}", args.epochs, args.batch_size);
         let train_ctx =
-            Ctx { args, data: &data, train: &train, varmap: &varmap, model: &model, steps, steps_per_epoch };
+            Ctx { args, data: &data, train: &train, varmap: &varmap, model: &model, steps, steps_per_epoch, out: &out };
         let (ledger, eps, sigma) = match args.optimizer {
             Opt::Sgd => {
                 train_dp::<SGD>(&train_ctx, &mut sampler, &bar, noise, budget, description, args.lr, &mut epoch_loss)?
@@ -208,9 +210,9 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
 
     let pred = forward(&model, &x_test)?.argmax(1)?;
     let accuracy = pred.eq(&y_test)?.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?;
-    let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/digits-{}", common::utc_stamp())));
-    std::fs::create_dir_all(&out)?;
-    varmap.save(out.join("model.safetensors"))?;
+    if args.non_private {
+        varmap.save(out.join("model.safetensors"))?;
+    }
     let mut summary = serde_json::json!({
         "test_accuracy": accuracy,
         "steps": steps,
@@ -309,6 +311,7 @@ struct Ctx<'a> {
     model: &'a Mlp,
     steps: u64,
     steps_per_epoch: usize,
+    out: &'a std::path::Path,
 }
 
 /// DP-SGD around the optimizer `O`; returns the ledger, epsilon spent and the noise multiplier.
@@ -350,6 +353,11 @@ fn train_dp<O: Optimizer>(
         progress(bar, step, ctx.steps_per_epoch, epoch_loss, eps);
     }
     ema.apply(ctx.varmap)?;
+    // The model file is named in the ledger by its SHA-256: the statement
+    // covers exactly these weights.
+    let weights = ctx.out.join("model.safetensors");
+    ctx.varmap.save(&weights)?;
+    opt.record_release("model.safetensors", &candle_dp::checkpoint::sha256_file(&weights)?)?;
     let ledger = opt.flush_ledger()?.clone();
     Ok((ledger, opt.epsilon(budget.delta)?, opt.noise_multiplier()))
 }

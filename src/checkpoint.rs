@@ -93,7 +93,11 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io { path: path.to_path_buf(), source }
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
+/// The SHA-256 of a file's bytes, lower-case hex.
+///
+/// # Errors
+/// [`Error::Io`].
+pub fn sha256_file(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(io(path))?;
     Ok(dp_accountant::ledger::hex(&Sha256::digest(bytes)))
 }

@@ -418,6 +418,18 @@ impl<O: Optimizer> DpOptimizer<O> {
         Ok(&self.ledger)
     }
 
+    /// Records in the ledger that the model file `file` (SHA-256
+    /// `weights_sha256`, hex) was saved now, after all steps so far: the
+    /// weights the privacy statement covers.
+    ///
+    /// # Errors
+    /// The ledger's, for a malformed hash.
+    pub fn record_release(&mut self, file: &str, weights_sha256: &str) -> Result<()> {
+        self.flush_ledger()?;
+        self.ledger.append_release(file, weights_sha256)?;
+        Ok(())
+    }
+
     fn record(&self, steps: u64) -> MechanismRecord {
         MechanismRecord {
             event: self.sampler.event(self.noise_multiplier, steps),

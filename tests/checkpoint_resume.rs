@@ -138,7 +138,7 @@ fn tampered_checkpoint_is_detected() {
     assert!(err.contains("ledger entry 0"), "{err}");
     // A consistently rewritten but different ledger fails the manifest's head.
     let mut other = dp_accountant::Ledger::new(Default::default());
-    other.append(opt.ledger().unwrap().entries()[0].record.clone()).unwrap();
+    other.append(opt.ledger().unwrap().mechanisms().next().unwrap().clone()).unwrap();
     other.write(&l).unwrap();
     let err = resume().unwrap_err().to_string();
     assert!(err.contains("anchored head"), "{err}");

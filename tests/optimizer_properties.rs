@@ -193,7 +193,7 @@ fn the_ledger_matches_the_optimizer_and_verifies() {
     let (_, _, ledger) = train::<SGD>(0.5, 6);
     let reloaded = Ledger::from_json(&ledger.to_json()).unwrap();
     assert_eq!(reloaded.total_steps(), 150);
-    let entry = &reloaded.entries()[0].record;
+    let entry = reloaded.mechanisms().next().unwrap();
     assert_eq!(entry.noise.seed, Seeding::Fixed);
     assert_eq!(entry.clipping_norm, 1.0);
     let report = PrivacyReport::from_ledger(&reloaded, Some(1e-5)).unwrap();
@@ -219,7 +219,7 @@ fn shuffled_batches_are_recorded_as_such() {
         opt.step().unwrap();
     }
     let ledger = opt.ledger().unwrap();
-    let record = &ledger.entries()[0].record;
+    let record = ledger.mechanisms().next().unwrap();
     assert_eq!(record.sampler, dp_accountant::SamplerKind::ShuffledFixedSize);
     assert_eq!(record.adjacency, dp_accountant::Adjacency::ReplaceOne);
     // 7 steps of 5 per epoch: 2 started epochs, each a Gaussian of sensitivity 2C.

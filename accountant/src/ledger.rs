@@ -5,7 +5,8 @@
 //! ```json
 //! { "format": "dp-accountant-ledger", "version": 1,
 //!   "header": { "created_by": "...", "dataset_size": 1797, "target": {"epsilon": 3.0, "delta": 1e-5} },
-//!   "entries": [ { "index": 0, "prev_hash": "<hex>", "record": { ... }, "hash": "<hex>" } ],
+//!   "entries": [ { "index": 0, "prev_hash": "<hex>", "record": { "mechanism": { ... } }, "hash": "<hex>" },
+//!                { "index": 1, "prev_hash": "<hex>", "record": { "release": { ... } }, "hash": "<hex>" } ],
 //!   "head": "<hex>" }
 //! ```
 //! `hash_k = SHA-256("dp-accountant-ledger-entry-v1\n" || prev_hash_k || index_k (u64, big endian) || canonical(record_k))`,
@@ -99,6 +100,46 @@ pub struct MechanismRecord {
     pub sampler_seed: Seeding,
 }
 
+/// A model saved from the run: names the weights a privacy statement covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelRelease {
+    /// The file's name, e.g. `model.safetensors`.
+    pub file: String,
+    /// The SHA-256 of the file's bytes, lower-case hex.
+    pub weights_sha256: String,
+    /// The number of steps recorded before it (it reflects exactly those).
+    pub after_steps: u64,
+}
+
+/// What one ledger entry records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Record {
+    /// A mechanism applied to the data.
+    Mechanism(MechanismRecord),
+    /// A model saved from the run.
+    Release(ModelRelease),
+}
+
+impl Record {
+    /// The mechanism, if this entry records one.
+    pub fn mechanism(&self) -> Option<&MechanismRecord> {
+        match self {
+            Record::Mechanism(m) => Some(m),
+            Record::Release(_) => None,
+        }
+    }
+
+    /// The release, if this entry records one.
+    pub fn release(&self) -> Option<&ModelRelease> {
+        match self {
+            Record::Release(r) => Some(r),
+            Record::Mechanism(_) => None,
+        }
+    }
+}
+
 /// A privacy target declared by the run.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -134,8 +175,8 @@ pub struct LedgerEntry {
     pub index: u64,
     /// The hash of the previous entry (of the header for entry 0), hex.
     pub prev_hash: String,
-    /// The mechanism.
-    pub record: MechanismRecord,
+    /// What the entry records.
+    pub record: Record,
     /// This entry's hash, hex.
     pub hash: String,
 }
@@ -197,8 +238,26 @@ impl Ledger {
     /// event, [`LedgerError::InvalidEntry`] if it contradicts itself or the
     /// entries before it. Nothing is appended on error.
     pub fn append(&mut self, record: MechanismRecord) -> Result<&LedgerEntry> {
+        self.push(Record::Mechanism(record))
+    }
+
+    /// Records that the model file `file` with SHA-256 `weights_sha256` was
+    /// saved after the steps recorded so far.
+    ///
+    /// # Errors
+    /// [`LedgerError::InvalidEntry`] unless the hash is 64 hex digits.
+    pub fn append_release(&mut self, file: &str, weights_sha256: &str) -> Result<&LedgerEntry> {
+        let after_steps = self.total_steps();
+        self.push(Record::Release(ModelRelease {
+            file: file.to_string(),
+            weights_sha256: weights_sha256.to_ascii_lowercase(),
+            after_steps,
+        }))
+    }
+
+    fn push(&mut self, record: Record) -> Result<&LedgerEntry> {
         let index = self.entries.len();
-        check_record(&record, self.entries.first().map(|e| e.record.adjacency), index)?;
+        check_entry(&record, self.first_adjacency(), self.total_steps(), index)?;
         let prev =
             self.entries.last().map_or_else(|| header_hash(&self.header), |e| unhex(&e.hash).unwrap_or_default());
         let hash = entry_hash(&prev, index as u64, &record);
@@ -206,14 +265,28 @@ impl Ledger {
         Ok(&self.entries[index])
     }
 
+    /// The mechanisms recorded, in order.
+    pub fn mechanisms(&self) -> impl Iterator<Item = &MechanismRecord> {
+        self.entries.iter().filter_map(|e| e.record.mechanism())
+    }
+
+    /// The models released, in order.
+    pub fn releases(&self) -> impl Iterator<Item = &ModelRelease> {
+        self.entries.iter().filter_map(|e| e.record.release())
+    }
+
+    fn first_adjacency(&self) -> Option<Adjacency> {
+        self.mechanisms().next().map(|m| m.adjacency)
+    }
+
     /// The total number of noisy steps recorded.
     pub fn total_steps(&self) -> u64 {
-        self.entries.iter().fold(0u64, |s, e| s.saturating_add(e.record.event.steps()))
+        self.mechanisms().fold(0u64, |s, m| s.saturating_add(m.event.steps()))
     }
 
     /// The adjacency of the entries (that of an empty ledger is add/remove).
     pub fn adjacency(&self) -> Adjacency {
-        self.entries.first().map_or(Adjacency::AddOrRemoveOne, |e| e.record.adjacency)
+        self.first_adjacency().unwrap_or(Adjacency::AddOrRemoveOne)
     }
 
     /// An RDP accountant with every entry composed.
@@ -223,8 +296,8 @@ impl Ledger {
     /// accountant's own errors otherwise.
     pub fn rdp_accountant(&self) -> Result<RdpAccountant> {
         let mut acc = RdpAccountant::new(self.adjacency());
-        for e in &self.entries {
-            acc.compose(&e.record.event, 1)?;
+        for m in self.mechanisms() {
+            acc.compose(&m.event, 1)?;
         }
         Ok(acc)
     }
@@ -301,12 +374,10 @@ impl Ledger {
             if !entry.hash.eq_ignore_ascii_case(&hex(&hash)) {
                 return Err(LedgerError::HashMismatch { entry: k, expected: hex(&hash), found: entry.hash });
             }
-            check_record(&entry.record, ledger.entries.first().map(|e| e.record.adjacency), k).map_err(
-                |e| match e {
-                    Error::Ledger(l) => l,
-                    other => LedgerError::InvalidEntry { entry: k, message: other.to_string() },
-                },
-            )?;
+            check_entry(&entry.record, ledger.first_adjacency(), ledger.total_steps(), k).map_err(|e| match e {
+                Error::Ledger(l) => l,
+                other => LedgerError::InvalidEntry { entry: k, message: other.to_string() },
+            })?;
             prev = hash;
             ledger.entries.push(LedgerEntry { prev_hash: prev_hex, hash: hex(&hash), ..entry });
         }
@@ -345,8 +416,28 @@ fn malformed(entry: Option<usize>, e: &serde_json::Error) -> LedgerError {
     LedgerError::Malformed { entry, message: e.to_string() }
 }
 
+/// Checks an entry against the ledger before it.
+fn check_entry(record: &Record, adjacency: Option<Adjacency>, steps_before: u64, index: usize) -> Result<()> {
+    match record {
+        Record::Mechanism(m) => check_record(m, adjacency, index),
+        Record::Release(r) => {
+            let invalid = |message: String| Error::Ledger(LedgerError::InvalidEntry { entry: index, message });
+            if unhex(&r.weights_sha256).is_none() {
+                return Err(invalid(format!("weights_sha256 = {:?}: must be 64 hex digits", r.weights_sha256)));
+            }
+            if r.after_steps != steps_before {
+                return Err(invalid(format!(
+                    "after_steps = {}: the entries before it record {steps_before} steps",
+                    r.after_steps
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Checks a record's values and their consistency with each other and with
-/// the ledger's adjacency (that of entry 0).
+/// the ledger's adjacency (that of its first mechanism).
 fn check_record(record: &MechanismRecord, ledger_adjacency: Option<Adjacency>, index: usize) -> Result<()> {
     let invalid = |message: String| Error::Ledger(LedgerError::InvalidEntry { entry: index, message });
     ensure("clipping_norm", record.clipping_norm, Valid::Positive).map_err(|e| invalid(e.to_string()))?;
@@ -354,7 +445,7 @@ fn check_record(record: &MechanismRecord, ledger_adjacency: Option<Adjacency>, i
     if let Some(adjacency) = ledger_adjacency {
         if adjacency != record.adjacency {
             return Err(invalid(format!(
-                "adjacency = {}: differs from entry 0 ({adjacency}); one ledger has one unit of privacy",
+                "adjacency = {}: differs from the first mechanism's ({adjacency}); one ledger has one unit of privacy",
                 record.adjacency
             )));
         }
@@ -395,7 +486,7 @@ fn header_hash(header: &LedgerHeader) -> [u8; 32] {
     h.finalize().into()
 }
 
-fn entry_hash(prev: &[u8; 32], index: u64, record: &MechanismRecord) -> [u8; 32] {
+fn entry_hash(prev: &[u8; 32], index: u64, record: &Record) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(ENTRY_DOMAIN);
     h.update(prev);

@@ -67,8 +67,8 @@ pub use conversion::{DeltaBound, EpsilonBound};
 pub use error::{Error, LedgerError, Result, Valid};
 pub use event::{Adjacency, DpEvent};
 pub use ledger::{
-    Ledger, LedgerEntry, LedgerHeader, MechanismRecord, NoiseGenerator, NoiseSource, PrivacyTarget, SamplerKind,
-    Seeding,
+    Ledger, LedgerEntry, LedgerHeader, MechanismRecord, ModelRelease, NoiseGenerator, NoiseSource, PrivacyTarget,
+    Record, SamplerKind, Seeding,
 };
 pub use rdp::{default_orders, rdp_poisson_subsampled_gaussian, RdpAccountant};
 pub use report::{DeltaSource, MechanismSummary, PrivacyReport};

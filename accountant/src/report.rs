@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::error::{ensure, Result, Valid};
 use crate::event::{Adjacency, DpEvent};
-use crate::ledger::{Ledger, NoiseSource, PrivacyTarget, SamplerKind, Seeding};
+use crate::ledger::{Ledger, ModelRelease, NoiseSource, PrivacyTarget, SamplerKind, Seeding};
 
 /// The delta used when neither the caller nor the ledger gives one.
 pub const DEFAULT_DELTA: f64 = 1e-5;
@@ -69,6 +69,9 @@ pub struct PrivacyReport {
     pub adjacency: Adjacency,
     /// What kinds of step were taken.
     pub mechanisms: Vec<MechanismSummary>,
+    /// The model files the run released, with their SHA-256: the weights this
+    /// statement covers.
+    pub releases: Vec<ModelRelease>,
     /// Total noisy steps.
     pub total_steps: u64,
     /// The privacy loss bound at `delta`.
@@ -134,11 +137,7 @@ impl PrivacyReport {
                     .to_string(),
             );
         }
-        if ledger
-            .entries()
-            .iter()
-            .any(|e| e.record.sampler_seed == Seeding::Fixed && e.record.sampler != SamplerKind::FullBatch)
-        {
+        if ledger.mechanisms().any(|m| m.sampler_seed == Seeding::Fixed && m.sampler != SamplerKind::FullBatch) {
             caveats.push(
                 "The batches were drawn with a fixed seed: whoever knows it knows which examples each step used, and \
                  the amplification by sampling that the accounting relies on assumes they are secret."
@@ -195,6 +194,7 @@ impl PrivacyReport {
             dataset_size: header.dataset_size,
             adjacency: ledger.adjacency(),
             mechanisms,
+            releases: ledger.releases().cloned().collect(),
             total_steps: ledger.total_steps(),
             epsilon: bound.epsilon,
             delta,
@@ -222,6 +222,10 @@ impl PrivacyReport {
         let _ = writeln!(s, "Total steps:     {}", self.total_steps);
         for m in &self.mechanisms {
             let _ = writeln!(s, "Mechanism:       {}", describe(m));
+        }
+        for r in &self.releases {
+            let _ =
+                writeln!(s, "Model released:  {} after {} steps, SHA-256 {}", r.file, r.after_steps, r.weights_sha256);
         }
         if let Some(t) = self.target {
             let _ = writeln!(s, "Declared budget: {}", self.target_sentence(t));
@@ -261,6 +265,13 @@ impl PrivacyReport {
         let _ = writeln!(s, "| Accountant | {} ({}) |", self.accountant, self.accountant_reference);
         let _ = writeln!(s, "| Conversion | {} ({}) |", self.conversion, self.conversion_reference);
         let _ = writeln!(s, "| Optimal RDP order | {} ({}) |", fmt_num(self.order), self.orders);
+        for r in &self.releases {
+            let _ = writeln!(
+                s,
+                "| Model released | `{}` after {} steps, SHA-256 `{}` |",
+                r.file, r.after_steps, r.weights_sha256
+            );
+        }
         let _ = writeln!(s, "| Ledger | {} entries, head `{}` |", self.ledger_entries, self.ledger_head);
         let _ = writeln!(s, "| Written by | {}{} |", self.created_by, self.description_suffix());
         let _ = writeln!(s, "\n## Mechanisms\n");
@@ -332,8 +343,7 @@ impl PrivacyReport {
 /// Groups the ledger's steps by their parameters.
 fn summarize(ledger: &Ledger) -> Vec<MechanismSummary> {
     let mut out: Vec<MechanismSummary> = Vec::new();
-    for entry in ledger.entries() {
-        let r = &entry.record;
+    for r in ledger.mechanisms() {
         let mut leaves = Vec::new();
         leaves_with_count(&r.event, 1, &mut leaves);
         for (leaf, count) in leaves {

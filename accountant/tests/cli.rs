@@ -228,7 +228,7 @@ fn verify_exit_codes() {
     assert_eq!(o.status.code(), Some(1));
 
     let mut v: Value = serde_json::from_str(&ledger.to_json()).unwrap();
-    v["entries"][1]["record"]["clipping_norm"] = Value::from(5.0);
+    v["entries"][1]["record"]["mechanism"]["clipping_norm"] = Value::from(5.0);
     let edited = temp_file("edited.json", &v.to_string());
     let o = run(&["verify", edited.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));

@@ -34,13 +34,13 @@ fn round_trip_preserves_everything() {
 #[test]
 fn tampered_ledger_is_detected_when_an_entry_is_edited() {
     let mut v = json(&sample_ledger());
-    v["entries"][1]["record"]["event"]["self_composed"]["count"] = Value::from(25);
+    v["entries"][1]["record"]["mechanism"]["event"]["self_composed"]["count"] = Value::from(25);
     assert!(matches!(load(&v), Err(LedgerError::HashMismatch { entry: 1, .. })), "{:?}", load(&v));
     let mut v = json(&sample_ledger());
-    v["entries"][2]["record"]["clipping_norm"] = Value::from(10.0);
+    v["entries"][2]["record"]["mechanism"]["clipping_norm"] = Value::from(10.0);
     assert!(matches!(load(&v), Err(LedgerError::HashMismatch { entry: 2, .. })));
     let mut v = json(&sample_ledger());
-    v["entries"][0]["record"]["noise"]["seed"] = Value::from("fixed");
+    v["entries"][0]["record"]["mechanism"]["noise"]["seed"] = Value::from("fixed");
     assert!(matches!(load(&v), Err(LedgerError::HashMismatch { entry: 0, .. })));
 }
 
@@ -117,10 +117,10 @@ fn unknown_version_format_field_or_event_is_an_error() {
     v["format"] = Value::from("something-else");
     assert!(matches!(load(&v), Err(LedgerError::WrongFormat { .. })));
     let mut v = json(&sample_ledger());
-    v["entries"][1]["record"]["comment"] = Value::from("hi");
+    v["entries"][1]["record"]["mechanism"]["comment"] = Value::from("hi");
     assert!(matches!(load(&v), Err(LedgerError::Malformed { entry: Some(1), .. })), "{:?}", load(&v));
     let mut v = json(&sample_ledger());
-    v["entries"][2]["record"]["event"] = serde_json::json!({"laplace": {"scale": 1.0}});
+    v["entries"][2]["record"]["mechanism"]["event"] = serde_json::json!({"laplace": {"scale": 1.0}});
     let err = load(&v).unwrap_err();
     assert!(matches!(err, LedgerError::Malformed { entry: Some(2), .. }));
     assert!(err.to_string().contains("ledger entry 2") && err.to_string().contains("laplace"), "{err}");
@@ -173,7 +173,7 @@ fn rehash(v: &mut Value) {
         .finalize()
         .to_vec();
     for (k, entry) in v["entries"].as_array_mut().unwrap().iter_mut().enumerate() {
-        let record: MechanismRecord = serde_json::from_value(entry["record"].clone()).unwrap();
+        let record: dp_accountant::Record = serde_json::from_value(entry["record"].clone()).unwrap();
         let hash = Sha256::new()
             .chain_update(b"dp-accountant-ledger-entry-v1\n")
             .chain_update(&prev)
@@ -200,13 +200,13 @@ fn the_documented_hash_format_reproduces_the_hashes() {
 #[test]
 fn a_consistently_hashed_but_contradictory_entry_is_invalid() {
     let mut v = json(&sample_ledger());
-    v["entries"][1]["record"]["sampler"] = Value::from("full_batch");
+    v["entries"][1]["record"]["mechanism"]["sampler"] = Value::from("full_batch");
     rehash(&mut v);
     let err = load(&v).unwrap_err();
     assert!(matches!(err, LedgerError::InvalidEntry { entry: 1, .. }), "{err:?}");
     assert!(err.to_string().contains("sampler"), "{err}");
     let mut v = json(&sample_ledger());
-    v["entries"][2]["record"]["event"]["self_composed"]["event"]["poisson_sampled"]["event"]["gaussian"]
+    v["entries"][2]["record"]["mechanism"]["event"]["self_composed"]["event"]["poisson_sampled"]["event"]["gaussian"]
         ["noise_multiplier"] = Value::from(-1.0);
     rehash(&mut v);
     let err = load(&v).unwrap_err();
@@ -234,4 +234,28 @@ fn shuffled_fixed_size_batches_are_recorded_and_accounted_without_amplification(
     // sensitivity 2C: RDP = 3 * alpha * 4 / (2 sigma^2) = 1.5 alpha.
     let acc = ledger.rdp_accountant().unwrap();
     assert!((acc.rdp_at(3.0).unwrap() - 4.5).abs() < 1e-12);
+}
+
+#[test]
+fn a_model_release_is_chained_and_checked() {
+    let mut ledger = sample_ledger();
+    let sha = "ab".repeat(32);
+    ledger.append_release("model.safetensors", &sha).unwrap();
+    let back = Ledger::from_json(&ledger.to_json()).unwrap();
+    let release = back.releases().next().unwrap();
+    assert_eq!(
+        (release.file.as_str(), release.weights_sha256.as_str(), release.after_steps),
+        ("model.safetensors", sha.as_str(), 674)
+    );
+    assert_eq!(back.total_steps(), 674, "a release is not a step");
+    // Editing the named hash breaks the chain.
+    let mut v = json(&ledger);
+    v["entries"][3]["record"]["release"]["weights_sha256"] = Value::from("cd".repeat(32));
+    assert!(matches!(load(&v), Err(LedgerError::HashMismatch { entry: 3, .. })));
+    // A malformed hash or a wrong step count is refused.
+    assert!(ledger.append_release("m", "xyz").is_err());
+    let mut v = json(&ledger);
+    v["entries"][3]["record"]["release"]["after_steps"] = Value::from(5);
+    rehash(&mut v);
+    assert!(load(&v).unwrap_err().to_string().contains("after_steps = 5"));
 }
