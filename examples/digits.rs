@@ -5,8 +5,8 @@
 //! to a target epsilon (default 3 at delta 1e-5) with Poisson sampling and
 //! the noise calibrated by the RDP accountant. It prints the test accuracy
 //! and the privacy statement, and writes a run folder with `ledger.json`
-//! (for `dp-accountant report`), `report.md`, `model.safetensors` and
-//! `summary.json`.
+//! (for `dp-accountant report`), `report.md` and `report.html`,
+//! `model.safetensors` (named by its SHA-256 in the ledger) and `summary.json`.
 //!
 //! ```sh
 //! cargo run --release --example digits
@@ -235,6 +235,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         ledger.write(out.join("ledger.json"))?;
         let report = PrivacyReport::from_ledger(&ledger, Some(args.delta))?;
         std::fs::write(out.join("report.md"), report.to_markdown())?;
+        std::fs::write(out.join("report.html"), report.to_html())?;
         if !args.json {
             println!("{}", report.to_text());
         }

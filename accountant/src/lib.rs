@@ -61,6 +61,7 @@ pub mod ledger;
 mod math;
 pub mod rdp;
 pub mod report;
+mod report_html;
 
 pub use calibrate::{calibrate_noise_multiplier, calibrate_with, max_steps, NoiseCalibration, StepsCalibration};
 pub use conversion::{DeltaBound, EpsilonBound};

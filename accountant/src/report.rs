@@ -7,6 +7,7 @@ use serde::Serialize;
 use crate::error::{ensure, Result, Valid};
 use crate::event::{Adjacency, DpEvent};
 use crate::ledger::{Ledger, ModelRelease, NoiseSource, PrivacyTarget, SamplerKind, Seeding};
+use crate::rdp::RdpAccountant;
 
 /// The delta used when neither the caller nor the ledger gives one.
 pub const DEFAULT_DELTA: f64 = 1e-5;
@@ -100,6 +101,10 @@ pub struct PrivacyReport {
     pub orders: &'static str,
     /// Everything that weakens or qualifies the statement.
     pub caveats: Vec<String>,
+    /// Epsilon at `delta` after a given number of steps (about 40 points).
+    pub epsilon_by_step: Vec<(u64, f64)>,
+    /// Epsilon at the end against delta (`1e-12` to `1e-2`, log-spaced).
+    pub epsilon_by_delta: Vec<(f64, f64)>,
 }
 
 impl PrivacyReport {
@@ -186,7 +191,15 @@ impl PrivacyReport {
                 fmt_num(epsilon_at_target_delta.unwrap_or(f64::NAN))
             ));
         }
+        let epsilon_by_step = epsilon_by_step(ledger, delta)?;
+        let mut epsilon_by_delta = Vec::new();
+        for k in 0..=30 {
+            let d = 10f64.powf(-12.0 + 10.0 * f64::from(k) / 30.0);
+            epsilon_by_delta.push((d, acc.epsilon(d)?.epsilon));
+        }
         Ok(Self {
+            epsilon_by_step,
+            epsilon_by_delta,
             ledger_head: ledger.head(),
             ledger_entries: ledger.entries().len(),
             created_by: header.created_by.clone(),
@@ -304,7 +317,7 @@ impl PrivacyReport {
         serde_json::to_string_pretty(self).unwrap_or_default()
     }
 
-    fn guarantee_sentence(&self) -> String {
+    pub(crate) fn guarantee_sentence(&self) -> String {
         format!(
             "The training run recorded in this ledger is ({}, {:e})-differentially private over its {} steps, \
              protecting {}.",
@@ -315,14 +328,14 @@ impl PrivacyReport {
         )
     }
 
-    fn protected_unit(&self) -> String {
+    pub(crate) fn protected_unit(&self) -> String {
         match self.adjacency {
             Adjacency::AddOrRemoveOne => "each training example (add-or-remove-one adjacency)".into(),
             Adjacency::ReplaceOne => "each training example (replace-one adjacency)".into(),
         }
     }
 
-    fn target_sentence(&self, t: PrivacyTarget) -> String {
+    pub(crate) fn target_sentence(&self, t: PrivacyTarget) -> String {
         let verdict = match self.within_target {
             Some(true) => "met",
             _ => "EXCEEDED",
@@ -335,9 +348,44 @@ impl PrivacyReport {
         )
     }
 
-    fn description_suffix(&self) -> String {
+    pub(crate) fn description_suffix(&self) -> String {
         self.description.as_ref().map(|d| format!(" ({d})")).unwrap_or_default()
     }
+}
+
+/// Epsilon after about 40 evenly spaced step counts: the mechanisms before
+/// each count composed, a repeated or shuffled-batch mechanism cut at it.
+fn epsilon_by_step(ledger: &Ledger, delta: f64) -> Result<Vec<(u64, f64)>> {
+    let total = ledger.total_steps();
+    let mut points = vec![(0, 0.0)];
+    if total == 0 {
+        return Ok(points);
+    }
+    let n_points = total.min(40);
+    for j in 1..=n_points {
+        let target = total * j / n_points;
+        let mut acc = RdpAccountant::new(ledger.adjacency());
+        let mut remaining = target;
+        for m in ledger.mechanisms() {
+            let steps = m.event.steps();
+            if steps <= remaining {
+                acc.compose(&m.event, 1)?;
+                remaining -= steps;
+                continue;
+            }
+            match &m.event {
+                DpEvent::SelfComposed { event, .. } => acc.compose(event, remaining)?,
+                DpEvent::ShuffledFixedSizeBatches { noise_multiplier, steps_per_epoch, .. } => acc.compose(
+                    &DpEvent::shuffled_fixed_size_batches(*noise_multiplier, *steps_per_epoch, remaining),
+                    1,
+                )?,
+                _ => {}
+            }
+            break;
+        }
+        points.push((target, acc.epsilon(delta)?.epsilon));
+    }
+    Ok(points)
 }
 
 /// Groups the ledger's steps by their parameters.

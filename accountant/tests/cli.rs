@@ -271,7 +271,7 @@ fn report_formats_contain_the_ledgers_numbers() {
     assert_eq!(json["adjacency"], "add_or_remove_one");
     assert_eq!(json["mechanisms"].as_array().unwrap().len(), 2);
 
-    for format in ["text", "markdown"] {
+    for format in ["text", "markdown", "html"] {
         let o = run(&["report", p, "--delta", "1e-6", "--format", format]);
         assert_eq!(o.status.code(), Some(0));
         let out = stdout(&o);
@@ -279,8 +279,24 @@ fn report_formats_contain_the_ledgers_numbers() {
             assert!(out.contains(needle), "{format} report lacks {needle:?}:\n{out}");
         }
     }
+    let html = stdout(&run(&["report", p, "--delta", "1e-6", "--format", "html"]));
+    assert!(html.starts_with("<!DOCTYPE html>") && html.matches("<svg").count() == 2, "two plots");
+    // Self-contained: no scripts, no external resources.
+    assert!(!html.contains("<script") && !html.contains("src=") && !html.contains("href="));
     // Without --delta, the ledger's declared delta (1e-5) is used.
     let json = json_out(&["report", p, "--format", "json"]);
     assert_eq!(json["delta"].as_f64(), Some(1e-5));
     assert_eq!(json["delta_source"], "ledger_target");
+}
+
+#[test]
+fn reports_name_the_released_weights() {
+    let mut ledger = sample_ledger();
+    let sha = "0123456789abcdef".repeat(4);
+    ledger.append_release("model.safetensors", &sha).unwrap();
+    let path = temp_file("released.json", &ledger.to_json());
+    for format in ["text", "markdown", "html", "json"] {
+        let out = stdout(&run(&["report", path.to_str().unwrap(), "--format", format]));
+        assert!(out.contains(&sha) && out.contains("model.safetensors"), "{format} report lacks the weights' hash");
+    }
 }

@@ -81,3 +81,18 @@ fn a_bad_delta_is_refused() {
     let err = PrivacyReport::from_ledger(&sample_ledger(), Some(2.0)).unwrap_err();
     assert_eq!(err.to_string(), "delta = 2: must be in (0, 1)");
 }
+
+#[test]
+fn epsilon_curves_match_the_accountant() {
+    let ledger = sample_ledger();
+    let r = PrivacyReport::from_ledger(&ledger, Some(1e-5)).unwrap();
+    assert_eq!(r.epsilon_by_step.first(), Some(&(0, 0.0)));
+    assert_eq!(r.epsilon_by_step.last(), Some(&(674, r.epsilon)));
+    assert!(r.epsilon_by_step.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1), "non-decreasing in steps");
+    // Cutting inside an entry: 200 + 250 steps at sigma 1.9, then 224 at 2.1.
+    let (steps, eps) = r.epsilon_by_step.iter().find(|(s, _)| *s > 200 && *s < 450).copied().unwrap();
+    let mut acc = dp_accountant::RdpAccountant::new(Adjacency::AddOrRemoveOne);
+    acc.compose(&DpEvent::poisson_sampled_gaussian(0.0445, 1.9), steps).unwrap();
+    assert_eq!(eps, acc.epsilon(1e-5).unwrap().epsilon);
+    assert!(r.epsilon_by_delta.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 >= w[1].1), "non-increasing in delta");
+}

@@ -142,6 +142,8 @@ enum Format {
     Text,
     Markdown,
     Json,
+    /// A self-contained page with SVG plots of epsilon against steps and delta.
+    Html,
 }
 
 /// Why the CLI stops.
@@ -327,6 +329,7 @@ fn run(command: Command, out: &mut String) -> Result<(), Failure> {
                 Format::Text => report.to_text(),
                 Format::Markdown => report.to_markdown(),
                 Format::Json => report.to_json() + "\n",
+                Format::Html => report.to_html(),
             });
         }
         Command::Verify { ledger: path, expect_head } => {
