@@ -1,6 +1,8 @@
 //! Data loading and small utilities shared by the examples (and their tests).
 #![allow(dead_code)]
 
+pub mod idx;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
@@ -184,4 +186,33 @@ pub fn vars_by_name(varmap: &VarMap) -> Vec<candle_core::Var> {
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
     names.into_iter().map(|n| data[n].clone()).collect()
+}
+
+/// The MNIST CNN of the benchmarks, from DP layers: conv 1->16 k5, max-pool 2,
+/// conv 16->32 k5, max-pool 2, linear 512->10 (ReLU between).
+pub struct Cnn {
+    c1: candle_dp::DpConv,
+    c2: candle_dp::DpConv,
+    fc: candle_dp::DpLinear,
+}
+
+impl Cnn {
+    /// Builds it from `vb` (variables `c1.*`, `c2.*`, `fc.*`).
+    pub fn new(vb: candle_nn::VarBuilder) -> candle_core::Result<Self> {
+        let cfg = Default::default();
+        Ok(Self {
+            c1: candle_dp::conv2d(1, 16, 5, cfg, vb.pp("c1"))?,
+            c2: candle_dp::conv2d(16, 32, 5, cfg, vb.pp("c2"))?,
+            fc: candle_dp::linear(512, 10, vb.pp("fc"))?,
+        })
+    }
+}
+
+impl candle_core::Module for Cnn {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let b = x.dim(0)?;
+        let h = self.c1.forward(&x.reshape((b, 1, 28, 28))?)?.relu()?.max_pool2d(2)?;
+        let h = self.c2.forward(&h)?.relu()?.max_pool2d(2)?;
+        self.fc.forward(&h.flatten_from(1)?)
+    }
 }
