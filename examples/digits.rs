@@ -54,6 +54,11 @@ struct Args {
     /// Run folder (default runs/digits-<UTC time>).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Continue the run in this folder from its last checkpoint (written at
+    /// every epoch's end to `<run>/checkpoint/`); its spent budget carries
+    /// over. Give the same flags as the original run.
+    #[arg(long)]
+    resume: Option<PathBuf>,
     /// Train the same model without DP, for comparison.
     #[arg(long)]
     non_private: bool,
@@ -123,7 +128,14 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     if args.batch_size == 0 || args.batch_size > n {
         return Err(format!("--batch-size = {}: must be in [1, {n}]", args.batch_size).into());
     }
-    let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/digits-{}", common::utc_stamp())));
+    let out = args
+        .out
+        .clone()
+        .or_else(|| args.resume.clone())
+        .unwrap_or_else(|| PathBuf::from(format!("runs/digits-{}", common::utc_stamp())));
+    if args.resume.is_some() && args.non_private {
+        return Err("--resume continues a DP run; it cannot be combined with --non-private".into());
+    }
     std::fs::create_dir_all(&out)?;
     let steps_per_epoch = n.div_ceil(args.batch_size);
     let steps = (args.epochs * steps_per_epoch) as u64;
@@ -330,14 +342,28 @@ fn train_dp<O: Optimizer>(
     let dev = Device::Cpu;
     // Name order: `VarMap::all_vars` has none, and the noise is drawn in the
     // variables' order, so a seeded run needs a fixed one.
-    let mut opt = DpOptimizer::<O>::builder(common::vars_by_name(ctx.varmap), sampler.description())
-        .target(budget, ctx.steps)
-        .max_grad_norm(ctx.args.max_grad_norm)
-        .noise(noise)
-        .description(description)
-        .build(config)?;
+    let mut opt = match &ctx.args.resume {
+        // Continue a checkpointed run: weights, ledger (the spent budget),
+        // noise and sampler as they were; Adam's moments restart.
+        Some(dir) => {
+            let mut varmap = ctx.varmap.clone();
+            let vars = common::vars_by_name(ctx.varmap);
+            let (opt, resumed) = DpOptimizer::<O>::resume(dir.join("checkpoint"), &mut varmap, vars, config)?;
+            if let Some(resumed) = resumed {
+                *sampler = resumed;
+            }
+            bar.set_position(opt.steps());
+            opt
+        }
+        None => DpOptimizer::<O>::builder(common::vars_by_name(ctx.varmap), sampler.description())
+            .target(budget, ctx.steps)
+            .max_grad_norm(ctx.args.max_grad_norm)
+            .noise(noise)
+            .description(description)
+            .build(config)?,
+    };
     let mut ema = Ema::new(ctx.varmap, ctx.args.ema)?;
-    for step in 0..ctx.steps {
+    for step in opt.steps()..ctx.steps {
         let idx: Vec<usize> = sampler.sample().iter().map(|&i| ctx.train[i]).collect();
         if idx.is_empty() {
             opt.accumulate_empty();
@@ -350,7 +376,11 @@ fn train_dp<O: Optimizer>(
         }
         opt.step()?;
         ema.update(ctx.varmap)?;
-        let eps = if (step + 1) % ctx.steps_per_epoch as u64 == 0 { Some(opt.epsilon(budget.delta)?) } else { None };
+        let epoch_end = (step + 1) % ctx.steps_per_epoch as u64 == 0;
+        let eps = if epoch_end { Some(opt.epsilon(budget.delta)?) } else { None };
+        if epoch_end && step + 1 < ctx.steps {
+            opt.save_checkpoint(ctx.out.join("checkpoint"), ctx.varmap, Some(sampler))?;
+        }
         progress(bar, step, ctx.steps_per_epoch, epoch_loss, eps);
     }
     ema.apply(ctx.varmap)?;
