@@ -282,3 +282,40 @@ fn unowned_variables_and_bad_config_are_refused() {
         .build(0.1)
         .unwrap();
 }
+
+#[test]
+fn microbatch_engine_refuses_variables_no_loss_reaches() {
+    // DP layers give Candle no weight gradient: with the microbatch engine the
+    // variables would train on noise alone. That is an error, not a silent no-op.
+    let varmap = VarMap::new();
+    let (dp, _) = mlp_pair(&varmap, &[4, 2], DType::F32).unwrap();
+    let (x, y) = toy_data(10);
+    let sampler = PoissonSampler::seeded(10, 0.5, 1).unwrap();
+    let mut opt = DpOptimizer::<SGD>::builder(varmap.all_vars(), sampler.description())
+        .noise_multiplier(1.0)
+        .engine(Engine::Microbatch)
+        .noise(GaussianNoise::from_seed(1))
+        .build(0.1)
+        .unwrap();
+    let err = opt
+        .accumulate_microbatch(3, |i| {
+            loss::cross_entropy(&dp.forward(&x.narrow(0, i, 1)?)?, &y.narrow(0, i, 1)?).unwrap().tensor().sum_all()
+        })
+        .unwrap_err();
+    assert!(matches!(err, Error::MissingGradient { .. }), "{err}");
+}
+
+#[test]
+fn an_empty_loss_batch_points_to_accumulate_empty() {
+    let varmap = VarMap::new();
+    let (_dp, _) = mlp_pair(&varmap, &[4, 2], DType::F32).unwrap();
+    let sampler = PoissonSampler::seeded(10, 0.5, 1).unwrap();
+    let mut opt = DpOptimizer::<SGD>::builder(varmap.all_vars(), sampler.description())
+        .noise_multiplier(1.0)
+        .noise(GaussianNoise::from_seed(1))
+        .build(0.1)
+        .unwrap();
+    let empty = candle_dp::PerSampleLoss::new(Tensor::zeros(0, DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let err = opt.accumulate(&empty).unwrap_err().to_string();
+    assert!(err.contains("accumulate_empty"), "{err}");
+}

@@ -73,6 +73,13 @@ impl GhostEngine {
 
     fn clip_inner(&self, losses: &PerSampleLoss, clipping: &ClipMode, max_grad_norm: f64) -> Result<ClippedBatch> {
         let b = losses.len();
+        if b == 0 {
+            return Err(Error::Shape {
+                what: "per-sample losses",
+                expected: "at least one example (for an empty Poisson batch call accumulate_empty)",
+                got: vec![0],
+            });
+        }
         let values = losses.tensor().to_dtype(DType::F64)?.to_vec1::<f64>()?;
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             return Err(Error::NonFinite { what: "loss", sample: i });

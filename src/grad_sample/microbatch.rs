@@ -26,6 +26,7 @@ pub fn clip_microbatch(
 ) -> Result<ClippedBatch> {
     let mut sums: Vec<Tensor> = vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<_>>()?;
     let mut norms = Vec::with_capacity(batch_size);
+    let mut received = vec![false; vars.len()];
     for i in 0..batch_size {
         let loss = loss_of(i)?;
         if loss.rank() != 0 {
@@ -35,10 +36,16 @@ pub fn clip_microbatch(
             return Err(Error::NonFinite { what: "loss", sample: i });
         }
         let grads = loss.backward()?;
-        let per_var: Vec<Tensor> = vars
-            .iter()
-            .map(|v| grads.get(v.as_tensor()).cloned().map_or_else(|| v.zeros_like(), Ok))
-            .collect::<candle_core::Result<_>>()?;
+        let mut per_var = Vec::with_capacity(vars.len());
+        for (k, v) in vars.iter().enumerate() {
+            per_var.push(match grads.get(v.as_tensor()) {
+                Some(g) => {
+                    received[k] = true;
+                    g.clone()
+                }
+                None => v.zeros_like()?,
+            });
+        }
         let mut sq = 0.0;
         for g in &per_var {
             sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -52,6 +59,13 @@ pub fn clip_microbatch(
             *s = (&*s + g.affine(c, 0.0)?)?;
         }
         norms.push(norm);
+    }
+    // A variable no example's loss reaches is a wiring error (or a DP layer,
+    // which gives Candle no weight gradient): never train it silently on noise.
+    if let Some(index) = received.iter().position(|r| !r) {
+        if batch_size > 0 {
+            return Err(Error::MissingGradient { index, shape: vars[index].dims().to_vec() });
+        }
     }
     Ok(ClippedBatch { clipped_sums: sums, norms })
 }
