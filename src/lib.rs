@@ -47,6 +47,7 @@
 //! # Ok::<(), candle_dp::Error>(())
 //! ```
 #![deny(missing_docs)]
+#![deny(missing_debug_implementations)]
 
 pub use dp_accountant as accountant;
 
