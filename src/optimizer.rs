@@ -287,10 +287,8 @@ impl<O: Optimizer> DpOptimizer<O> {
     /// Stage 1 (ghost engine): clips and accumulates one physical batch from
     /// its per-example losses (their sum is back-propagated here).
     ///
-    /// This call runs the only backward pass the DP layers may see between
-    /// the forward and the step: a backward of your own on the same graph
-    /// would leave a second captured gradient in the layers, counted in this
-    /// batch's per-example gradients (still clipped to `C`, but wrong).
+    /// Only the backward pass run here counts: gradients that a backward of
+    /// your own left in the DP layers are discarded first.
     ///
     /// # Errors
     /// [`Error::NonFinite`] (nothing accumulated), [`Error::MissingGradient`],

@@ -84,7 +84,12 @@ impl GhostEngine {
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             return Err(Error::NonFinite { what: "loss", sample: i });
         }
-        // The per-example gradients of the sum are the per-example gradients.
+        // Only this backward counts: drop anything a backward of the caller's
+        // own left in the layers. The per-example gradients of the sum are the
+        // per-example gradients.
+        for (layer, _) in &self.layers {
+            layer.reset_grads();
+        }
         let _ = losses.tensor().sum_all()?.backward()?;
 
         // Squared norms per layer (only parameters that are trained count).

@@ -26,6 +26,8 @@ pub(crate) trait GhostLayer: Send + Sync + std::fmt::Debug {
     fn clipped_sums(&self, clip_factors: &Tensor) -> Result<Option<Vec<Tensor>>>;
     /// Forgets the captured uses.
     fn clear(&self);
+    /// Forgets the gradients captured so far (before the engine's own backward).
+    fn reset_grads(&self);
 }
 
 type Table = HashMap<TensorId, Weak<dyn GhostLayer>>;

@@ -175,4 +175,8 @@ impl GhostLayer for ConvTrace {
     fn clear(&self) {
         self.uses.clear();
     }
+
+    fn reset_grads(&self) {
+        self.uses.reset_grads();
+    }
 }

@@ -131,4 +131,8 @@ impl GhostLayer for EmbeddingTrace {
     fn clear(&self) {
         self.uses.clear();
     }
+
+    fn reset_grads(&self) {
+        self.uses.reset_grads();
+    }
 }

@@ -244,4 +244,8 @@ impl GhostLayer for LinearTrace {
     fn clear(&self) {
         self.uses.clear();
     }
+
+    fn reset_grads(&self) {
+        self.uses.reset_grads();
+    }
 }

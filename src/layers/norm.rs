@@ -219,4 +219,8 @@ impl GhostLayer for NormTrace {
     fn clear(&self) {
         self.uses.clear();
     }
+
+    fn reset_grads(&self) {
+        self.uses.reset_grads();
+    }
 }

@@ -90,4 +90,11 @@ impl<S: Clone> Captures<S> {
     pub(crate) fn clear(&self) {
         lock(&self.uses).clear();
     }
+
+    /// Forgets the gradients received so far, keeping the uses.
+    pub(crate) fn reset_grads(&self) {
+        for (_, slot) in lock(&self.uses).iter() {
+            *lock(slot) = None;
+        }
+    }
 }
