@@ -124,6 +124,21 @@ struct LinearOp {
     grad: GradSlot,
 }
 
+/// `x W^T` on any backend: one matmul against the transposed layout of `W`.
+fn linear_fwd<S: BackendStorage>(x: &S, xl: &Layout, w: &S, wl: &Layout) -> candle_core::Result<(S, Shape)> {
+    let (m, k) = xl.shape().dims2()?;
+    let (n, k2) = wl.shape().dims2()?;
+    if k != k2 {
+        return Err(candle_core::Error::ShapeMismatchBinaryOp {
+            lhs: xl.shape().clone(),
+            rhs: wl.shape().clone(),
+            op: "candle-dp-linear",
+        });
+    }
+    let out = x.matmul(w, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
+    Ok((out, Shape::from((m, n))))
+}
+
 impl CustomOp2 for LinearOp {
     fn name(&self) -> &'static str {
         "candle-dp-linear"
@@ -136,17 +151,29 @@ impl CustomOp2 for LinearOp {
         w: &CpuStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, k) = xl.shape().dims2()?;
-        let (n, k2) = wl.shape().dims2()?;
-        if k != k2 {
-            return Err(candle_core::Error::ShapeMismatchBinaryOp {
-                lhs: xl.shape().clone(),
-                rhs: wl.shape().clone(),
-                op: "candle-dp-linear",
-            });
-        }
-        let out = x.matmul(w, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
-        Ok((out, Shape::from((m, n))))
+        linear_fwd(x, xl, w, wl)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        linear_fwd(x, xl, w, wl)
+    }
+
+    #[cfg(all(feature = "metal", target_os = "macos"))]
+    fn metal_fwd(
+        &self,
+        x: &candle_core::MetalStorage,
+        xl: &Layout,
+        w: &candle_core::MetalStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
+        linear_fwd(x, xl, w, wl)
     }
 
     fn bwd(

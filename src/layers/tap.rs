@@ -28,6 +28,20 @@ pub(crate) fn tap(x: &Tensor, anchor: &Tensor) -> candle_core::Result<(Tensor, G
     Ok((y, slot))
 }
 
+/// A contiguous copy of `x` read through its layout, on a device backend.
+#[cfg(any(feature = "cuda", all(feature = "metal", target_os = "macos")))]
+fn copy_by_layout<S>(x: &S, xl: &Layout) -> candle_core::Result<(S, Shape)>
+where
+    S: BackendStorage,
+    S::Device: BackendDevice<Storage = S>,
+{
+    // SAFETY: `copy_strided_src` writes every element of the freshly
+    // allocated buffer (it has exactly `xl.shape()` elements) before any read.
+    let mut out = unsafe { x.device().alloc_uninit(xl.shape(), x.dtype())? };
+    x.copy_strided_src(&mut out, 0, xl)?;
+    Ok((out, xl.shape().clone()))
+}
+
 struct TapOp {
     slot: GradSlot,
 }
@@ -45,10 +59,33 @@ impl CustomOp2 for TapOp {
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         // Copy by layout: `try_clone` ignores the layout of a narrowed or
-        // transposed view on CPU (../shared/CANDLE.md).
+        // transposed view on CPU (../shared/CANDLE.md). Zeroed rather than
+        // uninitialized: no unsafe on the reference path.
         let mut out = candle_core::cpu_backend::CpuDevice.zeros_impl(xl.shape(), x.dtype())?;
         x.copy_strided_src(&mut out, 0, xl)?;
         Ok((out, xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        copy_by_layout(x, xl)
+    }
+
+    #[cfg(all(feature = "metal", target_os = "macos"))]
+    fn metal_fwd(
+        &self,
+        x: &candle_core::MetalStorage,
+        xl: &Layout,
+        _: &candle_core::MetalStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
+        copy_by_layout(x, xl)
     }
 
     fn bwd(
