@@ -52,6 +52,14 @@ pub(crate) fn register(layer: &Arc<dyn GhostLayer>) {
     }
 }
 
+/// Wraps a new layer and registers it as the owner of its parameters.
+pub(crate) fn registered<T: GhostLayer + 'static>(layer: T) -> Arc<T> {
+    let layer = Arc::new(layer);
+    let as_dyn: Arc<dyn GhostLayer> = layer.clone();
+    register(&as_dyn);
+    layer
+}
+
 /// The live layer that owns the variable `id`, if any.
 pub(crate) fn owner(id: TensorId) -> Option<Arc<dyn GhostLayer>> {
     lock().get(&id).and_then(Weak::upgrade)

@@ -82,10 +82,7 @@ fn conv_bias(fan_in: usize, out_c: usize, vb: &VarBuilder) -> candle_core::Resul
 
 impl DpConv {
     fn new(weight: Tensor, bias: Option<Tensor>, geometry: Geometry) -> Self {
-        let trace = Arc::new(ConvTrace { weight, bias, geometry, uses: Captures::new() });
-        let as_layer: Arc<dyn GhostLayer> = trace.clone();
-        registry::register(&as_layer);
-        Self { trace }
+        Self { trace: registry::registered(ConvTrace { weight, bias, geometry, uses: Captures::new() }) }
     }
 
     /// The kernel.

@@ -48,10 +48,7 @@ pub fn embedding(in_size: usize, out_size: usize, vb: VarBuilder) -> candle_core
 impl DpEmbedding {
     /// A layer over an existing table `[V, d]` (the variable's own tensor).
     pub fn new(weight: Tensor) -> Self {
-        let trace = Arc::new(EmbeddingTrace { weight, uses: Captures::new() });
-        let as_layer: Arc<dyn GhostLayer> = trace.clone();
-        registry::register(&as_layer);
-        Self { trace }
+        Self { trace: registry::registered(EmbeddingTrace { weight, uses: Captures::new() }) }
     }
 
     /// The table, `[V, d]`.

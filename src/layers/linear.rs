@@ -73,10 +73,7 @@ impl DpLinear {
     /// Pass the variables' own tensors (as a `VarBuilder` hands them out):
     /// the ghost engine finds a layer by its variables' ids.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        let trace = Arc::new(LinearTrace { weight, bias, uses: Captures::new() });
-        let as_layer: Arc<dyn GhostLayer> = trace.clone();
-        registry::register(&as_layer);
-        Self { trace }
+        Self { trace: registry::registered(LinearTrace { weight, bias, uses: Captures::new() }) }
     }
 
     /// The weight, `[out, in]`.

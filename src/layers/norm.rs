@@ -97,10 +97,7 @@ pub fn batch_norm(_num_features: usize, _vb: VarBuilder) -> crate::Result<DpNorm
 
 impl DpNorm {
     fn new(weight: Tensor, bias: Option<Tensor>, axis: Axis, remove_mean: bool, eps: f64) -> Self {
-        let trace = Arc::new(NormTrace { weight, bias, axis, remove_mean, eps, uses: Captures::new() });
-        let as_layer: Arc<dyn GhostLayer> = trace.clone();
-        registry::register(&as_layer);
-        Self { trace }
+        Self { trace: registry::registered(NormTrace { weight, bias, axis, remove_mean, eps, uses: Captures::new() }) }
     }
 
     /// The scale, one per feature or channel.
