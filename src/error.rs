@@ -104,6 +104,14 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
 }
 
+/// Lets the layer constructors, which keep candle-nn's `candle_core::Result`
+/// signatures, return this crate's typed errors (wrapped, downcastable).
+impl From<Error> for candle_core::Error {
+    fn from(e: Error) -> Self {
+        candle_core::Error::wrap(e)
+    }
+}
+
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

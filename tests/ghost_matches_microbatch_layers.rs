@@ -217,3 +217,13 @@ fn batch_norm_is_refused_with_a_replacement() {
     let err = candle_dp::batch_norm(4, vb(&varmap, DType::F32)).unwrap_err().to_string();
     assert!(err.contains("mixes examples") && err.contains("group_norm"), "{err}");
 }
+
+#[test]
+fn unsupported_layer_configurations_are_typed_errors() {
+    let varmap = VarMap::new();
+    let cfg = Conv2dConfig { groups: 2, ..Default::default() };
+    let err = candle_dp::conv2d(4, 4, 3, cfg, vb(&varmap, DType::F32)).unwrap_err().to_string();
+    assert!(err.contains("groups = 2: must be 1"), "{err}");
+    let err = candle_dp::group_norm(3, 4, 1e-5, vb(&varmap, DType::F32).pp("g")).unwrap_err().to_string();
+    assert!(err.contains("num_groups = 3: must be a divisor of num_channels"), "{err}");
+}

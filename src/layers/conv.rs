@@ -17,6 +17,7 @@ use candle_nn::{Conv1dConfig, Conv2dConfig, Init, VarBuilder};
 
 use super::linear::{concat_uses, linear_clipped_sums, linear_squared_norms};
 use super::tap::{tap, Captures};
+use crate::error::Error;
 use crate::grad_sample::registry::{self, GhostLayer};
 
 /// Padding and stride of a convolution, per spatial dimension (equal).
@@ -43,11 +44,15 @@ pub struct DpConv {
 }
 
 fn check_config(groups: usize, dilation: usize) -> candle_core::Result<()> {
-    if groups != 1 || dilation != 1 {
-        return Err(candle_core::Error::Msg(format!(
-            "candle-dp convolutions support groups = 1 and dilation = 1 (got groups = {groups}, dilation = \
-             {dilation}); use the microbatch engine for other convolutions"
-        )));
+    for (field, value) in [("groups", groups), ("dilation", dilation)] {
+        if value != 1 {
+            return Err(Error::InvalidConfig {
+                field,
+                value: value as f64,
+                valid: "1 (candle-dp cannot unfold grouped or dilated convolutions yet; use the microbatch engine)",
+            }
+            .into());
+        }
     }
     Ok(())
 }

@@ -72,9 +72,12 @@ pub fn rms_norm(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Dp
 /// provide the variables.
 pub fn group_norm(num_groups: usize, num_channels: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<DpNorm> {
     if num_groups == 0 || num_channels % num_groups != 0 {
-        return Err(candle_core::Error::Msg(format!(
-            "group_norm: num_groups ({num_groups}) must divide num_channels ({num_channels})"
-        )));
+        return Err(Error::InvalidConfig {
+            field: "num_groups",
+            value: num_groups as f64,
+            valid: "a divisor of num_channels, >= 1",
+        }
+        .into());
     }
     let weight = vb.get_with_hints(num_channels, "weight", Init::Const(1.0))?;
     let bias = vb.get_with_hints(num_channels, "bias", Init::Const(0.0))?;
