@@ -112,7 +112,8 @@ impl<O: Optimizer> DpOptimizerBuilder<O> {
         self
     }
 
-    /// The noise generator (default: ChaCha20 seeded from the OS).
+    /// The noise generator (default: ChaCha20 seeded from the OS, filling
+    /// large buffers on all available cores).
     pub fn noise(mut self, noise: GaussianNoise) -> Self {
         self.noise = Some(noise);
         self
@@ -185,7 +186,10 @@ impl<O: Optimizer> DpOptimizerBuilder<O> {
         };
         let noise = match self.noise {
             Some(n) => n,
-            None => GaussianNoise::from_os_entropy()?,
+            // Large models fill their noise on every core (the values do not
+            // depend on the thread count).
+            None => GaussianNoise::from_os_entropy()?
+                .with_threads(std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)),
         };
         let header = LedgerHeader {
             created_by: format!("candle-dp {}", env!("CARGO_PKG_VERSION")),
