@@ -28,10 +28,10 @@ fn no_sample_exceeds_clip_norm() {
         let losses = loss::cross_entropy(&dp.forward(&x).unwrap(), &y).unwrap();
         let out = engine.clip(&losses, &ClipMode::Flat, c).unwrap();
         let total = out.clipped_sums.iter().map(|t| norm(t).powi(2)).sum::<f64>().sqrt();
-        assert!(total <= c * (1.0 + 1e-6), "example {k}: contribution {total} > C = {c}");
-        if out.norms[0] > c {
+        assert!(total <= c, "example {k}: contribution {total} > C = {c}");
+        if out.norms[0] > c * (1.0 - 1e-4) {
             clipped += 1;
-            assert!((total - c).abs() < 1e-5 * c, "clipped to exactly C: {total}");
+            assert!(total > c * (1.0 - 2e-4), "clipped to C (1 - 1e-4), up to f32 rounding: {total}");
         } else {
             assert!((total - out.norms[0]).abs() < 1e-5 * out.norms[0].max(1e-12), "unclipped: {total}");
         }
@@ -56,7 +56,7 @@ fn per_layer_clipping_bounds_each_layer() {
         let out = engine.clip(&losses, &ClipMode::PerLayer(thresholds.clone()), 1.0).unwrap();
         let layer =
             |a: usize, b: usize| (norm(&out.clipped_sums[a]).powi(2) + norm(&out.clipped_sums[b]).powi(2)).sqrt();
-        assert!(layer(0, 1) <= 0.6 * (1.0 + 1e-12), "fc0: {}", layer(0, 1));
-        assert!(layer(2, 3) <= 0.8 * (1.0 + 1e-12), "fc1: {}", layer(2, 3));
+        assert!(layer(0, 1) <= 0.6, "fc0: {}", layer(0, 1));
+        assert!(layer(2, 3) <= 0.8, "fc1: {}", layer(2, 3));
     }
 }
