@@ -100,10 +100,16 @@ struct Optimum {
 fn minimize(
     orders: &[f64],
     rdp: &[f64],
+    skipped: &[bool],
     objective: impl Fn(f64, f64) -> f64,
     refine: Option<impl Fn(f64) -> f64>,
 ) -> Optimum {
-    let dropped: Vec<f64> = orders.iter().zip(rdp).filter(|(_, r)| !r.is_finite()).map(|(a, _)| *a).collect();
+    // Skipped orders (proved not to be the minimizer) are `+inf` but were
+    // never computed, so they are not "dropped".
+    let dropped: Vec<f64> = (0..orders.len())
+        .filter(|&k| !rdp[k].is_finite() && !skipped.get(k).copied().unwrap_or(false))
+        .map(|k| orders[k])
+        .collect();
     let values: Vec<f64> = orders.iter().zip(rdp).map(|(&a, &r)| objective(a, r)).collect();
     let mut best = 0;
     for k in 1..values.len() {
@@ -129,8 +135,14 @@ fn minimize(
 
 /// Epsilon at `delta`, minimized over the grid (and refined when `refine`
 /// gives the RDP at any order).
-pub(crate) fn epsilon(orders: &[f64], rdp: &[f64], delta: f64, refine: Option<impl Fn(f64) -> f64>) -> EpsilonBound {
-    let opt = minimize(orders, rdp, |a, r| epsilon_at_order(a, r, delta), refine);
+pub(crate) fn epsilon(
+    orders: &[f64],
+    rdp: &[f64],
+    skipped: &[bool],
+    delta: f64,
+    refine: Option<impl Fn(f64) -> f64>,
+) -> EpsilonBound {
+    let opt = minimize(orders, rdp, skipped, |a, r| epsilon_at_order(a, r, delta), refine);
     EpsilonBound {
         epsilon: opt.value,
         delta,
@@ -141,8 +153,14 @@ pub(crate) fn epsilon(orders: &[f64], rdp: &[f64], delta: f64, refine: Option<im
 }
 
 /// Delta at `epsilon`, minimized over the grid (and refined).
-pub(crate) fn delta(orders: &[f64], rdp: &[f64], epsilon: f64, refine: Option<impl Fn(f64) -> f64>) -> DeltaBound {
-    let opt = minimize(orders, rdp, |a, r| log_delta_at_order(a, r, epsilon), refine);
+pub(crate) fn delta(
+    orders: &[f64],
+    rdp: &[f64],
+    skipped: &[bool],
+    epsilon: f64,
+    refine: Option<impl Fn(f64) -> f64>,
+) -> DeltaBound {
+    let opt = minimize(orders, rdp, skipped, |a, r| log_delta_at_order(a, r, epsilon), refine);
     DeltaBound {
         delta: opt.value.exp().min(1.0),
         epsilon,
@@ -232,14 +250,14 @@ mod tests {
     fn dropped_orders_are_reported_and_never_chosen() {
         let orders = [2.0, 3.0, 4.0, 5.0];
         let rdp = [0.5, f64::INFINITY, 0.9, 1.2];
-        let b = epsilon(&orders, &rdp, 1e-5, None::<fn(f64) -> f64>);
+        let b = epsilon(&orders, &rdp, &[], 1e-5, None::<fn(f64) -> f64>);
         assert_eq!(b.dropped_orders, vec![3.0]);
         assert_ne!(b.order, 3.0);
         assert!(b.epsilon.is_finite());
         // All dropped: epsilon is infinite, and delta is 1.
         let inf = [f64::INFINITY; 4];
-        assert_eq!(epsilon(&orders, &inf, 1e-5, None::<fn(f64) -> f64>).epsilon, f64::INFINITY);
-        assert_eq!(delta(&orders, &inf, 1.0, None::<fn(f64) -> f64>).delta, 1.0);
+        assert_eq!(epsilon(&orders, &inf, &[], 1e-5, None::<fn(f64) -> f64>).epsilon, f64::INFINITY);
+        assert_eq!(delta(&orders, &inf, &[], 1.0, None::<fn(f64) -> f64>).delta, 1.0);
     }
 
     #[test]

@@ -8,7 +8,9 @@
 
 mod subsampled_gaussian;
 
-use crate::conversion::{self, DeltaBound, EpsilonBound};
+use std::sync::OnceLock;
+
+use crate::conversion::{self, epsilon_at_order, log_delta_at_order, DeltaBound, EpsilonBound};
 use crate::error::{ensure, Error, Result, Valid};
 use crate::event::{Adjacency, DpEvent};
 
@@ -79,7 +81,8 @@ struct SampledAtom {
     q: f64,
     sigma: f64,
     count: f64,
-    rdp_at_orders: Vec<f64>,
+    /// Its RDP at each grid order, computed when first needed.
+    rdp_at_orders: Vec<OnceLock<f64>>,
 }
 
 impl Composition {
@@ -121,7 +124,7 @@ impl Composition {
             atom.count += count;
             return;
         }
-        let rdp_at_orders = orders.iter().map(|&a| sampled_gaussian_rdp(q, sigma, a)).collect();
+        let rdp_at_orders = orders.iter().map(|_| OnceLock::new()).collect();
         self.sampled.push(SampledAtom { q, sigma, count, rdp_at_orders });
     }
 
@@ -131,10 +134,89 @@ impl Composition {
             .fold(self.gaussian * alpha, |acc, a| acc + a.count * sampled_gaussian_rdp(a.q, a.sigma, alpha))
     }
 
+    /// The total RDP at grid order `orders[k]` (cached per atom).
+    fn rdp_at_index(&self, k: usize, orders: &[f64]) -> f64 {
+        let alpha = orders[k];
+        self.sampled.iter().fold(self.gaussian * alpha, |acc, a| {
+            acc + a.count * *a.rdp_at_orders[k].get_or_init(|| sampled_gaussian_rdp(a.q, a.sigma, alpha))
+        })
+    }
+
     fn rdp_at_orders(&self, orders: &[f64]) -> Vec<f64> {
-        (0..orders.len())
-            .map(|k| self.sampled.iter().fold(self.gaussian * orders[k], |acc, a| acc + a.count * a.rdp_at_orders[k]))
-            .collect()
+        (0..orders.len()).map(|k| self.rdp_at_index(k, orders)).collect()
+    }
+
+    /// The RDP at the grid orders, except orders that convexity proves cannot
+    /// improve on the best value of `objective` (increasing in the RDP) found
+    /// so far: those are `+inf` and flagged as skipped.
+    ///
+    /// # Why skipping is exact
+    /// `F(a) = (a - 1) RDP(a)` is the cumulant generating function of the
+    /// privacy loss (for each atom, `ln E[(mu/mu0)^a]`), so it is convex, with
+    /// `F(0) = F(1) = 0`. On `(k, k+1)` it lies above both neighbouring
+    /// chords extended, `F(k) + (F(k) - F(k-1))(a - k)` and
+    /// `F(k+1) - (F(k+2) - F(k+1))(k+1 - a)`; beyond the last integer `m` of
+    /// the grid's run 2, 3, ..., m (for the default grid, 128 to 1024 beyond
+    /// 63) it lies above the last chord extended. That lower bound, put through
+    /// `objective`, bounds the order's value from below; if it is not below
+    /// the best exact value (by more than 1e-9 relative, for rounding), the
+    /// order cannot be the minimizer and its series is never summed.
+    fn rdp_pruned(&self, orders: &[f64], objective: impl Fn(f64, f64) -> f64) -> (Vec<f64>, Vec<bool>) {
+        let n = orders.len();
+        let mut rdp = vec![f64::INFINITY; n];
+        let mut skipped = vec![false; n];
+        // Integer orders 2, 3, ..., m_run that are all on the grid are
+        // computed first (they are cheap and anchor the bounds); F(0) = F(1) = 0.
+        let is_integer_on_grid = |m: usize| orders.iter().any(|&a| a == m as f64);
+        let mut m_run = 1;
+        while m_run < 4096 && is_integer_on_grid(m_run + 1) {
+            m_run += 1;
+        }
+        let mut f_int: Vec<f64> = vec![0.0; m_run + 1];
+        let mut best = f64::INFINITY;
+        for k in 0..n {
+            let a = orders[k];
+            if a.fract() == 0.0 && a >= 2.0 && a <= m_run as f64 {
+                rdp[k] = self.rdp_at_index(k, orders);
+                best = best.min(objective(a, rdp[k]));
+                f_int[a as usize] = (a - 1.0) * rdp[k];
+            }
+        }
+        let f_at = |m: usize| f_int.get(m).copied();
+        let lower_bound = |a: f64| -> Option<f64> {
+            let k = a.floor() as usize;
+            // The chord on (k-1, k) extended to the right; beyond the run, the last chord.
+            let left = match (f_at(k), k.checked_sub(1).and_then(f_at)) {
+                (Some(fk), Some(fk1)) => Some(fk + (fk - fk1) * (a - k as f64)),
+                _ if m_run >= 2 && a > m_run as f64 => {
+                    Some(f_int[m_run] + (f_int[m_run] - f_int[m_run - 1]) * (a - m_run as f64))
+                }
+                _ => None,
+            };
+            // The chord on (k+1, k+2) extended to the left.
+            let right = f_at(k + 1).zip(f_at(k + 2)).map(|(f1, f2)| f1 - (f2 - f1) * (k as f64 + 1.0 - a));
+            let lb = match (left, right) {
+                (Some(l), Some(r)) => l.max(r),
+                (Some(b), None) | (None, Some(b)) => b,
+                (None, None) => return None,
+            };
+            Some(lb.max(0.0) / (a - 1.0))
+        };
+        // The other orders, most promising first.
+        let mut rest: Vec<(usize, f64)> = (0..n)
+            .filter(|&k| rdp[k] == f64::INFINITY)
+            .map(|k| (k, lower_bound(orders[k]).map_or(f64::NEG_INFINITY, |lb| objective(orders[k], lb))))
+            .collect();
+        rest.sort_by(|x, y| x.1.total_cmp(&y.1));
+        for (k, lb_value) in rest {
+            if lb_value > best + 1e-9 * best.abs().max(1.0) {
+                skipped[k] = true;
+                continue;
+            }
+            rdp[k] = self.rdp_at_index(k, orders);
+            best = best.min(objective(orders[k], rdp[k]));
+        }
+        (rdp, skipped)
     }
 }
 
@@ -281,8 +363,8 @@ impl RdpAccountant {
     /// [`Error::InvalidParameter`] unless `delta` is in `(0, 1)`.
     pub fn epsilon(&self, delta: f64) -> Result<EpsilonBound> {
         ensure("delta", delta, Valid::OpenUnit)?;
-        let rdp = self.rdp();
-        Ok(conversion::epsilon(&self.orders, &rdp, delta, self.refiner()))
+        let (rdp, skipped) = self.composition.rdp_pruned(&self.orders, |a, r| epsilon_at_order(a, r, delta));
+        Ok(conversion::epsilon(&self.orders, &rdp, &skipped, delta, self.refiner()))
     }
 
     /// The smallest delta such that everything composed is
@@ -292,17 +374,19 @@ impl RdpAccountant {
     /// [`Error::InvalidParameter`] unless `epsilon` is finite and >= 0.
     pub fn delta(&self, epsilon: f64) -> Result<DeltaBound> {
         ensure("epsilon", epsilon, Valid::NonNegative)?;
-        let rdp = self.rdp();
-        Ok(conversion::delta(&self.orders, &rdp, epsilon, self.refiner()))
+        let (rdp, skipped) = self.composition.rdp_pruned(&self.orders, |a, r| log_delta_at_order(a, r, epsilon));
+        Ok(conversion::delta(&self.orders, &rdp, &skipped, epsilon, self.refiner()))
     }
 
     /// Epsilon at `delta` if everything composed so far were repeated
     /// `repetitions` times (RDP scales linearly): the budget search of
     /// calibration, without recomputing the series.
     pub(crate) fn epsilon_repeated(&self, delta: f64, repetitions: f64) -> EpsilonBound {
-        let rdp: Vec<f64> = self.rdp().iter().map(|r| r * repetitions).collect();
+        let (rdp, skipped) =
+            self.composition.rdp_pruned(&self.orders, |a, r| epsilon_at_order(a, r * repetitions, delta));
+        let rdp: Vec<f64> = rdp.iter().map(|r| r * repetitions).collect();
         let refine = self.refine.then_some(|alpha| repetitions * self.composition.rdp_at(alpha));
-        conversion::epsilon(&self.orders, &rdp, delta, refine)
+        conversion::epsilon(&self.orders, &rdp, &skipped, delta, refine)
     }
 
     fn refiner(&self) -> Option<impl Fn(f64) -> f64 + '_> {
