@@ -167,7 +167,7 @@ impl Composition {
         let mut skipped = vec![false; n];
         // Integer orders 2, 3, ..., m_run that are all on the grid are
         // computed first (they are cheap and anchor the bounds); F(0) = F(1) = 0.
-        let is_integer_on_grid = |m: usize| orders.iter().any(|&a| a == m as f64);
+        let is_integer_on_grid = |m: usize| orders.contains(&(m as f64));
         let mut m_run = 1;
         while m_run < 4096 && is_integer_on_grid(m_run + 1) {
             m_run += 1;
