@@ -232,7 +232,6 @@ impl<O: Optimizer> DpOptimizer<O> {
             builder = builder.budget(PrivacyBudget { epsilon, delta });
         }
         let mut opt = builder.build(config)?;
-        opt.accountant = ledger.rdp_accountant()?;
         opt.steps = m.steps;
         opt.ledger = ledger;
         let poisson = match (sampler, &m.sampler_state) {

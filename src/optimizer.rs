@@ -212,7 +212,6 @@ impl<O: Optimizer> DpOptimizerBuilder<O> {
             ledger: Ledger::new(header),
             pending_steps: 0,
             steps: 0,
-            accountant: RdpAccountant::new(sampler.adjacency()),
             budget: self.budget.zip(max_steps),
         })
     }
@@ -263,7 +262,6 @@ pub struct DpOptimizer<O: Optimizer> {
     pub(crate) ledger: Ledger,
     pub(crate) pending_steps: u64,
     pub(crate) steps: u64,
-    pub(crate) accountant: RdpAccountant,
     pub(crate) budget: Option<(PrivacyBudget, u64)>,
 }
 
@@ -357,14 +355,15 @@ impl<O: Optimizer> DpOptimizer<O> {
     /// [`Error::NothingAccumulated`]; Candle's errors.
     pub fn step(&mut self) -> Result<()> {
         if let Some((budget, max_steps)) = self.budget {
-            if self.steps >= max_steps {
-                let mut acc = self.accountant.clone();
-                acc.compose(&self.sampler.event(self.noise_multiplier, 1), 1)?;
-                return Err(Error::BudgetExhausted {
-                    would_spend: acc.epsilon(budget.delta)?.epsilon,
-                    budget: budget.epsilon,
-                    delta: budget.delta,
-                });
+            // Poisson steps compose exactly like one event of all the steps,
+            // so the step count decides. Shuffled-batch entries round their
+            // epochs up separately, so there the ledger itself is accounted.
+            let exact = !matches!(self.sampler, SamplerDescription::Poisson { .. });
+            if self.steps >= max_steps || exact {
+                let would_spend = self.epsilon_after(self.pending_steps + 1, budget.delta)?;
+                if self.steps >= max_steps || would_spend > budget.epsilon {
+                    return Err(Error::BudgetExhausted { would_spend, budget: budget.epsilon, delta: budget.delta });
+                }
             }
         }
         let sums = match &self.accumulated {
@@ -385,7 +384,6 @@ impl<O: Optimizer> DpOptimizer<O> {
         }
         self.inner.step(&grads)?;
         self.noise = noise;
-        self.accountant.compose(&self.sampler.event(self.noise_multiplier, 1), 1)?;
         self.pending_steps += 1;
         self.steps += 1;
         self.accumulated = None;
@@ -398,7 +396,17 @@ impl<O: Optimizer> DpOptimizer<O> {
     /// # Errors
     /// The accountant's, for a `delta` outside `(0, 1)`.
     pub fn epsilon(&self, delta: f64) -> Result<f64> {
-        Ok(self.accountant.epsilon(delta)?.epsilon)
+        self.epsilon_after(self.pending_steps, delta)
+    }
+
+    /// Epsilon of the ledger with `pending` steps since the last flush, as
+    /// the reviewer will account it.
+    fn epsilon_after(&self, pending: u64, delta: f64) -> Result<f64> {
+        let mut ledger = self.ledger.clone();
+        if pending > 0 {
+            ledger.append(self.record(pending))?;
+        }
+        Ok(ledger.rdp_accountant()?.epsilon(delta)?.epsilon)
     }
 
     /// The ledger as it stands, with the steps since the last flush as one entry.

@@ -225,6 +225,45 @@ fn shuffled_batches_are_recorded_as_such() {
     // 7 steps of 5 per epoch: 2 started epochs, each a Gaussian of sensitivity 2C.
     let rdp = ledger.rdp_accountant().unwrap().rdp_at(4.0).unwrap();
     assert!((rdp - 2.0 * 4.0 * 4.0 / (2.0 * 4.0)).abs() < 1e-12, "{rdp}");
+    // The optimizer's epsilon is the ledger's, as a reviewer accounts it.
+    assert_eq!(opt.epsilon(1e-5).unwrap(), ledger.rdp_accountant().unwrap().epsilon(1e-5).unwrap().epsilon);
+}
+
+#[test]
+fn shuffled_batches_respect_the_budget_across_ledger_flushes() {
+    let varmap = VarMap::new();
+    let (dp, _) = mlp_pair(&varmap, &[4, 2], DType::F32).unwrap();
+    let (x, y) = toy_data(100);
+    let mut sampler = ShuffledSampler::new(100, 20, Some(1)).unwrap();
+    let budget = PrivacyBudget { epsilon: 6.0, delta: 1e-5 };
+    let mut opt = DpOptimizer::<SGD>::builder(varmap.all_vars(), sampler.description())
+        .noise_multiplier(3.0)
+        .budget(budget)
+        .noise(GaussianNoise::from_seed(1))
+        .build(0.1)
+        .unwrap();
+    let mut taken = 0;
+    loop {
+        let idx = sampler.sample();
+        opt.accumulate(&loss::cross_entropy(&dp.forward(&take(&x, &idx)).unwrap(), &take(&y, &idx)).unwrap()).unwrap();
+        match opt.step() {
+            Ok(()) => taken += 1,
+            Err(Error::BudgetExhausted { would_spend, .. }) => {
+                assert!(would_spend > 6.0);
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+        // Flushing mid-epoch splits the ledger into entries whose epochs round up separately.
+        if taken % 3 == 0 {
+            opt.flush_ledger().unwrap();
+        }
+        assert!(taken < 1000);
+    }
+    let ledger = opt.ledger().unwrap();
+    let spent = ledger.rdp_accountant().unwrap().epsilon(1e-5).unwrap().epsilon;
+    assert!(spent <= 6.0, "the ledger as accounted stays within the budget: {spent}");
+    assert!(taken > 0);
 }
 
 #[test]
