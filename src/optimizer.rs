@@ -20,7 +20,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use candle_nn::Optimizer;
 use dp_accountant::{
-    calibrate_with, Ledger, LedgerHeader, MechanismRecord, NoiseGenerator, NoiseSource, PrivacyTarget, RdpAccountant,
+    calibrate_with, max_steps_with, Ledger, LedgerHeader, MechanismRecord, NoiseGenerator, NoiseSource, PrivacyTarget,
+    RdpAccountant,
 };
 
 use crate::clip::ClipMode;
@@ -219,31 +220,17 @@ impl<O: Optimizer> DpOptimizerBuilder<O> {
 
 /// The largest number of steps with this sampler and noise that stays within `budget`.
 fn max_steps_within(sampler: &SamplerDescription, sigma: f64, budget: PrivacyBudget) -> Result<u64> {
-    let eps = |n: u64| -> Result<f64> {
+    let calibration = max_steps_with(budget.epsilon, |n| {
         let mut acc = RdpAccountant::new(sampler.adjacency());
         acc.compose(&sampler.event(sigma, n), 1)?;
-        Ok(acc.epsilon(budget.delta)?.epsilon)
-    };
-    if eps(1)? > budget.epsilon {
-        return Ok(0);
+        acc.epsilon(budget.delta)
+    });
+    match calibration {
+        Ok(c) => Ok(c.steps),
+        // More than 2^40 steps fit: no practical limit.
+        Err(dp_accountant::Error::Calibration { .. }) => Ok(u64::MAX),
+        Err(e) => Err(e.into()),
     }
-    let (mut lo, mut hi) = (1u64, 2u64);
-    while eps(hi)? <= budget.epsilon {
-        lo = hi;
-        if hi >= 1 << 40 {
-            return Ok(hi);
-        }
-        hi *= 2;
-    }
-    while hi - lo > 1 {
-        let mid = lo + (hi - lo) / 2;
-        if eps(mid)? <= budget.epsilon {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    Ok(lo)
 }
 
 /// DP-SGD around the Candle optimizer `O` (SGD, AdamW, or any implementation).

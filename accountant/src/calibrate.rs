@@ -157,22 +157,38 @@ pub fn calibrate_with(target: f64, epsilon_of: impl Fn(f64) -> Result<EpsilonBou
 /// [`Error::InvalidParameter`] for a parameter out of range;
 /// [`Error::Calibration`] if more than `2^40` steps fit.
 pub fn max_steps(target_epsilon: f64, delta: f64, sample_rate: f64, noise_multiplier: f64) -> Result<StepsCalibration> {
-    ensure("target_epsilon", target_epsilon, Valid::Positive)?;
     ensure("delta", delta, Valid::OpenUnit)?;
     ensure("sample_rate", sample_rate, Valid::HalfOpenUnit)?;
     ensure("noise_multiplier", noise_multiplier, Valid::Positive)?;
     let mut acc = RdpAccountant::new(Adjacency::AddOrRemoveOne);
     acc.compose(&DpEvent::poisson_sampled_gaussian(sample_rate, noise_multiplier), 1)?;
-    let eps = |n: u64| acc.epsilon_repeated(delta, n as f64);
-    let first = eps(1);
+    // The per-step RDP is computed once; n steps scale it (RDP composes linearly).
+    max_steps_with(target_epsilon, |n| Ok(acc.epsilon_repeated(delta, n as f64)))
+}
+
+/// The largest `n` with `epsilon_of(n) <= target_epsilon`, for any epsilon
+/// that does not decrease with the number of steps (`n = 0` gives epsilon 0).
+///
+/// # Numerics
+/// Doubling, then bisection: `epsilon_of(n) <= target < epsilon_of(n + 1)`.
+///
+/// # Errors
+/// [`Error::InvalidParameter`] unless `target_epsilon > 0`;
+/// [`Error::Calibration`] if more than `2^40` steps fit; `epsilon_of`'s.
+pub fn max_steps_with(
+    target_epsilon: f64,
+    epsilon_of: impl Fn(u64) -> Result<EpsilonBound>,
+) -> Result<StepsCalibration> {
+    ensure("target_epsilon", target_epsilon, Valid::Positive)?;
+    let first = epsilon_of(1)?;
     if first.epsilon > target_epsilon {
-        return Ok(StepsCalibration { steps: 0, epsilon: acc.epsilon_repeated(delta, 0.0) });
+        return Ok(StepsCalibration { steps: 0, epsilon: epsilon_of(0)? });
     }
-    // Invariant: eps(lo) <= target < eps(hi).
+    // Invariant: epsilon_of(lo) <= target < epsilon_of(hi).
     let (mut lo, mut e_lo) = (1u64, first);
     let mut hi = 2u64;
     loop {
-        let e = eps(hi);
+        let e = epsilon_of(hi)?;
         if e.epsilon > target_epsilon {
             break;
         }
@@ -186,7 +202,7 @@ pub fn max_steps(target_epsilon: f64, delta: f64, sample_rate: f64, noise_multip
     }
     while hi - lo > 1 {
         let mid = lo + (hi - lo) / 2;
-        let e = eps(mid);
+        let e = epsilon_of(mid)?;
         if e.epsilon <= target_epsilon {
             (lo, e_lo) = (mid, e);
         } else {

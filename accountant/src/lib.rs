@@ -63,7 +63,9 @@ pub mod rdp;
 pub mod report;
 mod report_html;
 
-pub use calibrate::{calibrate_noise_multiplier, calibrate_with, max_steps, NoiseCalibration, StepsCalibration};
+pub use calibrate::{
+    calibrate_noise_multiplier, calibrate_with, max_steps, max_steps_with, NoiseCalibration, StepsCalibration,
+};
 pub use conversion::{DeltaBound, EpsilonBound};
 pub use error::{Error, LedgerError, Result, Valid};
 pub use event::{Adjacency, DpEvent};
