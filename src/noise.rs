@@ -82,27 +82,41 @@ impl GaussianNoise {
 
     /// Adds `N(0, std^2)` noise to every element of `values`.
     pub fn add_to_f64(&mut self, values: &mut [f64], std: f64) {
+        self.apply(values, |v, z| *v += std * z);
+    }
+
+    /// Replaces every element `v` of `values` by `(v + N(0, std^2)) * scale`,
+    /// computed in `f64` and rounded once.
+    pub fn add_scaled_to_f32(&mut self, values: &mut [f32], std: f64, scale: f64) {
+        self.apply(values, |v, z| *v = ((f64::from(*v) + std * z) * scale) as f32);
+    }
+
+    /// Calls `f(value, z)` with a fresh hardened standard normal `z` for each
+    /// value, in order; buffers over one chunk are split into independently
+    /// keyed chunks (see the type's security notes), on `threads` threads.
+    fn apply<T: Send>(&mut self, values: &mut [T], f: impl Fn(&mut T, f64) + Sync) {
         if values.len() <= CHUNK {
             for v in values.iter_mut() {
-                *v += std * hardened_normal(&mut self.rng);
+                f(v, hardened_normal(&mut self.rng));
             }
             return;
         }
         let mut key = [0u8; 32];
         self.rng.fill_bytes(&mut key);
-        let fill = |(k, chunk): (usize, &mut [f64])| {
+        let fill = |(k, chunk): (usize, &mut [T])| {
             let mut rng = ChaCha20Rng::from_seed(key);
             rng.set_stream(k as u64);
             for v in chunk.iter_mut() {
-                *v += std * hardened_normal(&mut rng);
+                f(v, hardened_normal(&mut rng));
             }
         };
-        let mut chunks: Vec<(usize, &mut [f64])> = values.chunks_mut(CHUNK).enumerate().collect();
+        let mut chunks: Vec<(usize, &mut [T])> = values.chunks_mut(CHUNK).enumerate().collect();
         if self.threads == 1 {
             chunks.into_iter().for_each(fill);
             return;
         }
         let per_thread = chunks.len().div_ceil(self.threads);
+        let fill = &fill;
         std::thread::scope(|scope| {
             while !chunks.is_empty() {
                 let rest = chunks.split_off(chunks.len().saturating_sub(per_thread));
@@ -205,6 +219,20 @@ mod tests {
         let var = one.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
         assert!(mean.abs() < 5.0 * 2.0 / n.sqrt(), "mean {mean}");
         assert!((var / 4.0 - 1.0).abs() < 5.0 * (2.0 / n).sqrt(), "variance {var}");
+    }
+
+    /// The f32 path draws the same values as the f64 one and rounds once.
+    #[test]
+    fn f32_path_matches_the_f64_path() {
+        let n = 2 * CHUNK + 5;
+        let base: Vec<f32> = (0..n).map(|k| (k % 17) as f32 * 0.25).collect();
+        let mut wide: Vec<f64> = base.iter().map(|v| f64::from(*v)).collect();
+        GaussianNoise::from_seed(3).add_to_f64(&mut wide, 0.7);
+        let mut narrow = base.clone();
+        GaussianNoise::from_seed(3).with_threads(2).add_scaled_to_f32(&mut narrow, 0.7, 0.5);
+        for (w, n) in wide.iter().zip(&narrow) {
+            assert_eq!((w * 0.5) as f32, *n);
+        }
     }
 
     /// Two generators from the OS differ (they are not a fixed default seed).

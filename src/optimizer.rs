@@ -483,11 +483,9 @@ impl<O: Optimizer> DpOptimizer<O> {
 /// rounded once to the sum's dtype (`f32` directly; others through `f64`).
 fn noisy_mean(sum: &Tensor, noise: &mut GaussianNoise, std: f64, scale: f64) -> Result<Tensor> {
     if sum.dtype() == DType::F32 {
-        let values = sum.flatten_all()?.to_vec1::<f32>()?;
-        let mut wide: Vec<f64> = values.iter().map(|v| f64::from(*v)).collect();
-        noise.add_to_f64(&mut wide, std);
-        let out: Vec<f32> = wide.iter().map(|v| (v * scale) as f32).collect();
-        return Ok(Tensor::from_vec(out, sum.shape(), sum.device())?);
+        let mut values = sum.flatten_all()?.to_vec1::<f32>()?;
+        noise.add_scaled_to_f32(&mut values, std, scale);
+        return Ok(Tensor::from_vec(values, sum.shape(), sum.device())?);
     }
     let dtype = sum.dtype();
     let mut values = sum.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
