@@ -15,10 +15,10 @@ use std::sync::Arc;
 use candle_core::{Module, Tensor};
 use candle_nn::{Conv1dConfig, Conv2dConfig, Init, VarBuilder};
 
-use super::linear::{concat_uses, linear_clipped_sums, linear_squared_norms};
+use super::linear::{concat_uses, LinearMap};
 use super::tap::{tap, Captures};
 use crate::error::Error;
-use crate::grad_sample::registry::{self, GhostLayer};
+use crate::grad_sample::registry;
 
 /// Padding and stride of a convolution, per spatial dimension (equal).
 #[derive(Debug, Clone, Copy)]
@@ -139,7 +139,19 @@ impl Module for DpConv {
     }
 }
 
-impl ConvTrace {
+impl LinearMap for ConvTrace {
+    fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    fn uses(&self) -> &Captures<Tensor> {
+        &self.uses
+    }
+
     /// Unfolded inputs `[B, T, d]` and output gradients `[B, T, C_out]`.
     fn gathered(&self) -> candle_core::Result<Option<(Tensor, Tensor)>> {
         let mut xs = Vec::new();
@@ -150,35 +162,5 @@ impl ConvTrace {
             xs.push(x);
         }
         concat_uses(xs, gs)
-    }
-}
-
-impl GhostLayer for ConvTrace {
-    fn parameters(&self) -> Vec<Tensor> {
-        std::iter::once(self.weight.clone()).chain(self.bias.clone()).collect()
-    }
-
-    fn squared_norms(&self) -> crate::Result<Option<Vec<Tensor>>> {
-        let Some((x, g)) = self.gathered()? else {
-            return Ok(None);
-        };
-        Ok(Some(linear_squared_norms(&x, &g, self.bias.is_some())?))
-    }
-
-    fn clipped_sums(&self, c: &Tensor) -> crate::Result<Option<Vec<Tensor>>> {
-        let Some((x, g)) = self.gathered()? else {
-            return Ok(None);
-        };
-        let mut sums = linear_clipped_sums(&x, &g, c, self.bias.is_some())?;
-        sums[0] = sums[0].reshape(self.weight.shape())?;
-        Ok(Some(sums))
-    }
-
-    fn clear(&self) {
-        self.uses.clear();
-    }
-
-    fn reset_grads(&self) {
-        self.uses.reset_grads();
     }
 }

@@ -186,9 +186,19 @@ impl CustomOp2 for LinearOp {
     }
 }
 
-impl LinearTrace {
-    /// The uses that received a gradient, concatenated along `T`:
-    /// `X [B, T, d]`, `G [B, T, p]`.
+impl LinearMap for LinearTrace {
+    fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    fn uses(&self) -> &Captures<Tensor> {
+        &self.uses
+    }
+
     fn gathered(&self) -> candle_core::Result<Option<(Tensor, Tensor)>> {
         let p = self.weight.dim(0)?;
         let mut xs = Vec::new();
@@ -246,30 +256,44 @@ pub(crate) fn linear_clipped_sums(x: &Tensor, g: &Tensor, c: &Tensor, bias: bool
     Ok(sums)
 }
 
-impl GhostLayer for LinearTrace {
+/// A layer that is a linear map over per-example positions: it provides its
+/// inputs `X [B, T, d]` and output gradients `G [B, T, p]`, and gets the
+/// ghost norms and clipped sums of [`linear_squared_norms`] and
+/// [`linear_clipped_sums`] (the weight sum reshaped to the weight's shape).
+pub(crate) trait LinearMap: Send + Sync + std::fmt::Debug {
+    fn weight(&self) -> &Tensor;
+    fn bias(&self) -> Option<&Tensor>;
+    fn uses(&self) -> &Captures<Tensor>;
+    /// `X` and `G` of the uses that received a gradient, along `T`.
+    fn gathered(&self) -> candle_core::Result<Option<(Tensor, Tensor)>>;
+}
+
+impl<L: LinearMap> GhostLayer for L {
     fn parameters(&self) -> Vec<Tensor> {
-        std::iter::once(self.weight.clone()).chain(self.bias.clone()).collect()
+        std::iter::once(self.weight().clone()).chain(self.bias().cloned()).collect()
     }
 
     fn squared_norms(&self) -> crate::Result<Option<Vec<Tensor>>> {
         let Some((x, g)) = self.gathered()? else {
             return Ok(None);
         };
-        Ok(Some(linear_squared_norms(&x, &g, self.bias.is_some())?))
+        Ok(Some(linear_squared_norms(&x, &g, self.bias().is_some())?))
     }
 
     fn clipped_sums(&self, c: &Tensor) -> crate::Result<Option<Vec<Tensor>>> {
         let Some((x, g)) = self.gathered()? else {
             return Ok(None);
         };
-        Ok(Some(linear_clipped_sums(&x, &g, c, self.bias.is_some())?))
+        let mut sums = linear_clipped_sums(&x, &g, c, self.bias().is_some())?;
+        sums[0] = sums[0].reshape(self.weight().shape())?;
+        Ok(Some(sums))
     }
 
     fn clear(&self) {
-        self.uses.clear();
+        self.uses().clear();
     }
 
     fn reset_grads(&self) {
-        self.uses.reset_grads();
+        self.uses().reset_grads();
     }
 }
