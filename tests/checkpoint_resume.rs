@@ -5,17 +5,12 @@ mod common;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_dp::{loss, DpOptimizer, Error, GaussianNoise, PoissonSampler, PrivacyBudget};
 use candle_nn::{VarMap, SGD};
-use common::{mlp_pair, set_deterministic, tensor, vars_by_name};
+use common::{mlp_pair, set_deterministic, take, tensor, vars_by_name};
 
 fn data() -> (Tensor, Tensor) {
     let x = tensor(&[60, 5], 3, 1.0, DType::F32).unwrap();
     let y = Tensor::from_vec((0..60u32).map(|i| i % 3).collect(), 60, &Device::Cpu).unwrap();
     (x, y)
-}
-
-fn take(t: &Tensor, idx: &[usize]) -> Tensor {
-    let i: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
-    t.index_select(&Tensor::from_vec(i, idx.len(), t.device()).unwrap(), 0).unwrap()
 }
 
 /// Runs `steps` DP-SGD steps.

@@ -9,7 +9,7 @@ use candle_dp::{
     ShuffledSampler,
 };
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap, SGD};
-use common::{mlp_pair, set_deterministic, tensor, vars_by_name};
+use common::{mlp_pair, set_deterministic, take, tensor, vars_by_name};
 use dp_accountant::{Ledger, PrivacyReport, Seeding};
 
 fn weights(varmap: &VarMap) -> Vec<f64> {
@@ -25,11 +25,6 @@ fn toy_data(n: usize) -> (Tensor, Tensor) {
     let v = x.to_vec2::<f32>().unwrap();
     let y: Vec<u32> = v.iter().map(|r| u32::from(r[0] + r[1] > 0.0)).collect();
     (x, Tensor::from_vec(y, n, &Device::Cpu).unwrap())
-}
-
-fn take(t: &Tensor, idx: &[usize]) -> Tensor {
-    let i: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
-    t.index_select(&Tensor::from_vec(i, idx.len(), t.device()).unwrap(), 0).unwrap()
 }
 
 /// With zero gradients (empty Poisson batches) and SGD at learning rate 1,

@@ -94,3 +94,9 @@ pub fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
 pub fn norm(t: &Tensor) -> f64 {
     t.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt()
 }
+
+/// The rows `idx` of `t` (a physical batch).
+pub fn take(t: &Tensor, idx: &[usize]) -> Tensor {
+    let i: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
+    t.index_select(&Tensor::from_vec(i, idx.len(), t.device()).unwrap(), 0).unwrap()
+}
