@@ -164,6 +164,21 @@ impl DpEvent {
         Ok(())
     }
 
+    /// The leaf mechanisms (neither composed nor self-composed) of the event
+    /// tree, each with how many times it is applied (saturating).
+    pub fn leaves(&self) -> Vec<(&DpEvent, u64)> {
+        fn walk<'a>(event: &'a DpEvent, count: u64, out: &mut Vec<(&'a DpEvent, u64)>) {
+            match event {
+                DpEvent::SelfComposed { event, count: n } => walk(event, count.saturating_mul(*n), out),
+                DpEvent::Composed { events } => events.iter().for_each(|e| walk(e, count, out)),
+                leaf => out.push((leaf, count)),
+            }
+        }
+        let mut out = Vec::new();
+        walk(self, 1, &mut out);
+        out
+    }
+
     /// The number of noisy steps (noisy releases) the event stands for.
     ///
     /// Saturates at `u64::MAX` rather than wrapping.

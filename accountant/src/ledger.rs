@@ -450,28 +450,18 @@ fn check_record(record: &MechanismRecord, ledger_adjacency: Option<Adjacency>, i
             )));
         }
     }
-    let mut leaves = Vec::new();
-    collect_leaf_kinds(&record.event, &mut leaves);
     let expected = match record.sampler {
         SamplerKind::Poisson => "poisson_sampled",
         SamplerKind::ShuffledFixedSize => "shuffled_fixed_size_batches",
         SamplerKind::FullBatch => "gaussian",
     };
-    if let Some(bad) = leaves.iter().find(|k| **k != expected) {
+    if let Some(bad) = record.event.leaves().iter().map(|(leaf, _)| leaf.kind()).find(|k| *k != expected) {
         return Err(invalid(format!(
             "sampler = {:?} but the event contains a {bad} mechanism: a {:?} sampler records {expected} events only",
             record.sampler, record.sampler
         )));
     }
     Ok(())
-}
-
-fn collect_leaf_kinds(event: &DpEvent, out: &mut Vec<&'static str>) {
-    match event {
-        DpEvent::SelfComposed { event, .. } => collect_leaf_kinds(event, out),
-        DpEvent::Composed { events } => events.iter().for_each(|e| collect_leaf_kinds(e, out)),
-        other => out.push(other.kind()),
-    }
 }
 
 fn canonical<T: Serialize>(value: &T) -> Vec<u8> {

@@ -392,9 +392,7 @@ fn epsilon_by_step(ledger: &Ledger, delta: f64) -> Result<Vec<(u64, f64)>> {
 fn summarize(ledger: &Ledger) -> Vec<MechanismSummary> {
     let mut out: Vec<MechanismSummary> = Vec::new();
     for r in ledger.mechanisms() {
-        let mut leaves = Vec::new();
-        leaves_with_count(&r.event, 1, &mut leaves);
-        for (leaf, count) in leaves {
+        for (leaf, count) in r.event.leaves() {
             let (sample_rate, steps_per_epoch, noise_multiplier, steps) = match leaf {
                 DpEvent::PoissonSampled { sampling_probability, event } => match **event {
                     DpEvent::Gaussian { noise_multiplier } => {
@@ -424,14 +422,6 @@ fn summarize(ledger: &Ledger) -> Vec<MechanismSummary> {
         }
     }
     out
-}
-
-fn leaves_with_count<'a>(event: &'a DpEvent, count: u64, out: &mut Vec<(&'a DpEvent, u64)>) {
-    match event {
-        DpEvent::SelfComposed { event, count: n } => leaves_with_count(event, count.saturating_mul(*n), out),
-        DpEvent::Composed { events } => events.iter().for_each(|e| leaves_with_count(e, count, out)),
-        leaf => out.push((leaf, count)),
-    }
 }
 
 fn describe(m: &MechanismSummary) -> String {
