@@ -172,11 +172,11 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let (summary_privacy, ledger) = if args.non_private {
         let mut step_on: StepFn = match args.optimizer {
             Opt::Sgd => {
-                let mut o = SGD::new(common::vars_by_name(&varmap), args.lr)?;
+                let mut o = SGD::new(candle_dp::vars_by_name(&varmap), args.lr)?;
                 Box::new(move |l| o.backward_step(l))
             }
             Opt::Adam => {
-                let mut o = candle_nn::AdamW::new(common::vars_by_name(&varmap), adam(args.lr))?;
+                let mut o = candle_nn::AdamW::new(candle_dp::vars_by_name(&varmap), adam(args.lr))?;
                 Box::new(move |l| o.backward_step(l))
             }
         };
@@ -288,7 +288,7 @@ struct Ema {
 impl Ema {
     fn new(varmap: &VarMap, decay: f64) -> candle_core::Result<Self> {
         let avg = if decay > 0.0 {
-            common::vars_by_name(varmap).iter().map(|v| v.as_tensor().copy()).collect::<Result<_, _>>()?
+            candle_dp::vars_by_name(varmap).iter().map(|v| v.as_tensor().copy()).collect::<Result<_, _>>()?
         } else {
             vec![]
         };
@@ -296,14 +296,14 @@ impl Ema {
     }
 
     fn update(&mut self, varmap: &VarMap) -> candle_core::Result<()> {
-        for (a, v) in self.avg.iter_mut().zip(common::vars_by_name(varmap)) {
+        for (a, v) in self.avg.iter_mut().zip(candle_dp::vars_by_name(varmap)) {
             *a = ((&*a * self.decay)? + (v.as_tensor() * (1.0 - self.decay))?)?;
         }
         Ok(())
     }
 
     fn apply(&self, varmap: &VarMap) -> candle_core::Result<()> {
-        for (a, v) in self.avg.iter().zip(common::vars_by_name(varmap)) {
+        for (a, v) in self.avg.iter().zip(candle_dp::vars_by_name(varmap)) {
             v.set(a)?;
         }
         Ok(())
@@ -347,7 +347,7 @@ fn train_dp<O: Optimizer>(
         // noise and sampler as they were; Adam's moments restart.
         Some(dir) => {
             let mut varmap = ctx.varmap.clone();
-            let vars = common::vars_by_name(ctx.varmap);
+            let vars = candle_dp::vars_by_name(ctx.varmap);
             let (opt, resumed) = DpOptimizer::<O>::resume(dir.join("checkpoint"), &mut varmap, vars, config)?;
             if let Some(resumed) = resumed {
                 *sampler = resumed;
@@ -355,7 +355,7 @@ fn train_dp<O: Optimizer>(
             bar.set_position(opt.steps());
             opt
         }
-        None => DpOptimizer::<O>::builder(common::vars_by_name(ctx.varmap), sampler.description())
+        None => DpOptimizer::<O>::builder(candle_dp::vars_by_name(ctx.varmap), sampler.description())
             .target(budget, ctx.steps)
             .max_grad_norm(ctx.args.max_grad_norm)
             .noise(noise)

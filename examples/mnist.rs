@@ -94,7 +94,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         Some(s) => GaussianNoise::from_seed(s.wrapping_add(0x9e37_79b9)),
         None => GaussianNoise::from_os_entropy()?,
     };
-    let mut opt = DpOptimizer::<AdamW>::builder(common::vars_by_name(&varmap), sampler.description())
+    let mut opt = DpOptimizer::<AdamW>::builder(candle_dp::vars_by_name(&varmap), sampler.description())
         .target(PrivacyBudget { epsilon: args.epsilon, delta: args.delta }, steps)
         .max_grad_norm(args.max_grad_norm)
         .noise(noise)

@@ -69,5 +69,5 @@ pub use layers::{
 };
 pub use loss::PerSampleLoss;
 pub use noise::GaussianNoise;
-pub use optimizer::{DpOptimizer, DpOptimizerBuilder, Engine, PrivacyBudget};
+pub use optimizer::{vars_by_name, DpOptimizer, DpOptimizerBuilder, Engine, PrivacyBudget};
 pub use sampler::{PoissonSampler, SamplerDescription, ShuffledSampler};

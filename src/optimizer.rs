@@ -18,7 +18,7 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
-use candle_nn::Optimizer;
+use candle_nn::{Optimizer, VarMap};
 use dp_accountant::{
     calibrate_with, max_steps_with, Ledger, LedgerHeader, MechanismRecord, NoiseGenerator, NoiseSource, PrivacyTarget,
     RdpAccountant,
@@ -218,6 +218,19 @@ impl<O: Optimizer> DpOptimizerBuilder<O> {
     }
 }
 
+/// The variables of `varmap` in name order.
+///
+/// The optimizer draws its noise in the order of its variables, and
+/// `VarMap::all_vars` returns them in hash order, which changes from one
+/// process to the next: pass this to the builder for a seeded run to
+/// reproduce.
+pub fn vars_by_name(varmap: &VarMap) -> Vec<Var> {
+    let data = varmap.data().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    names.into_iter().map(|n| data[n].clone()).collect()
+}
+
 /// The largest number of steps with this sampler and noise that stays within `budget`.
 fn max_steps_within(sampler: &SamplerDescription, sigma: f64, budget: PrivacyBudget) -> Result<u64> {
     let calibration = max_steps_with(budget.epsilon, |n| {
@@ -256,8 +269,8 @@ impl<O: Optimizer> DpOptimizer<O> {
     /// Starts building an optimizer over `vars`, sampled as `sampler` describes.
     ///
     /// The noise is drawn in the order of `vars`: for runs that reproduce
-    /// with a fixed seed, pass them in a fixed order (`VarMap::all_vars`
-    /// returns hash order, which changes from one process to the next).
+    /// with a fixed seed, pass them in a fixed order ([`vars_by_name`];
+    /// `VarMap::all_vars` returns hash order, which changes between processes).
     pub fn builder(vars: Vec<Var>, sampler: SamplerDescription) -> DpOptimizerBuilder<O> {
         DpOptimizerBuilder {
             inner: std::marker::PhantomData,

@@ -116,7 +116,7 @@ fn a_short_dp_training_run_on_written_idx_files() {
     let model = examples_common::Cnn::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
     examples_common::init_seeded(&varmap, 1).unwrap();
     let mut sampler = PoissonSampler::seeded(48, 0.25, 2).unwrap();
-    let mut opt = DpOptimizer::<SGD>::builder(examples_common::vars_by_name(&varmap), sampler.description())
+    let mut opt = DpOptimizer::<SGD>::builder(candle_dp::vars_by_name(&varmap), sampler.description())
         .noise_multiplier(0.5)
         .noise(GaussianNoise::from_seed(3))
         .build(0.05)

@@ -179,15 +179,6 @@ pub fn utc_stamp() -> String {
     format!("{year:04}{month:02}{day:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
-/// The variables of `varmap` in name order: `VarMap::all_vars` comes in hash
-/// order, which differs between runs, and a seeded run needs a fixed one.
-pub fn vars_by_name(varmap: &VarMap) -> Vec<candle_core::Var> {
-    let data = varmap.data().lock().unwrap_or_else(|p| p.into_inner());
-    let mut names: Vec<&String> = data.keys().collect();
-    names.sort();
-    names.into_iter().map(|n| data[n].clone()).collect()
-}
-
 /// The MNIST CNN of the benchmarks, from DP layers: conv 1->16 k5, max-pool 2,
 /// conv 16->32 k5, max-pool 2, linear 512->10 (ReLU between).
 pub struct Cnn {

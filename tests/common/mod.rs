@@ -3,7 +3,7 @@
 //! microbatch oracle's model).
 #![allow(dead_code)]
 
-use candle_core::{DType, Device, Module, Result, Tensor, Var};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 /// Deterministic pseudo-random values in [-scale, scale] (SplitMix64).
@@ -30,24 +30,14 @@ pub fn tensor(shape: &[usize], seed: u64, scale: f64, dtype: DType) -> Result<Te
 /// Sets every variable of `varmap` to deterministic values (Candle's own
 /// initialization cannot be seeded).
 pub fn set_deterministic(varmap: &VarMap, seed: u64) -> Result<()> {
-    let data = varmap.data().lock().unwrap();
-    let mut names: Vec<&String> = data.keys().collect();
-    names.sort();
-    for (k, name) in names.into_iter().enumerate() {
-        let var = &data[name];
+    for (k, var) in vars_by_name(varmap).iter().enumerate() {
         let t = tensor(var.dims(), seed + k as u64, 0.5, var.dtype())?;
         var.set(&t)?;
     }
     Ok(())
 }
 
-/// The variables of `varmap` in name order (a stable order for tests).
-pub fn vars_by_name(varmap: &VarMap) -> Vec<Var> {
-    let data = varmap.data().lock().unwrap();
-    let mut names: Vec<&String> = data.keys().collect();
-    names.sort();
-    names.into_iter().map(|n| data[n].clone()).collect()
-}
+pub use candle_dp::vars_by_name;
 
 /// The same MLP twice: `(dp, plain)` over the same variables.
 pub fn mlp_pair(
