@@ -177,7 +177,7 @@ fn flag(name: &'static str, value: f64, valid: Valid) -> Result<f64, Failure> {
     if valid.contains(value) {
         Ok(value)
     } else {
-        Err(Failure::Usage(format!("{name} = {value}: must be {valid}")))
+        Err(Error::InvalidParameter { field: name, value, valid }.into())
     }
 }
 
