@@ -22,7 +22,7 @@
 //! let model = candle_dp::linear(4, 3, vb.pp("fc"))?;
 //!
 //! let mut sampler = PoissonSampler::seeded(100, 0.1, 0)?;
-//! let mut opt = DpOptimizer::<SGD>::builder(varmap.all_vars(), sampler.description())
+//! let mut opt = DpOptimizer::<SGD>::builder(candle_dp::vars_by_name(&varmap), sampler.description())
 //!     .noise_multiplier(1.1)
 //!     .max_grad_norm(1.0)
 //!     .noise(GaussianNoise::from_seed(1))
