@@ -35,6 +35,25 @@ pub enum Error {
         /// What was searched and why it failed.
         reason: String,
     },
+    /// The PLD accountant's grid would exceed its memory limit: the requested
+    /// error is too small for this composition (or the noise too small for
+    /// the privacy loss to stay in a reasonable range).
+    #[error(
+        "PLD accountant: the grid needs {points} points, more than the limit of {limit}: request a larger \
+         epsilon_error"
+    )]
+    GridTooLarge {
+        /// Grid points needed.
+        points: u64,
+        /// The most allowed.
+        limit: u64,
+    },
+    /// A numerical routine failed (it should not: please report it).
+    #[error("numerical failure: {reason}")]
+    Numerical {
+        /// What failed.
+        reason: String,
+    },
     /// The ledger is malformed, altered or inconsistent.
     #[error(transparent)]
     Ledger(#[from] LedgerError),

@@ -17,7 +17,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ensure, Result, Valid};
+use crate::error::{ensure, Error, Result, Valid};
 
 /// Which datasets count as neighbours: the unit of privacy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -188,6 +188,44 @@ impl DpEvent {
             DpEvent::SelfComposed { event, count } => event.steps().saturating_mul(*count),
             DpEvent::Composed { events } => events.iter().fold(0u64, |s, e| s.saturating_add(e.steps())),
             DpEvent::ShuffledFixedSizeBatches { steps, .. } => *steps,
+        }
+    }
+}
+
+/// Checks that `event` is valid and that the accountants can bound it under
+/// `adjacency` (both read the same events), touching nothing.
+pub(crate) fn check_supported(event: &DpEvent, adjacency: Adjacency) -> Result<()> {
+    event.validate()?;
+    match event {
+        DpEvent::Gaussian { .. } => Ok(()),
+        DpEvent::PoissonSampled { event, .. } => {
+            if !matches!(**event, DpEvent::Gaussian { .. }) {
+                return Err(Error::UnsupportedEvent {
+                    event: "poisson_sampled",
+                    adjacency,
+                    reason: "only a Gaussian mechanism inside Poisson sampling is supported",
+                });
+            }
+            if adjacency != Adjacency::AddOrRemoveOne {
+                return Err(Error::UnsupportedEvent {
+                    event: "poisson_sampled",
+                    adjacency,
+                    reason: "amplification by Poisson sampling is accounted under add-or-remove-one adjacency",
+                });
+            }
+            Ok(())
+        }
+        DpEvent::SelfComposed { event, .. } => check_supported(event, adjacency),
+        DpEvent::Composed { events } => events.iter().try_for_each(|e| check_supported(e, adjacency)),
+        DpEvent::ShuffledFixedSizeBatches { .. } => {
+            if adjacency != Adjacency::ReplaceOne {
+                return Err(Error::UnsupportedEvent {
+                    event: "shuffled_fixed_size_batches",
+                    adjacency,
+                    reason: "fixed-size batches make the dataset size public: account them under replace-one adjacency",
+                });
+            }
+            Ok(())
         }
     }
 }

@@ -59,6 +59,7 @@ mod error;
 pub mod event;
 pub mod ledger;
 mod math;
+pub mod pld;
 pub mod rdp;
 pub mod report;
 mod report_html;
@@ -73,5 +74,6 @@ pub use ledger::{
     Ledger, LedgerEntry, LedgerHeader, MechanismRecord, ModelRelease, NoiseGenerator, NoiseSource, PrivacyTarget,
     Record, SamplerKind, Seeding,
 };
+pub use pld::{PldAccountant, PldDelta, PldEpsilon, DEFAULT_EPSILON_ERROR};
 pub use rdp::{default_orders, rdp_poisson_subsampled_gaussian, RdpAccountant};
 pub use report::{DeltaSource, MechanismSummary, PrivacyReport};

@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 
 use crate::conversion::{self, epsilon_at_order, log_delta_at_order, DeltaBound, EpsilonBound};
 use crate::error::{ensure, Error, Result, Valid};
-use crate::event::{Adjacency, DpEvent};
+use crate::event::{check_supported as check, Adjacency, DpEvent};
 
 /// dp_accounting's default orders, the grid every epsilon is minimized over
 /// before refinement: 1.1 to 10.9 by 0.1, 11 to 63, 128, 256, 512, 1024.
@@ -217,43 +217,6 @@ impl Composition {
             best = best.min(objective(orders[k], rdp[k]));
         }
         (rdp, skipped)
-    }
-}
-
-/// Checks that `event` is valid and supported under `adjacency`, touching nothing.
-fn check(event: &DpEvent, adjacency: Adjacency) -> Result<()> {
-    event.validate()?;
-    match event {
-        DpEvent::Gaussian { .. } => Ok(()),
-        DpEvent::PoissonSampled { event, .. } => {
-            if !matches!(**event, DpEvent::Gaussian { .. }) {
-                return Err(Error::UnsupportedEvent {
-                    event: "poisson_sampled",
-                    adjacency,
-                    reason: "only a Gaussian mechanism inside Poisson sampling is supported",
-                });
-            }
-            if adjacency != Adjacency::AddOrRemoveOne {
-                return Err(Error::UnsupportedEvent {
-                    event: "poisson_sampled",
-                    adjacency,
-                    reason: "amplification by Poisson sampling is accounted under add-or-remove-one adjacency",
-                });
-            }
-            Ok(())
-        }
-        DpEvent::SelfComposed { event, .. } => check(event, adjacency),
-        DpEvent::Composed { events } => events.iter().try_for_each(|e| check(e, adjacency)),
-        DpEvent::ShuffledFixedSizeBatches { .. } => {
-            if adjacency != Adjacency::ReplaceOne {
-                return Err(Error::UnsupportedEvent {
-                    event: "shuffled_fixed_size_batches",
-                    adjacency,
-                    reason: "fixed-size batches make the dataset size public: account them under replace-one adjacency",
-                });
-            }
-            Ok(())
-        }
     }
 }
 

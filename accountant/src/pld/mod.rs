@@ -1,0 +1,357 @@
+//! The PLD accountant: the privacy loss distribution of every step,
+//! discretized, composed by FFT, and read off as `(epsilon, delta)` with
+//! proven upper and lower bounds.
+//!
+//! RDP bounds the privacy loss through its moments; the privacy loss
+//! distribution *is* the loss, so composing it numerically gives epsilon
+//! within a controlled error of the truth, typically 10-30% below RDP for
+//! DP-SGD. This is the PRV accountant of Gopi, Lee & Wutschitz 2021
+//! ("Numerical composition of differential privacy", NeurIPS), with its
+//! error terms made explicit.
+//!
+//! # How the bounds are proven
+//! Let `L_i` be step `i`'s privacy loss under the first distribution of its
+//! dominating pair, `S = sum L_i`; the composed hockey-stick divergence is
+//! `delta(eps) = E[(1 - exp(eps - S))_+]` (Dong, Roth & Su 2019; for the
+//! Poisson-subsampled Gaussian, both orders of the pair are computed and the
+//! larger delta is taken, Zhu, Dong & Wang 2022). The integrand is bounded by
+//! 1 and increasing in `S`. Each step's loss is
+//! 1. truncated to a core holding all but a measured `tau_i` (about `1e-23`);
+//! 2. rounded to the grid `j h` at random, up with probability equal to the
+//!    position inside the cell, so the rounding error `E_i` has conditional
+//!    mean 0 and range `h`: by Azuma-Hoeffding `P(sum E_i >= t) <= exp(-2 t^2 / (n h^2))`,
+//!    so `|sum E_i| <= eps_err = h sqrt(n ln(1/delta_err) / 2)` but with probability `delta_err`;
+//! 3. composed by FFT on a window that a Chernoff bound proves misses at
+//!    most `tau_w = 2e-20` of the probability.
+//!
+//! Then, with `D` the divergence of the composed grid distribution,
+//! `D(eps + eps_err) - delta_err - tau_w <= delta(eps) <= D(eps - eps_err) + delta_err + sum tau_i + tau_w`,
+//! and both sides are minimized/maximized over `delta_err` in a small set.
+//! The upper bound is the accountant's answer; the lower bound shows how
+//! tight it is.
+//!
+//! # Numerics not covered by the proof
+//! Floating-point rounding (the FFT's, about `1e-16` of the largest mass),
+//! and Simpson's rule for the rounding probabilities, whose error is far
+//! below `1e-12` of a cell's mass (checked against an independent quadrature
+//! of the mean in the tests). dp_accounting and Opacus neglect the same.
+
+mod compose;
+mod discretize;
+mod loss;
+
+use std::sync::{Arc, OnceLock};
+
+use serde::Serialize;
+
+use crate::error::{ensure, Result, Valid};
+use crate::event::{check_supported, Adjacency, DpEvent};
+use compose::ComposedLoss;
+use discretize::{discretize, GridLoss};
+use loss::{Direction, SubsampledGaussianLoss};
+
+/// The default bound on `epsilon - epsilon_lower`, the width of the interval
+/// the true epsilon is proven to lie in (for `delta >= 1e-10`).
+pub const DEFAULT_EPSILON_ERROR: f64 = 0.02;
+
+/// The grid is sized so that the rounding term stays within the error
+/// budget for any `delta_err` down to this (covering `delta >= 1e-10`).
+const DELTA_ERR_REFERENCE: f64 = 1e-13;
+/// The share of the requested width given to the two rounding terms; the
+/// rest covers the `delta_err` shift between the bounds.
+const ROUNDING_SHARE: f64 = 0.9;
+/// The delta queries try `delta_err = 10^-k` for `k = 2..=24`.
+const SMALLEST_DELTA_ERR: f64 = 1e-24;
+
+/// A PLD epsilon: the proven upper bound, and a proven lower bound on the
+/// smallest epsilon the composition satisfies at `delta`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PldEpsilon {
+    /// The upper bound: everything composed is `(epsilon, delta)`-DP.
+    pub epsilon: f64,
+    /// The lower bound: no smaller epsilon than this holds at `delta`.
+    pub epsilon_lower: f64,
+    /// The delta both hold at.
+    pub delta: f64,
+    /// The grid step of the discretized privacy loss.
+    pub grid_step: f64,
+}
+
+/// A PLD delta: bounds on the smallest delta at `epsilon`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PldDelta {
+    /// The upper bound: everything composed is `(epsilon, delta)`-DP.
+    pub delta: f64,
+    /// The lower bound: no smaller delta holds at `epsilon`.
+    pub delta_lower: f64,
+    /// The epsilon both hold at.
+    pub epsilon: f64,
+    /// The grid step of the discretized privacy loss.
+    pub grid_step: f64,
+}
+
+/// Accumulates events and answers epsilon and delta by composing their
+/// privacy loss distributions.
+///
+/// Events are collected by [`PldAccountant::compose`]; the distributions are
+/// discretized and composed at the first query after a change (tens of
+/// milliseconds for ten thousand DP-SGD steps), then queries are cheap.
+///
+/// ```
+/// use dp_accountant::{Adjacency, DpEvent, PldAccountant, RdpAccountant};
+/// let event = DpEvent::poisson_sampled_gaussian(0.01, 1.0);
+/// let mut pld = PldAccountant::new(Adjacency::AddOrRemoveOne);
+/// pld.compose(&event, 10_000)?;
+/// let bound = pld.epsilon(1e-5)?;
+/// assert!(bound.epsilon_lower <= bound.epsilon && bound.epsilon - bound.epsilon_lower <= 0.02);
+///
+/// let mut rdp = RdpAccountant::new(Adjacency::AddOrRemoveOne);
+/// rdp.compose(&event, 10_000)?;
+/// assert!(bound.epsilon < rdp.epsilon(1e-5)?.epsilon);
+/// # Ok::<(), dp_accountant::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct PldAccountant {
+    adjacency: Adjacency,
+    epsilon_error: f64,
+    /// Distinct Poisson-subsampled Gaussians `(q, sigma / sensitivity)` with their counts.
+    sampled: Vec<(f64, f64, u64)>,
+    /// `sum count * sensitivity^2 / sigma^2` over full-batch Gaussian releases,
+    /// which compose exactly into one Gaussian.
+    gaussian_precision: f64,
+    composed: OnceLock<Arc<Composition>>,
+}
+
+/// Both directions composed, with what the bounds charge.
+#[derive(Debug)]
+struct Composition {
+    h: f64,
+    /// The number of rounded steps `n` in the Azuma-Hoeffding bound.
+    rounded_steps: f64,
+    /// Per direction: the composed grid loss and `sum count * tau_i`.
+    directions: Vec<(ComposedLoss, f64)>,
+}
+
+impl PldAccountant {
+    /// An empty accountant with the default error [`DEFAULT_EPSILON_ERROR`].
+    pub fn new(adjacency: Adjacency) -> Self {
+        Self {
+            adjacency,
+            epsilon_error: DEFAULT_EPSILON_ERROR,
+            sampled: Vec::new(),
+            gaussian_precision: 0.0,
+            composed: OnceLock::new(),
+        }
+    }
+
+    /// An empty accountant whose answers have `epsilon - epsilon_lower <= epsilon_error`
+    /// (for `delta >= 1e-10`); smaller errors take a finer grid (time and
+    /// memory grow as `1 / epsilon_error`).
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] unless `epsilon_error` is finite and > 0.
+    pub fn with_epsilon_error(adjacency: Adjacency, epsilon_error: f64) -> Result<Self> {
+        ensure("epsilon_error", epsilon_error, Valid::Positive)?;
+        Ok(Self { epsilon_error, ..Self::new(adjacency) })
+    }
+
+    /// The adjacency every event is accounted under.
+    pub fn adjacency(&self) -> Adjacency {
+        self.adjacency
+    }
+
+    /// The requested bound on `epsilon - epsilon_lower`.
+    pub fn epsilon_error(&self) -> f64 {
+        self.epsilon_error
+    }
+
+    /// Whether `event` is valid and supported, without composing it.
+    ///
+    /// # Errors
+    /// As [`PldAccountant::compose`].
+    pub fn check(&self, event: &DpEvent) -> Result<()> {
+        check_supported(event, self.adjacency)
+    }
+
+    /// Composes `event`, applied `count` times. Checks the whole event first
+    /// and changes nothing on error. The same events as the RDP accountant.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] for a bad parameter anywhere in the event;
+    /// [`Error::UnsupportedEvent`] for an event not supported under the
+    /// accountant's adjacency.
+    pub fn compose(&mut self, event: &DpEvent, count: u64) -> Result<()> {
+        check_supported(event, self.adjacency)?;
+        self.add(event, count);
+        self.composed = OnceLock::new();
+        Ok(())
+    }
+
+    fn add(&mut self, event: &DpEvent, count: u64) {
+        if count == 0 {
+            return;
+        }
+        let sensitivity2 = self.adjacency.squared_sensitivity();
+        match event {
+            DpEvent::Gaussian { noise_multiplier: s } => {
+                self.gaussian_precision += count as f64 * sensitivity2 / (s * s);
+            }
+            DpEvent::PoissonSampled { sampling_probability: q, event } => {
+                let DpEvent::Gaussian { noise_multiplier: s } = **event else {
+                    return; // refused by `check_supported`
+                };
+                if *q == 1.0 {
+                    self.add(event, count);
+                } else if *q > 0.0 {
+                    match self.sampled.iter_mut().find(|a| a.0 == *q && a.1 == s) {
+                        Some(atom) => atom.2 = atom.2.saturating_add(count),
+                        None => self.sampled.push((*q, s, count)),
+                    }
+                }
+            }
+            DpEvent::SelfComposed { event, count: n } => self.add(event, count.saturating_mul(*n)),
+            DpEvent::Composed { events } => events.iter().for_each(|e| self.add(e, count)),
+            DpEvent::ShuffledFixedSizeBatches { noise_multiplier: s, steps_per_epoch, steps } => {
+                // Each started epoch is one Gaussian release on the example's batch (as RDP).
+                let epochs = steps.div_ceil(*steps_per_epoch) as f64;
+                self.gaussian_precision += count as f64 * epochs * sensitivity2 / (s * s);
+            }
+        }
+    }
+
+    /// The composition, computed at the first query after a change.
+    fn composition(&self) -> Result<Arc<Composition>> {
+        if let Some(c) = self.composed.get() {
+            return Ok(Arc::clone(c));
+        }
+        let c = Arc::new(self.build()?);
+        Ok(Arc::clone(self.composed.get_or_init(|| c)))
+    }
+
+    fn build(&self) -> Result<Composition> {
+        // Atoms `(q, s, count)` with sensitivity 1; the Gaussians are one exact Gaussian.
+        let mut atoms: Vec<(f64, f64, u64)> = self.sampled.clone();
+        if self.gaussian_precision > 0.0 {
+            atoms.push((1.0, 1.0 / self.gaussian_precision.sqrt(), 1));
+        }
+        let rounded_steps: f64 = atoms.iter().map(|a| a.2 as f64).sum();
+        if atoms.is_empty() {
+            return Ok(Composition { h: 0.0, rounded_steps, directions: Vec::new() });
+        }
+        let eps_err = 0.5 * ROUNDING_SHARE * self.epsilon_error;
+        let h = eps_err / (rounded_steps * DELTA_ERR_REFERENCE.recip().ln() / 2.0).sqrt();
+        // The Gaussian is symmetric: one direction suffices without subsampling.
+        let directions: &[Direction] =
+            if self.sampled.is_empty() { &[Direction::Remove] } else { &[Direction::Remove, Direction::Add] };
+        // Delta is asked at epsilon - eps_err, eps_err at most its value at the smallest delta_err tried.
+        let min_query = -(h * (rounded_steps * SMALLEST_DELTA_ERR.recip().ln() / 2.0).sqrt()) - h;
+        let one_direction = |dir: Direction| -> Result<(ComposedLoss, f64)> {
+            let grids: Vec<(GridLoss, u64)> = atoms
+                .iter()
+                .map(|&(q, s, n)| Ok((discretize(&SubsampledGaussianLoss::new(q, s, dir), h)?, n)))
+                .collect::<Result<_>>()?;
+            let truncated: f64 = grids.iter().map(|(g, n)| *n as f64 * g.tail).sum::<f64>().min(1.0);
+            Ok((compose::compose(&grids, h, min_query)?, truncated))
+        };
+        // The directions are independent: one thread each.
+        let out = std::thread::scope(|scope| {
+            let handles: Vec<_> = directions.iter().map(|&dir| scope.spawn(move || one_direction(dir))).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        Ok(Composition { h, rounded_steps, directions: out })
+    }
+
+    /// The rounding term `eps_err` that holds but with probability `delta_err`.
+    fn rounding_error(c: &Composition, delta_err: f64) -> f64 {
+        c.h * (c.rounded_steps * delta_err.recip().ln() / 2.0).sqrt()
+    }
+
+    /// Bounds on the smallest epsilon such that everything composed is
+    /// `(epsilon, delta)`-DP; `epsilon` is the upper one.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] unless `delta` is in `(0, 1)`;
+    /// [`Error::GridTooLarge`] if the requested error needs too fine a grid.
+    pub fn epsilon(&self, delta: f64) -> Result<PldEpsilon> {
+        ensure("delta", delta, Valid::OpenUnit)?;
+        let c = self.composition()?;
+        let (mut upper, mut lower) = (0.0f64, 0.0f64);
+        for (composed, truncated) in &c.directions {
+            let (mut up, mut lo) = (f64::INFINITY, 0.0f64);
+            for k in 1..=8 {
+                let delta_err = delta * 10f64.powi(-k);
+                let eps_err = Self::rounding_error(&c, delta_err);
+                let budget = delta - delta_err - truncated - composed.window_tail;
+                if budget > 0.0 {
+                    up = up.min(composed.epsilon(budget) + eps_err);
+                }
+                let reach = (delta + delta_err + composed.window_tail).min(1.0);
+                lo = lo.max(composed.epsilon(reach) - eps_err);
+            }
+            upper = upper.max(up);
+            lower = lower.max(lo);
+        }
+        Ok(PldEpsilon { epsilon: upper, epsilon_lower: lower.min(upper), delta, grid_step: c.h })
+    }
+
+    /// Bounds on the smallest delta such that everything composed is
+    /// `(epsilon, delta)`-DP; `delta` is the upper one.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParameter`] unless `epsilon` is finite and >= 0;
+    /// [`Error::GridTooLarge`] as [`PldAccountant::epsilon`].
+    pub fn delta(&self, epsilon: f64) -> Result<PldDelta> {
+        ensure("epsilon", epsilon, Valid::NonNegative)?;
+        let c = self.composition()?;
+        let (mut upper, mut lower) = (0.0f64, 0.0f64);
+        for (composed, truncated) in &c.directions {
+            let (mut up, mut lo) = (1.0f64, 0.0f64);
+            for k in 2..=24 {
+                let delta_err = 10f64.powi(-k);
+                let eps_err = Self::rounding_error(&c, delta_err);
+                // (Never None: min_query covers epsilon - eps_err for epsilon >= 0.)
+                if let Some(d) = composed.delta(epsilon - eps_err) {
+                    up = up.min(d + delta_err + truncated + composed.window_tail);
+                }
+                if let Some(d) = composed.delta(epsilon + eps_err) {
+                    lo = lo.max(d - delta_err - composed.window_tail);
+                }
+            }
+            upper = upper.max(up);
+            lower = lower.max(lo);
+        }
+        Ok(PldDelta { delta: upper, delta_lower: lower.min(upper), epsilon, grid_step: c.h })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Error;
+
+    #[test]
+    fn nothing_composed_is_free() {
+        let acc = PldAccountant::new(Adjacency::AddOrRemoveOne);
+        assert_eq!(acc.epsilon(1e-5).unwrap().epsilon, 0.0);
+        assert_eq!(acc.delta(0.0).unwrap().delta, 0.0);
+    }
+
+    #[test]
+    fn bad_input_is_refused_by_name() {
+        let acc = PldAccountant::new(Adjacency::AddOrRemoveOne);
+        for d in [0.0, 1.0, f64::NAN, -1e-5] {
+            assert!(matches!(acc.epsilon(d), Err(Error::InvalidParameter { field: "delta", .. })));
+        }
+        assert!(matches!(acc.delta(-0.1), Err(Error::InvalidParameter { field: "epsilon", .. })));
+        assert!(matches!(
+            PldAccountant::with_epsilon_error(Adjacency::AddOrRemoveOne, 0.0),
+            Err(Error::InvalidParameter { field: "epsilon_error", .. })
+        ));
+        let mut acc = acc;
+        assert!(acc.compose(&DpEvent::poisson_sampled_gaussian(1.5, 1.0), 1).is_err());
+        assert!(acc.sampled.is_empty(), "a refused event changes nothing");
+    }
+}
