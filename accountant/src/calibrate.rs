@@ -5,7 +5,34 @@ use serde::Serialize;
 use crate::conversion::EpsilonBound;
 use crate::error::{ensure, Error, Result, Valid};
 use crate::event::{Adjacency, DpEvent};
+use crate::pld::{PldAccountant, PldEpsilon};
 use crate::rdp::RdpAccountant;
+
+/// An accountant's answer whose `epsilon` is an upper bound: what
+/// calibration compares with the target.
+pub trait EpsilonAnswer {
+    /// The epsilon the guarantee states (an upper bound on the truth).
+    fn epsilon_upper(&self) -> f64;
+}
+
+impl EpsilonAnswer for EpsilonBound {
+    fn epsilon_upper(&self) -> f64 {
+        self.epsilon
+    }
+}
+
+impl EpsilonAnswer for PldEpsilon {
+    fn epsilon_upper(&self) -> f64 {
+        self.epsilon
+    }
+}
+
+/// A bare upper bound (as [`crate::AccountantKind::epsilon`] returns).
+impl EpsilonAnswer for f64 {
+    fn epsilon_upper(&self) -> f64 {
+        *self
+    }
+}
 
 /// Calibration stops once epsilon is within this fraction below the target
 /// (the contract is `0.999 target <= epsilon <= target`; this is tighter).
@@ -16,23 +43,24 @@ const MAX_NOISE_MULTIPLIER: f64 = 1e6;
 /// The largest step count [`max_steps`] reports.
 const MAX_STEPS: u64 = 1 << 40;
 
-/// A calibrated noise multiplier and the epsilon it gives.
+/// A calibrated noise multiplier and the epsilon it gives (the accountant's
+/// answer: [`EpsilonBound`] for RDP, [`PldEpsilon`] for PLD).
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct NoiseCalibration {
+pub struct NoiseCalibration<B = EpsilonBound> {
     /// The smallest noise multiplier found whose epsilon meets the target.
     pub noise_multiplier: f64,
     /// The epsilon at that noise multiplier (never above the target).
-    pub epsilon: EpsilonBound,
+    pub epsilon: B,
 }
 
 /// A step budget and the epsilon it spends.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct StepsCalibration {
+pub struct StepsCalibration<B = EpsilonBound> {
     /// The largest number of steps whose epsilon meets the target (0 if even
     /// one step exceeds it).
     pub steps: u64,
     /// The epsilon after that many steps.
-    pub epsilon: EpsilonBound,
+    pub epsilon: B,
 }
 
 /// The smallest noise multiplier with which `steps` steps of DP-SGD with
@@ -73,15 +101,18 @@ pub fn calibrate_noise_multiplier(
 ///
 /// # Errors
 /// As [`calibrate_noise_multiplier`], and whatever `epsilon_of` returns.
-pub fn calibrate_with(target: f64, epsilon_of: impl Fn(f64) -> Result<EpsilonBound>) -> Result<NoiseCalibration> {
+pub fn calibrate_with<B: EpsilonAnswer>(
+    target: f64,
+    epsilon_of: impl Fn(f64) -> Result<B>,
+) -> Result<NoiseCalibration<B>> {
     ensure("target_epsilon", target, Valid::Positive)?;
     // Bracket: `lo` misses the target, `hi` meets it.
     let mut hi = 1.0;
     let mut e_hi = epsilon_of(hi)?;
     let mut lo = hi;
-    let mut e_lo = e_hi.epsilon;
-    while e_hi.epsilon > target {
-        (lo, e_lo) = (hi, e_hi.epsilon);
+    let mut e_lo = e_hi.epsilon_upper();
+    while e_hi.epsilon_upper() > target {
+        (lo, e_lo) = (hi, e_hi.epsilon_upper());
         hi *= 2.0;
         if hi > MAX_NOISE_MULTIPLIER {
             return Err(Error::Calibration {
@@ -104,23 +135,23 @@ pub fn calibrate_with(target: f64, epsilon_of: impl Fn(f64) -> Result<EpsilonBou
             });
         }
         let e = epsilon_of(lo)?;
-        e_lo = e.epsilon;
-        if e.epsilon <= target {
+        e_lo = e.epsilon_upper();
+        if e.epsilon_upper() <= target {
             (hi, e_hi) = (lo, e);
         }
     }
     // Illinois regula falsi on g(ln sigma) = epsilon - target.
     let (mut x_lo, mut x_hi) = (lo.ln(), hi.ln());
-    let (mut g_lo, mut g_hi) = (e_lo - target, e_hi.epsilon - target);
+    let (mut g_lo, mut g_hi) = (e_lo - target, e_hi.epsilon_upper() - target);
     let mut side = 0i8;
     for _ in 0..100 {
-        if e_hi.epsilon >= (1.0 - CALIBRATION_REL_TOL) * target || x_hi - x_lo < 1e-13 {
+        if e_hi.epsilon_upper() >= (1.0 - CALIBRATION_REL_TOL) * target || x_hi - x_lo < 1e-13 {
             break;
         }
         let x = if g_lo.is_finite() { (x_lo * g_hi - x_hi * g_lo) / (g_hi - g_lo) } else { 0.5 * (x_lo + x_hi) };
         let x = x.clamp(x_lo + 0.01 * (x_hi - x_lo), x_hi - 0.01 * (x_hi - x_lo));
         let e = epsilon_of(x.exp())?;
-        let g = e.epsilon - target;
+        let g = e.epsilon_upper() - target;
         if g <= 0.0 {
             (x_hi, g_hi, e_hi) = (x, g, e);
             if side == 1 {
@@ -135,7 +166,7 @@ pub fn calibrate_with(target: f64, epsilon_of: impl Fn(f64) -> Result<EpsilonBou
             side = -1;
         }
     }
-    if e_hi.epsilon < 0.999 * target {
+    if e_hi.epsilon_upper() < 0.999 * target {
         return Err(Error::Calibration {
             reason: format!(
                 "epsilon jumps past {target} between noise multipliers; no multiplier gives it within 0.1%"
@@ -166,6 +197,54 @@ pub fn max_steps(target_epsilon: f64, delta: f64, sample_rate: f64, noise_multip
     max_steps_with(target_epsilon, |n| Ok(acc.epsilon_repeated(delta, n as f64)))
 }
 
+/// [`calibrate_noise_multiplier`] by the PLD accountant with error
+/// `epsilon_error` (the default is [`crate::DEFAULT_EPSILON_ERROR`]): its
+/// tighter upper bound allows less noise for the same target.
+///
+/// # Errors
+/// As [`calibrate_noise_multiplier`], and [`Error::InvalidParameter`] unless
+/// `epsilon_error > 0`; [`Error::GridTooLarge`] if the error is too fine.
+pub fn calibrate_noise_multiplier_pld(
+    target_epsilon: f64,
+    delta: f64,
+    sample_rate: f64,
+    steps: u64,
+    epsilon_error: f64,
+) -> Result<NoiseCalibration<PldEpsilon>> {
+    ensure("target_epsilon", target_epsilon, Valid::Positive)?;
+    ensure("delta", delta, Valid::OpenUnit)?;
+    ensure("sample_rate", sample_rate, Valid::HalfOpenUnit)?;
+    ensure("steps", steps as f64, Valid::AtLeastOne)?;
+    ensure("epsilon_error", epsilon_error, Valid::Positive)?;
+    calibrate_with(target_epsilon, |sigma| {
+        let mut acc = PldAccountant::with_epsilon_error(Adjacency::AddOrRemoveOne, epsilon_error)?;
+        acc.compose(&DpEvent::poisson_sampled_gaussian(sample_rate, sigma), steps)?;
+        acc.epsilon(delta)
+    })
+}
+
+/// [`max_steps`] by the PLD accountant with error `epsilon_error`.
+///
+/// # Errors
+/// As [`max_steps`] and [`calibrate_noise_multiplier_pld`].
+pub fn max_steps_pld(
+    target_epsilon: f64,
+    delta: f64,
+    sample_rate: f64,
+    noise_multiplier: f64,
+    epsilon_error: f64,
+) -> Result<StepsCalibration<PldEpsilon>> {
+    ensure("delta", delta, Valid::OpenUnit)?;
+    ensure("sample_rate", sample_rate, Valid::HalfOpenUnit)?;
+    ensure("noise_multiplier", noise_multiplier, Valid::Positive)?;
+    ensure("epsilon_error", epsilon_error, Valid::Positive)?;
+    max_steps_with(target_epsilon, |n| {
+        let mut acc = PldAccountant::with_epsilon_error(Adjacency::AddOrRemoveOne, epsilon_error)?;
+        acc.compose(&DpEvent::poisson_sampled_gaussian(sample_rate, noise_multiplier), n)?;
+        acc.epsilon(delta)
+    })
+}
+
 /// The largest `n` with `epsilon_of(n) <= target_epsilon`, for any epsilon
 /// that does not decrease with the number of steps (`n = 0` gives epsilon 0).
 ///
@@ -175,13 +254,13 @@ pub fn max_steps(target_epsilon: f64, delta: f64, sample_rate: f64, noise_multip
 /// # Errors
 /// [`Error::InvalidParameter`] unless `target_epsilon > 0`;
 /// [`Error::Calibration`] if more than `2^40` steps fit; `epsilon_of`'s.
-pub fn max_steps_with(
+pub fn max_steps_with<B: EpsilonAnswer>(
     target_epsilon: f64,
-    epsilon_of: impl Fn(u64) -> Result<EpsilonBound>,
-) -> Result<StepsCalibration> {
+    epsilon_of: impl Fn(u64) -> Result<B>,
+) -> Result<StepsCalibration<B>> {
     ensure("target_epsilon", target_epsilon, Valid::Positive)?;
     let first = epsilon_of(1)?;
-    if first.epsilon > target_epsilon {
+    if first.epsilon_upper() > target_epsilon {
         return Ok(StepsCalibration { steps: 0, epsilon: epsilon_of(0)? });
     }
     // Invariant: epsilon_of(lo) <= target < epsilon_of(hi).
@@ -189,7 +268,7 @@ pub fn max_steps_with(
     let mut hi = 2u64;
     loop {
         let e = epsilon_of(hi)?;
-        if e.epsilon > target_epsilon {
+        if e.epsilon_upper() > target_epsilon {
             break;
         }
         (lo, e_lo) = (hi, e);
@@ -203,7 +282,7 @@ pub fn max_steps_with(
     while hi - lo > 1 {
         let mid = lo + (hi - lo) / 2;
         let e = epsilon_of(mid)?;
-        if e.epsilon <= target_epsilon {
+        if e.epsilon_upper() <= target_epsilon {
             (lo, e_lo) = (mid, e);
         } else {
             hi = mid;

@@ -30,6 +30,8 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{ensure, Error, LedgerError, Result, Valid};
 use crate::event::{Adjacency, DpEvent};
+use crate::kind::AccountantKind;
+use crate::pld::PldAccountant;
 use crate::rdp::RdpAccountant;
 
 /// The `format` tag of a ledger file.
@@ -300,6 +302,29 @@ impl Ledger {
             acc.compose(&m.event, 1)?;
         }
         Ok(acc)
+    }
+
+    /// A PLD accountant (default error) with every mechanism of the ledger composed.
+    ///
+    /// # Errors
+    /// As [`Ledger::rdp_accountant`].
+    pub fn pld_accountant(&self) -> Result<PldAccountant> {
+        let mut acc = PldAccountant::new(self.adjacency());
+        for m in self.mechanisms() {
+            acc.compose(&m.event, 1)?;
+        }
+        Ok(acc)
+    }
+
+    /// The upper bound on epsilon at `delta` of everything recorded, by `accountant`.
+    ///
+    /// # Errors
+    /// As [`Ledger::rdp_accountant`], and the accountant's for a bad `delta`.
+    pub fn epsilon(&self, accountant: AccountantKind, delta: f64) -> Result<f64> {
+        Ok(match accountant {
+            AccountantKind::Rdp => self.rdp_accountant()?.epsilon(delta)?.epsilon,
+            AccountantKind::Pld => self.pld_accountant()?.epsilon(delta)?.epsilon,
+        })
     }
 
     /// Checks that the head is `expected` (an anchor kept elsewhere).

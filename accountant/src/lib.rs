@@ -9,6 +9,8 @@
 //! * [`RdpAccountant`]: Renyi DP of composed events, exact for the
 //!   Poisson-subsampled Gaussian at every order, converted to the smallest
 //!   `(epsilon, delta)` over a grid of orders refined between grid points.
+//! * [`PldAccountant`]: the privacy loss distributions composed by FFT,
+//!   tighter than RDP, with proven upper and lower bounds on epsilon.
 //! * [`calibrate_noise_multiplier`] and [`max_steps`]: the noise a training
 //!   plan needs for a target epsilon, and the steps a budget allows; always
 //!   on the conservative side.
@@ -57,6 +59,7 @@ pub mod calibrate;
 pub mod conversion;
 mod error;
 pub mod event;
+mod kind;
 pub mod ledger;
 mod math;
 pub mod pld;
@@ -65,11 +68,13 @@ pub mod report;
 mod report_html;
 
 pub use calibrate::{
-    calibrate_noise_multiplier, calibrate_with, max_steps, max_steps_with, NoiseCalibration, StepsCalibration,
+    calibrate_noise_multiplier, calibrate_noise_multiplier_pld, calibrate_with, max_steps, max_steps_pld,
+    max_steps_with, EpsilonAnswer, NoiseCalibration, StepsCalibration,
 };
 pub use conversion::{DeltaBound, EpsilonBound};
 pub use error::{Error, LedgerError, Result, Valid};
 pub use event::{Adjacency, DpEvent};
+pub use kind::AccountantKind;
 pub use ledger::{
     Ledger, LedgerEntry, LedgerHeader, MechanismRecord, ModelRelease, NoiseGenerator, NoiseSource, PrivacyTarget,
     Record, SamplerKind, Seeding,

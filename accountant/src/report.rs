@@ -6,8 +6,8 @@ use serde::Serialize;
 
 use crate::error::{ensure, Result, Valid};
 use crate::event::{Adjacency, DpEvent};
+use crate::kind::AccountantKind;
 use crate::ledger::{Ledger, ModelRelease, NoiseSource, PrivacyTarget, SamplerKind, Seeding};
-use crate::rdp::RdpAccountant;
 
 /// The delta used when neither the caller nor the ledger gives one.
 pub const DEFAULT_DELTA: f64 = 1e-5;
@@ -19,6 +19,11 @@ const ACCOUNTANT_REFERENCE: &str = "Mironov 2017 (arXiv:1702.07476v3); Mironov, 
 const CONVERSION: &str = "RDP to (epsilon, delta): the bound of Balle et al. / Canonne, Kamath & Steinke";
 const CONVERSION_REFERENCE: &str = "Balle, Barthe, Gaboardi, Hsu & Sato 2020, Thm 21 (arXiv:1905.09982v3); \
      Canonne, Kamath & Steinke 2020, Prop. 12 (arXiv:2004.00010v4)";
+const PLD_ACCOUNTANT: &str = "PLD (privacy loss distribution) of every step, composed by FFT, upper bound";
+const PLD_REFERENCE: &str = "Koskela, Jalko & Honkela 2020; Gopi, Lee & Wutschitz 2021 (randomized mean-preserving \
+     discretization, Azuma-Hoeffding error term); dominating pairs of Zhu, Dong & Wang 2022";
+const PLD_CONVERSION: &str = "the hockey-stick divergence of the composed distribution, read off directly";
+const PLD_CONVERSION_REFERENCE: &str = "Dong, Roth & Su 2019; Balle & Wang 2018";
 const ORDERS: &str = "dp_accounting's default grid (1.1 to 10.9 by 0.1, 11 to 63, 128, 256, 512, 1024), \
      the best order refined between its grid neighbours";
 
@@ -81,7 +86,15 @@ pub struct PrivacyReport {
     pub delta: f64,
     /// Where `delta` came from.
     pub delta_source: DeltaSource,
-    /// The RDP order that gives `epsilon`.
+    /// The accountant whose upper bound the statement uses.
+    pub statement_accountant: AccountantKind,
+    /// The RDP accountant's epsilon at `delta`.
+    pub epsilon_rdp: f64,
+    /// The PLD accountant's epsilon (upper bound) at `delta`, if it could be computed.
+    pub epsilon_pld: Option<f64>,
+    /// The PLD accountant's proven lower bound on the true epsilon at `delta`.
+    pub epsilon_pld_lower: Option<f64>,
+    /// The RDP order that gives `epsilon_rdp`.
     pub order: f64,
     /// The budget the ledger declares, if any.
     pub target: Option<PrivacyTarget>,
@@ -109,11 +122,19 @@ pub struct PrivacyReport {
 
 impl PrivacyReport {
     /// The statement for `ledger` at `delta` (else the ledger's target delta,
-    /// else [`DEFAULT_DELTA`]).
+    /// else [`DEFAULT_DELTA`]), by the RDP accountant (PLD beside it).
     ///
     /// # Errors
     /// [`crate::Error::InvalidParameter`] unless `delta` is in `(0, 1)`.
     pub fn from_ledger(ledger: &Ledger, delta: Option<f64>) -> Result<Self> {
+        Self::from_ledger_with(ledger, delta, AccountantKind::Rdp)
+    }
+
+    /// The statement by `accountant`; both accountants' epsilons are reported.
+    ///
+    /// # Errors
+    /// As [`PrivacyReport::from_ledger`]; with PLD, [`crate::Error::GridTooLarge`].
+    pub fn from_ledger_with(ledger: &Ledger, delta: Option<f64>, accountant: AccountantKind) -> Result<Self> {
         let header = ledger.header();
         let (delta, delta_source) = match (delta, header.target) {
             (Some(d), _) => (ensure("delta", d, Valid::OpenUnit)?, DeltaSource::Given),
@@ -122,9 +143,25 @@ impl PrivacyReport {
         };
         let acc = ledger.rdp_accountant()?;
         let bound = acc.epsilon(delta)?;
+        // PLD beside RDP; if it cannot run (a grid too large), only a statement by PLD fails.
+        let pld = match ledger.pld_accountant().and_then(|p| p.epsilon(delta).map(|b| (p, b))) {
+            Ok(x) => Some(x),
+            Err(e) if accountant == AccountantKind::Pld => return Err(e),
+            Err(_) => None,
+        };
+        let stated = |d: f64| -> Result<f64> {
+            match (&pld, accountant) {
+                (Some((p, _)), AccountantKind::Pld) => Ok(p.epsilon(d)?.epsilon),
+                _ => Ok(acc.epsilon(d)?.epsilon),
+            }
+        };
+        let epsilon = match (&pld, accountant) {
+            (Some((_, b)), AccountantKind::Pld) => b.epsilon,
+            _ => bound.epsilon,
+        };
         let (epsilon_at_target_delta, within_target) = match header.target {
             Some(t) => {
-                let e = acc.epsilon(ensure("target.delta", t.delta, Valid::OpenUnit)?)?.epsilon;
+                let e = stated(ensure("target.delta", t.delta, Valid::OpenUnit)?)?;
                 (Some(e), Some(e <= t.epsilon))
             }
             None => (None, None),
@@ -191,12 +228,22 @@ impl PrivacyReport {
                 fmt_num(epsilon_at_target_delta.unwrap_or(f64::NAN))
             ));
         }
-        let epsilon_by_step = epsilon_by_step(ledger, delta)?;
+        if pld.is_none() {
+            caveats.push(
+                "The PLD accountant could not run on this ledger (its grid would be too large); only RDP is shown."
+                    .to_string(),
+            );
+        }
+        let epsilon_by_step = epsilon_by_step(ledger, delta, accountant)?;
         let mut epsilon_by_delta = Vec::new();
         for k in 0..=30 {
             let d = 10f64.powf(-12.0 + 10.0 * f64::from(k) / 30.0);
-            epsilon_by_delta.push((d, acc.epsilon(d)?.epsilon));
+            epsilon_by_delta.push((d, stated(d)?));
         }
+        let (accountant_name, accountant_reference, conversion, conversion_reference) = match accountant {
+            AccountantKind::Rdp => (ACCOUNTANT, ACCOUNTANT_REFERENCE, CONVERSION, CONVERSION_REFERENCE),
+            AccountantKind::Pld => (PLD_ACCOUNTANT, PLD_REFERENCE, PLD_CONVERSION, PLD_CONVERSION_REFERENCE),
+        };
         Ok(Self {
             epsilon_by_step,
             epsilon_by_delta,
@@ -209,17 +256,21 @@ impl PrivacyReport {
             mechanisms,
             releases: ledger.releases().cloned().collect(),
             total_steps: ledger.total_steps(),
-            epsilon: bound.epsilon,
+            epsilon,
             delta,
             delta_source,
+            statement_accountant: accountant,
+            epsilon_rdp: bound.epsilon,
+            epsilon_pld: pld.as_ref().map(|(_, b)| b.epsilon),
+            epsilon_pld_lower: pld.as_ref().map(|(_, b)| b.epsilon_lower),
             order: bound.order,
             target: header.target,
             epsilon_at_target_delta,
             within_target,
-            accountant: ACCOUNTANT,
-            accountant_reference: ACCOUNTANT_REFERENCE,
-            conversion: CONVERSION,
-            conversion_reference: CONVERSION_REFERENCE,
+            accountant: accountant_name,
+            accountant_reference,
+            conversion,
+            conversion_reference,
             orders: ORDERS,
             caveats,
         })
@@ -248,6 +299,7 @@ impl PrivacyReport {
         let _ = writeln!(s, "Conversion:      {}", self.conversion);
         let _ = writeln!(s, "                 {}", self.conversion_reference);
         let _ = writeln!(s, "Orders:          {}; optimal order {}", self.orders, fmt_num(self.order));
+        let _ = writeln!(s, "Side by side:    {}", self.side_by_side());
         let _ = writeln!(s, "Ledger:          {} entries, head {}", self.ledger_entries, self.ledger_head);
         let _ = writeln!(s, "Written by:      {}{}", self.created_by, self.description_suffix());
         let _ = writeln!(s);
@@ -278,6 +330,7 @@ impl PrivacyReport {
         let _ = writeln!(s, "| Accountant | {} ({}) |", self.accountant, self.accountant_reference);
         let _ = writeln!(s, "| Conversion | {} ({}) |", self.conversion, self.conversion_reference);
         let _ = writeln!(s, "| Optimal RDP order | {} ({}) |", fmt_num(self.order), self.orders);
+        let _ = writeln!(s, "| Side by side | {} |", self.side_by_side());
         for r in &self.releases {
             let _ = writeln!(
                 s,
@@ -328,6 +381,22 @@ impl PrivacyReport {
         )
     }
 
+    /// Both accountants' epsilons, and which one the statement uses.
+    pub(crate) fn side_by_side(&self) -> String {
+        let pld = match (self.epsilon_pld, self.epsilon_pld_lower) {
+            (Some(e), Some(lo)) => {
+                format!("PLD epsilon {} (the true epsilon is proven to be at least {})", fmt_eps(e), fmt_eps(lo))
+            }
+            _ => "PLD not computed".to_string(),
+        };
+        format!(
+            "RDP epsilon {}; {pld}; at delta {:e}. The statement uses {}.",
+            fmt_eps(self.epsilon_rdp),
+            self.delta,
+            self.statement_accountant.name().to_uppercase()
+        )
+    }
+
     pub(crate) fn protected_unit(&self) -> String {
         match self.adjacency {
             Adjacency::AddOrRemoveOne => "each training example (add-or-remove-one adjacency)".into(),
@@ -355,7 +424,7 @@ impl PrivacyReport {
 
 /// Epsilon after about 40 evenly spaced step counts: the mechanisms before
 /// each count composed, a repeated or shuffled-batch mechanism cut at it.
-fn epsilon_by_step(ledger: &Ledger, delta: f64) -> Result<Vec<(u64, f64)>> {
+fn epsilon_by_step(ledger: &Ledger, delta: f64, accountant: AccountantKind) -> Result<Vec<(u64, f64)>> {
     let total = ledger.total_steps();
     let mut points = vec![(0, 0.0)];
     if total == 0 {
@@ -364,26 +433,29 @@ fn epsilon_by_step(ledger: &Ledger, delta: f64) -> Result<Vec<(u64, f64)>> {
     let n_points = total.min(40);
     for j in 1..=n_points {
         let target = total * j / n_points;
-        let mut acc = RdpAccountant::new(ledger.adjacency());
+        let mut events = Vec::new();
         let mut remaining = target;
         for m in ledger.mechanisms() {
             let steps = m.event.steps();
             if steps <= remaining {
-                acc.compose(&m.event, 1)?;
+                events.push(m.event.clone());
                 remaining -= steps;
                 continue;
             }
             match &m.event {
-                DpEvent::SelfComposed { event, .. } => acc.compose(event, remaining)?,
-                DpEvent::ShuffledFixedSizeBatches { noise_multiplier, steps_per_epoch, .. } => acc.compose(
-                    &DpEvent::shuffled_fixed_size_batches(*noise_multiplier, *steps_per_epoch, remaining),
-                    1,
-                )?,
+                DpEvent::SelfComposed { event, .. } => {
+                    events.push(DpEvent::self_composed((**event).clone(), remaining))
+                }
+                DpEvent::ShuffledFixedSizeBatches { noise_multiplier, steps_per_epoch, .. } => {
+                    events.push(DpEvent::shuffled_fixed_size_batches(*noise_multiplier, *steps_per_epoch, remaining))
+                }
                 _ => {}
             }
             break;
         }
-        points.push((target, acc.epsilon(delta)?.epsilon));
+        let prefix = DpEvent::composed(events);
+        let epsilon = accountant.epsilon(ledger.adjacency(), &prefix, delta)?;
+        points.push((target, epsilon));
     }
     Ok(points)
 }

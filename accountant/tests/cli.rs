@@ -65,6 +65,33 @@ fn epsilon_json_has_the_promised_fields() {
 }
 
 #[test]
+fn epsilon_by_pld_gives_a_bracket_and_all_states_the_smaller_bound() {
+    let args = ["epsilon", "--noise-multiplier", "1.5", "--sample-rate", "0.04", "--steps", "2250", "--delta", "1e-5"];
+    let pld = json_out(&[&args[..], &["--accountant", "pld", "--json"]].concat());
+    let (upper, lower) = (pld["epsilon"].as_f64().unwrap(), pld["epsilon_lower"].as_f64().unwrap());
+    assert_eq!(pld["accountant"], "pld");
+    assert!(lower <= upper && upper - lower <= 0.02, "{pld}");
+    let all = json_out(&[&args[..], &["--accountant", "all", "--json"]].concat());
+    let rdp = all["rdp"]["epsilon"].as_f64().unwrap();
+    assert!(upper < rdp, "PLD {upper} vs RDP {rdp}");
+    assert_eq!(all["epsilon"].as_f64(), Some(upper));
+    assert_eq!(all["accountant"], "pld");
+    assert_eq!(all["epsilon_lower"].as_f64(), Some(lower));
+}
+
+#[test]
+fn calibrate_by_pld_needs_less_noise() {
+    let args = ["calibrate", "--target-epsilon", "3", "--delta", "1e-5", "--sample-rate", "0.01", "--steps", "2000"];
+    let rdp = json_out(&[&args[..], &["--json"]].concat());
+    let pld = json_out(&[&args[..], &["--accountant", "pld", "--json"]].concat());
+    let (s_rdp, s_pld) = (rdp["noise_multiplier"].as_f64().unwrap(), pld["noise_multiplier"].as_f64().unwrap());
+    assert!(s_pld < s_rdp, "{s_pld} vs {s_rdp}");
+    let eps = pld["epsilon"].as_f64().unwrap();
+    assert!((0.999 * 3.0..=3.0).contains(&eps), "{pld}");
+    assert!(pld["epsilon_lower"].as_f64().unwrap() <= eps);
+}
+
+#[test]
 fn epsilon_accepts_dataset_batch_and_epochs() {
     let by_plan = json_out(&[
         "epsilon",

@@ -177,3 +177,37 @@ fn unsupported_events_are_refused_as_by_rdp() {
     let mut acc = PldAccountant::new(Adjacency::AddOrRemoveOne);
     assert!(acc.compose(&DpEvent::shuffled_fixed_size_batches(1.0, 10, 10), 1).is_err());
 }
+
+#[test]
+fn report_shows_both_accountants_and_says_which_one_it_states() {
+    use dp_accountant::{
+        AccountantKind, Ledger, LedgerHeader, MechanismRecord, NoiseGenerator, NoiseSource, PrivacyReport,
+        SamplerKind, Seeding,
+    };
+    let mut ledger = Ledger::new(LedgerHeader { created_by: "test".into(), ..Default::default() });
+    ledger
+        .append(MechanismRecord {
+            event: DpEvent::self_composed(DpEvent::poisson_sampled_gaussian(0.02, 1.0), 1500),
+            adjacency: Adjacency::AddOrRemoveOne,
+            clipping_norm: 1.0,
+            sampler: SamplerKind::Poisson,
+            noise: NoiseSource { generator: NoiseGenerator::Chacha20, seed: Seeding::OsEntropy },
+            sampler_seed: Seeding::OsEntropy,
+        })
+        .unwrap();
+    let by_pld = PrivacyReport::from_ledger_with(&ledger, Some(1e-5), AccountantKind::Pld).unwrap();
+    let by_rdp = PrivacyReport::from_ledger(&ledger, Some(1e-5)).unwrap();
+    let pld = ledger.pld_accountant().unwrap().epsilon(1e-5).unwrap();
+    let rdp = ledger.rdp_accountant().unwrap().epsilon(1e-5).unwrap().epsilon;
+    assert_eq!(by_pld.epsilon, pld.epsilon);
+    assert_eq!(by_rdp.epsilon, rdp);
+    for r in [&by_pld, &by_rdp] {
+        assert_eq!(r.epsilon_rdp, rdp);
+        assert_eq!(r.epsilon_pld, Some(pld.epsilon));
+        assert_eq!(r.epsilon_pld_lower, Some(pld.epsilon_lower));
+    }
+    assert!(by_pld.to_text().contains("The statement uses PLD"));
+    assert!(by_rdp.to_markdown().contains("The statement uses RDP"));
+    // The curve ends at the statement's epsilon.
+    assert_eq!(by_pld.epsilon_by_step.last().unwrap().1, pld.epsilon);
+}

@@ -10,8 +10,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use dp_accountant::{
-    calibrate_noise_multiplier, max_steps, Adjacency, DpEvent, Error, Ledger, LedgerError, PrivacyReport,
-    RdpAccountant, Valid,
+    calibrate_noise_multiplier, calibrate_noise_multiplier_pld, max_steps, max_steps_pld, AccountantKind, Adjacency,
+    DpEvent, Error, Ledger, LedgerError, PldAccountant, PrivacyReport, RdpAccountant, Valid, DEFAULT_EPSILON_ERROR,
 };
 use serde_json::json;
 
@@ -30,7 +30,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Epsilon of DP-SGD with Poisson sampling (RDP accountant, add-or-remove-one adjacency).
+    /// Epsilon of DP-SGD with Poisson sampling (add-or-remove-one adjacency).
     Epsilon {
         /// Noise standard deviation over the clipping norm (> 0).
         #[arg(long, allow_hyphen_values = true)]
@@ -40,6 +40,12 @@ enum Command {
         /// Delta, in (0, 1).
         #[arg(long, allow_hyphen_values = true)]
         delta: f64,
+        /// Which accountant: rdp, pld (tighter; also prints a proven lower bound), or all (both; epsilon is the
+        /// smaller upper bound).
+        #[arg(long, value_enum, default_value_t = Which::Rdp)]
+        accountant: Which,
+        #[command(flatten)]
+        pld: PldOptions,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -72,6 +78,11 @@ enum Command {
         delta: f64,
         #[command(flatten)]
         plan: Plan,
+        /// The accountant the target is met by: rdp or pld (less noise for the same target).
+        #[arg(long, default_value_t = AccountantKind::Rdp)]
+        accountant: AccountantKind,
+        #[command(flatten)]
+        pld: PldOptions,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -90,6 +101,11 @@ enum Command {
         /// Noise standard deviation over the clipping norm (> 0).
         #[arg(long, allow_hyphen_values = true)]
         noise_multiplier: f64,
+        /// The accountant the target is met by: rdp or pld.
+        #[arg(long, default_value_t = AccountantKind::Rdp)]
+        accountant: AccountantKind,
+        #[command(flatten)]
+        pld: PldOptions,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -105,6 +121,9 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
+        /// The accountant the statement uses (both are shown): rdp or pld.
+        #[arg(long, default_value_t = AccountantKind::Rdp)]
+        accountant: AccountantKind,
     },
     /// Verify a ledger's hash chain and content.
     #[command(after_help = EXIT_CODES)]
@@ -135,6 +154,29 @@ struct Plan {
     /// Epochs E (> 0): steps = ceil(E N / B).
     #[arg(long, allow_hyphen_values = true)]
     epochs: Option<f64>,
+}
+
+/// The PLD accountant's precision.
+#[derive(Args)]
+struct PldOptions {
+    /// PLD only: the largest gap allowed between the proven upper and lower epsilon (> 0).
+    #[arg(long, allow_hyphen_values = true, default_value_t = DEFAULT_EPSILON_ERROR)]
+    epsilon_error: f64,
+}
+
+impl PldOptions {
+    fn accountant(&self) -> Result<PldAccountant, Failure> {
+        flag("--epsilon-error", self.epsilon_error, Valid::Positive)?;
+        Ok(PldAccountant::with_epsilon_error(Adjacency::AddOrRemoveOne, self.epsilon_error)?)
+    }
+}
+
+/// `--accountant` of `epsilon`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Which {
+    Rdp,
+    Pld,
+    All,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -232,29 +274,71 @@ fn main() -> ExitCode {
 
 fn run(command: Command, out: &mut String) -> Result<(), Failure> {
     match command {
-        Command::Epsilon { noise_multiplier, plan, delta, json } => {
+        Command::Epsilon { noise_multiplier, plan, delta, accountant, pld, json } => {
             flag("--noise-multiplier", noise_multiplier, Valid::Positive)?;
             let (q, steps) = plan.resolve()?;
             flag("--delta", delta, Valid::OpenUnit)?;
-            let mut acc = RdpAccountant::new(Adjacency::AddOrRemoveOne);
-            acc.compose(&DpEvent::poisson_sampled_gaussian(q, noise_multiplier), steps)?;
-            let b = acc.epsilon(delta)?;
-            if json {
-                push_json(
-                    out,
-                    json!({
-                        "epsilon": b.epsilon, "delta": delta, "order": b.order, "accountant": "rdp",
-                        "noise_multiplier": noise_multiplier, "sample_rate": q, "steps": steps,
-                        "order_at_range_edge": b.order_at_range_edge, "dropped_orders": b.dropped_orders,
-                    }),
-                );
+            let event = DpEvent::poisson_sampled_gaussian(q, noise_multiplier);
+            let rdp = if accountant == Which::Pld {
+                None
             } else {
-                out.push_str(&format!(
-                    "epsilon = {} at delta = {delta:e} (RDP accountant, optimal order {:.4}; q = {q}, noise multiplier \
-                     {noise_multiplier}, {steps} steps)\n",
-                    b.epsilon, b.order
-                ));
-                edge_notes(out, b.order_at_range_edge, &b.dropped_orders);
+                let mut acc = RdpAccountant::new(Adjacency::AddOrRemoveOne);
+                acc.compose(&event, steps)?;
+                Some(acc.epsilon(delta)?)
+            };
+            let pld_bound = if accountant == Which::Rdp {
+                None
+            } else {
+                let mut acc = pld.accountant()?;
+                acc.compose(&event, steps)?;
+                Some(acc.epsilon(delta)?)
+            };
+            // The stated epsilon: the chosen accountant's upper bound (with both, the smaller one).
+            let (epsilon, chosen) = match (&rdp, &pld_bound) {
+                (Some(r), Some(p)) if p.epsilon < r.epsilon => (p.epsilon, "pld"),
+                (Some(r), _) => (r.epsilon, "rdp"),
+                (None, Some(p)) => (p.epsilon, "pld"),
+                (None, None) => return Err(Failure::Usage("--accountant: no accountant chosen".into())),
+            };
+            if json {
+                let mut v = json!({
+                    "epsilon": epsilon, "delta": delta, "accountant": chosen,
+                    "noise_multiplier": noise_multiplier, "sample_rate": q, "steps": steps,
+                });
+                if let Some(r) = &rdp {
+                    v["order"] = json!(r.order);
+                    v["rdp"] = json!({
+                        "epsilon": r.epsilon, "order": r.order, "order_at_range_edge": r.order_at_range_edge,
+                        "dropped_orders": r.dropped_orders,
+                    });
+                }
+                if let Some(p) = &pld_bound {
+                    v["epsilon_lower"] = json!(p.epsilon_lower);
+                    v["pld"] = json!({
+                        "epsilon": p.epsilon, "epsilon_lower": p.epsilon_lower, "grid_step": p.grid_step,
+                        "epsilon_error": pld.epsilon_error,
+                    });
+                }
+                push_json(out, v);
+            } else {
+                let plan = format!("q = {q}, noise multiplier {noise_multiplier}, {steps} steps");
+                if let Some(r) = &rdp {
+                    out.push_str(&format!(
+                        "epsilon = {} at delta = {delta:e} (RDP accountant, optimal order {:.4}; {plan})\n",
+                        r.epsilon, r.order
+                    ));
+                    edge_notes(out, r.order_at_range_edge, &r.dropped_orders);
+                }
+                if let Some(p) = &pld_bound {
+                    out.push_str(&format!(
+                        "epsilon = {} at delta = {delta:e} (PLD accountant; the true epsilon is proven to lie in [{}, \
+                         {}]; {plan})\n",
+                        p.epsilon, p.epsilon_lower, p.epsilon
+                    ));
+                }
+                if rdp.is_some() && pld_bound.is_some() {
+                    out.push_str(&format!("stated: epsilon = {epsilon} ({chosen}, the smaller upper bound)\n"));
+                }
             }
         }
         Command::Rdp { noise_multiplier, sample_rate, orders, steps, json } => {
@@ -275,56 +359,78 @@ fn run(command: Command, out: &mut String) -> Result<(), Failure> {
                 }
             }
         }
-        Command::Calibrate { target_epsilon, delta, plan, json } => {
+        Command::Calibrate { target_epsilon, delta, plan, accountant, pld, json } => {
             flag("--target-epsilon", target_epsilon, Valid::Positive)?;
             flag("--delta", delta, Valid::OpenUnit)?;
             let (q, steps) = plan.resolve()?;
-            let c = calibrate_noise_multiplier(target_epsilon, delta, q, steps)?;
+            let (noise_multiplier, epsilon, detail) = match accountant {
+                AccountantKind::Rdp => {
+                    let c = calibrate_noise_multiplier(target_epsilon, delta, q, steps)?;
+                    (c.noise_multiplier, c.epsilon.epsilon, json!({ "order": c.epsilon.order }))
+                }
+                AccountantKind::Pld => {
+                    flag("--epsilon-error", pld.epsilon_error, Valid::Positive)?;
+                    let c = calibrate_noise_multiplier_pld(target_epsilon, delta, q, steps, pld.epsilon_error)?;
+                    let detail =
+                        json!({ "epsilon_lower": c.epsilon.epsilon_lower, "epsilon_error": pld.epsilon_error });
+                    (c.noise_multiplier, c.epsilon.epsilon, detail)
+                }
+            };
             if json {
-                push_json(
-                    out,
-                    json!({
-                        "noise_multiplier": c.noise_multiplier, "epsilon": c.epsilon.epsilon,
-                        "target_epsilon": target_epsilon, "delta": delta, "order": c.epsilon.order,
-                        "sample_rate": q, "steps": steps, "accountant": "rdp",
-                    }),
-                );
+                let mut v = json!({
+                    "noise_multiplier": noise_multiplier, "epsilon": epsilon, "target_epsilon": target_epsilon,
+                    "delta": delta, "sample_rate": q, "steps": steps, "accountant": accountant.name(),
+                });
+                if let (Some(v), Some(d)) = (v.as_object_mut(), detail.as_object()) {
+                    v.extend(d.clone());
+                }
+                push_json(out, v);
             } else {
                 out.push_str(&format!(
-                    "noise multiplier = {} gives epsilon = {} <= {target_epsilon} at delta = {delta:e} (q = {q}, {steps} \
-                     steps, RDP accountant)\n",
-                    c.noise_multiplier, c.epsilon.epsilon
+                    "noise multiplier = {noise_multiplier} gives epsilon = {epsilon} <= {target_epsilon} at delta = \
+                     {delta:e} (q = {q}, {steps} steps, {} accountant)\n",
+                    accountant.name().to_uppercase()
                 ));
             }
         }
-        Command::MaxSteps { target_epsilon, delta, sample_rate, noise_multiplier, json } => {
+        Command::MaxSteps { target_epsilon, delta, sample_rate, noise_multiplier, accountant, pld, json } => {
             flag("--target-epsilon", target_epsilon, Valid::Positive)?;
             flag("--delta", delta, Valid::OpenUnit)?;
             flag("--sample-rate", sample_rate, Valid::HalfOpenUnit)?;
             flag("--noise-multiplier", noise_multiplier, Valid::Positive)?;
-            let m = max_steps(target_epsilon, delta, sample_rate, noise_multiplier)?;
+            let (steps, epsilon) = match accountant {
+                AccountantKind::Rdp => {
+                    let m = max_steps(target_epsilon, delta, sample_rate, noise_multiplier)?;
+                    (m.steps, m.epsilon.epsilon)
+                }
+                AccountantKind::Pld => {
+                    flag("--epsilon-error", pld.epsilon_error, Valid::Positive)?;
+                    let m = max_steps_pld(target_epsilon, delta, sample_rate, noise_multiplier, pld.epsilon_error)?;
+                    (m.steps, m.epsilon.epsilon)
+                }
+            };
             if json {
                 push_json(
                     out,
                     json!({
-                        "steps": m.steps, "epsilon": m.epsilon.epsilon, "target_epsilon": target_epsilon,
+                        "steps": steps, "epsilon": epsilon, "target_epsilon": target_epsilon,
                         "delta": delta, "sample_rate": sample_rate, "noise_multiplier": noise_multiplier,
-                        "accountant": "rdp",
+                        "accountant": accountant.name(),
                     }),
                 );
             } else {
                 out.push_str(&format!(
-                    "{} steps fit: epsilon = {} <= {target_epsilon} at delta = {delta:e}\n",
-                    m.steps, m.epsilon.epsilon
+                    "{steps} steps fit: epsilon = {epsilon} <= {target_epsilon} at delta = {delta:e} ({} accountant)\n",
+                    accountant.name().to_uppercase()
                 ));
             }
         }
-        Command::Report { ledger, delta, format } => {
+        Command::Report { ledger, delta, format, accountant } => {
             if let Some(d) = delta {
                 flag("--delta", d, Valid::OpenUnit)?;
             }
             let ledger = Ledger::read(&ledger)?;
-            let report = PrivacyReport::from_ledger(&ledger, delta)?;
+            let report = PrivacyReport::from_ledger_with(&ledger, delta, accountant)?;
             out.push_str(&match format {
                 Format::Text => report.to_text(),
                 Format::Markdown => report.to_markdown(),
