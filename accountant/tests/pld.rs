@@ -181,8 +181,8 @@ fn unsupported_events_are_refused_as_by_rdp() {
 #[test]
 fn report_shows_both_accountants_and_says_which_one_it_states() {
     use dp_accountant::{
-        AccountantKind, Ledger, LedgerHeader, MechanismRecord, NoiseGenerator, NoiseSource, PrivacyReport,
-        SamplerKind, Seeding,
+        AccountantKind, Ledger, LedgerHeader, MechanismRecord, NoiseGenerator, NoiseSource, PrivacyReport, SamplerKind,
+        Seeding,
     };
     let mut ledger = Ledger::new(LedgerHeader { created_by: "test".into(), ..Default::default() });
     ledger
