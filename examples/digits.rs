@@ -19,7 +19,7 @@ mod common;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_dp::accountant::PrivacyReport;
+use candle_dp::accountant::{AccountantKind, PrivacyReport};
 use candle_dp::{loss, DpOptimizer, GaussianNoise, PoissonSampler, PrivacyBudget};
 use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
 use clap::Parser;
@@ -35,6 +35,10 @@ struct Args {
     /// Target delta.
     #[arg(long, default_value_t = 1e-5, allow_hyphen_values = true)]
     delta: f64,
+    /// The accountant that calibrates the noise, enforces the budget and
+    /// states epsilon: rdp, or pld (tighter: less noise for the same epsilon).
+    #[arg(long, default_value_t = AccountantKind::Rdp)]
+    accountant: AccountantKind,
     /// Passes over the training set.
     #[arg(long, default_value_t = 50)]
     epochs: usize,
@@ -244,8 +248,9 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         summary["delta"] = args.delta.into();
         summary["noise_multiplier"] = sigma.into();
         summary["sample_rate"] = q.into();
+        summary["accountant"] = args.accountant.name().into();
         ledger.write(out.join("ledger.json"))?;
-        let report = PrivacyReport::from_ledger(&ledger, Some(args.delta))?;
+        let report = PrivacyReport::from_ledger_with(&ledger, Some(args.delta), args.accountant)?;
         std::fs::write(out.join("report.md"), report.to_markdown())?;
         std::fs::write(out.join("report.html"), report.to_html())?;
         if !args.json {
@@ -357,6 +362,7 @@ fn train_dp<O: Optimizer>(
         }
         None => DpOptimizer::<O>::builder(candle_dp::vars_by_name(ctx.varmap), sampler.description())
             .target(budget, ctx.steps)
+            .accountant(ctx.args.accountant)
             .max_grad_norm(ctx.args.max_grad_norm)
             .noise(noise)
             .description(description)

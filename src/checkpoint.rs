@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Var;
 use candle_nn::{Optimizer, VarMap};
-use dp_accountant::{Ledger, Seeding};
+use dp_accountant::{AccountantKind, Ledger, Seeding};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -82,6 +82,9 @@ struct Manifest {
     batch_size: Option<usize>,
     sampler_seeding: Seeding,
     budget: Option<(f64, f64)>,
+    /// The accountant that enforces the budget (absent in older checkpoints: RDP).
+    #[serde(default)]
+    accountant: AccountantKind,
     noise_seeding: Seeding,
     noise_state: Option<RngState>,
     sampler_state: Option<RngState>,
@@ -147,6 +150,7 @@ impl<O: Optimizer> DpOptimizer<O> {
             batch_size,
             sampler_seeding,
             budget: self.budget.map(|(b, _)| (b.epsilon, b.delta)),
+            accountant: self.accountant,
             noise_seeding: self.noise.seeding(),
             noise_state: fixed(self.noise.seeding()).then(|| RngState::new(self.noise.state())),
             sampler_state: sampler.filter(|s| fixed(s.seeding())).map(|s| RngState::new(s.state())),
@@ -224,6 +228,7 @@ impl<O: Optimizer> DpOptimizer<O> {
             .noise_multiplier(m.noise_multiplier)
             .max_grad_norm(m.max_grad_norm)
             .noise(noise)
+            .accountant(m.accountant)
             .engine(if m.microbatch { Engine::Microbatch } else { Engine::Ghost });
         if let Some(t) = &m.per_layer_thresholds {
             builder = builder.clipping(ClipMode::PerLayer(t.clone()));

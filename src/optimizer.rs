@@ -20,8 +20,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use candle_nn::{Optimizer, VarMap};
 use dp_accountant::{
-    calibrate_with, max_steps_with, Ledger, LedgerHeader, MechanismRecord, NoiseGenerator, NoiseSource, PrivacyTarget,
-    RdpAccountant,
+    calibrate_with, max_steps_with, AccountantKind, Ledger, LedgerHeader, MechanismRecord, NoiseGenerator, NoiseSource,
+    PrivacyTarget,
 };
 
 use crate::clip::ClipMode;
@@ -72,6 +72,7 @@ pub struct DpOptimizerBuilder<O: Optimizer> {
     engine: Engine,
     noise: Option<GaussianNoise>,
     description: Option<String>,
+    accountant: AccountantKind,
 }
 
 impl<O: Optimizer> DpOptimizerBuilder<O> {
@@ -82,7 +83,8 @@ impl<O: Optimizer> DpOptimizerBuilder<O> {
     }
 
     /// The smallest noise that keeps `planned_steps` steps within `budget`
-    /// (calibrated by the RDP accountant), and the budget enforced.
+    /// (calibrated by the [`DpOptimizerBuilder::accountant`]), and the budget
+    /// enforced.
     pub fn target(mut self, budget: PrivacyBudget, planned_steps: u64) -> Self {
         self.noise_plan = Some(NoisePlan::Calibrated { budget, planned_steps });
         self.budget = Some(budget);
@@ -117,6 +119,16 @@ impl<O: Optimizer> DpOptimizerBuilder<O> {
     /// large buffers on all available cores).
     pub fn noise(mut self, noise: GaussianNoise) -> Self {
         self.noise = Some(noise);
+        self
+    }
+
+    /// The accountant that calibrates the noise, enforces the budget and
+    /// answers [`DpOptimizer::epsilon`] (default RDP). PLD is tighter, so a
+    /// target is met with less noise; its epsilon is still a proven upper
+    /// bound. The ledger is the same either way: a reviewer can account it
+    /// with both.
+    pub fn accountant(mut self, accountant: AccountantKind) -> Self {
+        self.accountant = accountant;
         self
     }
 
@@ -156,10 +168,9 @@ impl<O: Optimizer> DpOptimizerBuilder<O> {
             Some(NoisePlan::Fixed(s)) => ensure("noise_multiplier", s, "finite and > 0", s > 0.0 && s.is_finite())?,
             Some(NoisePlan::Calibrated { budget, planned_steps }) => {
                 ensure("planned_steps", planned_steps as f64, "an integer >= 1", planned_steps >= 1)?;
+                let accountant = self.accountant;
                 calibrate_with(budget.epsilon, |sigma| {
-                    let mut acc = RdpAccountant::new(sampler.adjacency());
-                    acc.compose(&sampler.event(sigma, planned_steps), 1)?;
-                    acc.epsilon(budget.delta)
+                    accountant.epsilon(sampler.adjacency(), &sampler.event(sigma, planned_steps), budget.delta)
                 })?
                 .noise_multiplier
             }
@@ -182,7 +193,7 @@ impl<O: Optimizer> DpOptimizerBuilder<O> {
             }
         };
         let max_steps = match self.budget {
-            Some(b) => Some(max_steps_within(&sampler, noise_multiplier, b)?),
+            Some(b) => Some(max_steps_within(&sampler, noise_multiplier, b, self.accountant)?),
             None => None,
         };
         let noise = match self.noise {
@@ -214,6 +225,7 @@ impl<O: Optimizer> DpOptimizerBuilder<O> {
             pending_steps: 0,
             steps: 0,
             budget: self.budget.zip(max_steps),
+            accountant: self.accountant,
         })
     }
 }
@@ -232,11 +244,14 @@ pub fn vars_by_name(varmap: &VarMap) -> Vec<Var> {
 }
 
 /// The largest number of steps with this sampler and noise that stays within `budget`.
-fn max_steps_within(sampler: &SamplerDescription, sigma: f64, budget: PrivacyBudget) -> Result<u64> {
+fn max_steps_within(
+    sampler: &SamplerDescription,
+    sigma: f64,
+    budget: PrivacyBudget,
+    accountant: AccountantKind,
+) -> Result<u64> {
     let calibration = max_steps_with(budget.epsilon, |n| {
-        let mut acc = RdpAccountant::new(sampler.adjacency());
-        acc.compose(&sampler.event(sigma, n), 1)?;
-        acc.epsilon(budget.delta)
+        accountant.epsilon(sampler.adjacency(), &sampler.event(sigma, n), budget.delta)
     });
     match calibration {
         Ok(c) => Ok(c.steps),
@@ -263,6 +278,7 @@ pub struct DpOptimizer<O: Optimizer> {
     pub(crate) pending_steps: u64,
     pub(crate) steps: u64,
     pub(crate) budget: Option<(PrivacyBudget, u64)>,
+    pub(crate) accountant: AccountantKind,
 }
 
 impl<O: Optimizer> DpOptimizer<O> {
@@ -283,6 +299,7 @@ impl<O: Optimizer> DpOptimizer<O> {
             engine: Engine::Ghost,
             noise: None,
             description: None,
+            accountant: AccountantKind::Rdp,
         }
     }
 
@@ -391,7 +408,7 @@ impl<O: Optimizer> DpOptimizer<O> {
         Ok(())
     }
 
-    /// The epsilon spent so far at `delta`.
+    /// The epsilon spent so far at `delta`, by the optimizer's accountant.
     ///
     /// # Errors
     /// The accountant's, for a `delta` outside `(0, 1)`.
@@ -406,7 +423,7 @@ impl<O: Optimizer> DpOptimizer<O> {
         if pending > 0 {
             ledger.append(self.record(pending))?;
         }
-        Ok(ledger.rdp_accountant()?.epsilon(delta)?.epsilon)
+        Ok(ledger.epsilon(self.accountant, delta)?)
     }
 
     /// The ledger as it stands, with the steps since the last flush as one entry.
@@ -469,6 +486,11 @@ impl<O: Optimizer> DpOptimizer<O> {
     /// Steps taken.
     pub fn steps(&self) -> u64 {
         self.steps
+    }
+
+    /// The accountant that enforces the budget and answers [`DpOptimizer::epsilon`].
+    pub fn accountant(&self) -> AccountantKind {
+        self.accountant
     }
 
     /// The most steps the budget allows, if one is enforced.

@@ -10,7 +10,7 @@ use candle_dp::{
 };
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap, SGD};
 use common::{mlp_pair, set_deterministic, take, tensor, vars_by_name};
-use dp_accountant::{Ledger, PrivacyReport, Seeding};
+use dp_accountant::{AccountantKind, Ledger, PrivacyReport, Seeding};
 
 fn weights(varmap: &VarMap) -> Vec<f64> {
     vars_by_name(varmap)
@@ -135,6 +135,49 @@ fn budget_stops_training_before_it_is_exceeded() {
     assert_eq!(weights(&varmap), before, "a refused step touches nothing");
     assert_eq!(opt.steps(), max);
     assert_eq!(opt.epsilon(1e-5).unwrap(), spent);
+}
+
+/// With the PLD accountant the same target needs less noise, the budget is
+/// enforced by PLD, and the ledger is the one RDP reads too.
+#[test]
+fn pld_accountant_calibrates_less_noise_and_enforces_the_budget() {
+    let budget = PrivacyBudget { epsilon: 2.0, delta: 1e-5 };
+    let build = |accountant: AccountantKind| {
+        let varmap = VarMap::new();
+        // The DP layers must stay alive: the ghost engine registers them.
+        let (model, _) = mlp_pair(&varmap, &[4, 2], DType::F32).unwrap();
+        let sampler = PoissonSampler::seeded(1000, 0.05, 3).unwrap();
+        let opt = DpOptimizer::<SGD>::builder(vars_by_name(&varmap), sampler.description())
+            .target(budget, 400)
+            .accountant(accountant)
+            .noise(GaussianNoise::from_seed(3))
+            .build(0.1)
+            .unwrap();
+        (opt, model)
+    };
+    let (rdp, _rdp_model) = build(AccountantKind::Rdp);
+    let (mut pld, _pld_model) = build(AccountantKind::Pld);
+    assert_eq!(pld.accountant(), AccountantKind::Pld);
+    assert!(
+        pld.noise_multiplier() < rdp.noise_multiplier(),
+        "{} vs {}",
+        pld.noise_multiplier(),
+        rdp.noise_multiplier()
+    );
+    let max = pld.max_steps().unwrap();
+    assert!(max >= 400, "{max}");
+    for _ in 0..max {
+        pld.accumulate_empty();
+        pld.step().unwrap();
+    }
+    let ledger = pld.ledger().unwrap();
+    let by_pld = ledger.epsilon(AccountantKind::Pld, 1e-5).unwrap();
+    assert_eq!(pld.epsilon(1e-5).unwrap(), by_pld);
+    assert!(by_pld <= 2.0, "{by_pld}");
+    // RDP, reading the same ledger, states more than the budget PLD enforced.
+    assert!(ledger.epsilon(AccountantKind::Rdp, 1e-5).unwrap() > by_pld);
+    pld.accumulate_empty();
+    assert!(matches!(pld.step(), Err(Error::BudgetExhausted { .. })));
 }
 
 /// Trains the toy problem with `O`; returns test accuracy.

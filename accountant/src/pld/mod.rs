@@ -149,7 +149,7 @@ impl PldAccountant {
     /// memory grow as `1 / epsilon_error`).
     ///
     /// # Errors
-    /// [`Error::InvalidParameter`] unless `epsilon_error` is finite and > 0.
+    /// [`crate::Error::InvalidParameter`] unless `epsilon_error` is finite and > 0.
     pub fn with_epsilon_error(adjacency: Adjacency, epsilon_error: f64) -> Result<Self> {
         ensure("epsilon_error", epsilon_error, Valid::Positive)?;
         Ok(Self { epsilon_error, ..Self::new(adjacency) })
@@ -177,8 +177,8 @@ impl PldAccountant {
     /// and changes nothing on error. The same events as the RDP accountant.
     ///
     /// # Errors
-    /// [`Error::InvalidParameter`] for a bad parameter anywhere in the event;
-    /// [`Error::UnsupportedEvent`] for an event not supported under the
+    /// [`crate::Error::InvalidParameter`] for a bad parameter anywhere in the event;
+    /// [`crate::Error::UnsupportedEvent`] for an event not supported under the
     /// accountant's adjacency.
     pub fn compose(&mut self, event: &DpEvent, count: u64) -> Result<()> {
         check_supported(event, self.adjacency)?;
@@ -273,8 +273,8 @@ impl PldAccountant {
     /// `(epsilon, delta)`-DP; `epsilon` is the upper one.
     ///
     /// # Errors
-    /// [`Error::InvalidParameter`] unless `delta` is in `(0, 1)`;
-    /// [`Error::GridTooLarge`] if the requested error needs too fine a grid.
+    /// [`crate::Error::InvalidParameter`] unless `delta` is in `(0, 1)`;
+    /// [`crate::Error::GridTooLarge`] if the requested error needs too fine a grid.
     pub fn epsilon(&self, delta: f64) -> Result<PldEpsilon> {
         ensure("delta", delta, Valid::OpenUnit)?;
         let c = self.composition()?;
@@ -301,8 +301,8 @@ impl PldAccountant {
     /// `(epsilon, delta)`-DP; `delta` is the upper one.
     ///
     /// # Errors
-    /// [`Error::InvalidParameter`] unless `epsilon` is finite and >= 0;
-    /// [`Error::GridTooLarge`] as [`PldAccountant::epsilon`].
+    /// [`crate::Error::InvalidParameter`] unless `epsilon` is finite and >= 0;
+    /// [`crate::Error::GridTooLarge`] as [`PldAccountant::epsilon`].
     pub fn delta(&self, epsilon: f64) -> Result<PldDelta> {
         ensure("epsilon", epsilon, Valid::NonNegative)?;
         let c = self.composition()?;
