@@ -41,12 +41,10 @@ pub(crate) struct ComposedLoss {
 /// `ln E[exp(lambda L)]` for one step's grid loss (the core's sub-probability
 /// measure), shifted so that no term overflows.
 fn log_mgf(grid: &GridLoss, h: f64, lambda: f64) -> f64 {
-    // Factor out the largest exponent: the top point with mass for lambda > 0,
-    // the bottom one otherwise (the points beyond it add nothing).
-    let top = grid.masses.iter().rposition(|&m| m > 0.0).unwrap_or(0);
-    let bottom = grid.masses.iter().position(|&m| m > 0.0).unwrap_or(0);
-    let (anchor, step, n) =
-        if lambda > 0.0 { (top, -lambda * h, top + 1) } else { (bottom, lambda * h, grid.masses.len() - bottom) };
+    // Factor out the largest exponent: the top point for lambda > 0, the
+    // bottom one otherwise (both carry mass: `GridLoss` trims its ends).
+    let n = grid.masses.len();
+    let (anchor, step) = if lambda > 0.0 { (n - 1, -lambda * h) } else { (0, lambda * h) };
     // Eight interleaved power chains keep the loop free of a serial dependency.
     let ratio = step.exp();
     let ratio8 = (8.0 * step).exp();

@@ -13,7 +13,9 @@ use super::loss::{SubsampledGaussianLoss, Tail};
 use crate::error::{Error, Result};
 
 /// One step's loss on the grid: `masses[k]` at loss `(first + k) h`, the
-/// probability outside the core (`tail`) left out.
+/// probability outside the core (`tail`) left out. The first and last masses
+/// are positive (unless there is no mass at all): points without mass at the
+/// ends are trimmed.
 #[derive(Debug, Clone)]
 pub(crate) struct GridLoss {
     pub(crate) first: i64,
@@ -57,7 +59,13 @@ pub(crate) fn discretize(loss: &SubsampledGaussianLoss, h: f64) -> Result<GridLo
         masses[c + 1] += sent_up;
         t_lo = t_hi;
     }
-    Ok(GridLoss { first, masses, tail: tail_below + t_lo.upper() })
+    // Far in the core's ends masses underflow to 0: trim them, so the
+    // composition neither transforms nor scans them.
+    let end = masses.iter().rposition(|&m| m > 0.0).map_or(1, |k| k + 1);
+    masses.truncate(end);
+    let start = masses.iter().position(|&m| m > 0.0).unwrap_or(0);
+    masses.drain(..start);
+    Ok(GridLoss { first: first + start as i64, masses, tail: tail_below + t_lo.upper() })
 }
 
 #[cfg(test)]

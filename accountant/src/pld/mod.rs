@@ -60,8 +60,15 @@ const DELTA_ERR_REFERENCE: f64 = 1e-13;
 /// The share of the requested width given to the two rounding terms; the
 /// rest covers the `delta_err` shift between the bounds.
 const ROUNDING_SHARE: f64 = 0.9;
-/// The delta queries try `delta_err = 10^-k` for `k = 2..=24`.
-const SMALLEST_DELTA_ERR: f64 = 1e-24;
+/// The delta queries try `delta_err = 10^-k` for `k` in this range.
+const DELTA_QUERY_EXPONENTS: std::ops::RangeInclusive<i32> = 2..=24;
+
+/// The Azuma-Hoeffding shift `h sqrt(n ln(1/delta_err) / 2)`: `n` rounding
+/// errors, each of conditional mean 0 within an interval of length `h`, sum
+/// beyond it with probability at most `delta_err` (on either side).
+fn rounding_shift(h: f64, rounded_steps: f64, delta_err: f64) -> f64 {
+    h * (rounded_steps * delta_err.recip().ln() / 2.0).sqrt()
+}
 
 /// A PLD epsilon: the proven upper bound, and a proven lower bound on the
 /// smallest epsilon the composition satisfies at `delta`.
@@ -239,12 +246,13 @@ impl PldAccountant {
             return Ok(Composition { h: 0.0, rounded_steps, directions: Vec::new() });
         }
         let eps_err = 0.5 * ROUNDING_SHARE * self.epsilon_error;
-        let h = eps_err / (rounded_steps * DELTA_ERR_REFERENCE.recip().ln() / 2.0).sqrt();
+        let h = eps_err / rounding_shift(1.0, rounded_steps, DELTA_ERR_REFERENCE);
         // The Gaussian is symmetric: one direction suffices without subsampling.
         let directions: &[Direction] =
             if self.sampled.is_empty() { &[Direction::Remove] } else { &[Direction::Remove, Direction::Add] };
         // Delta is asked at epsilon - eps_err, eps_err at most its value at the smallest delta_err tried.
-        let min_query = -(h * (rounded_steps * SMALLEST_DELTA_ERR.recip().ln() / 2.0).sqrt()) - h;
+        let smallest_delta_err = 10f64.powi(-DELTA_QUERY_EXPONENTS.end());
+        let min_query = -rounding_shift(h, rounded_steps, smallest_delta_err) - h;
         let one_direction = |dir: Direction| -> Result<(ComposedLoss, f64)> {
             let grids: Vec<(GridLoss, u64)> = atoms
                 .iter()
@@ -264,11 +272,6 @@ impl PldAccountant {
         Ok(Composition { h, rounded_steps, directions: out })
     }
 
-    /// The rounding term `eps_err` that holds but with probability `delta_err`.
-    fn rounding_error(c: &Composition, delta_err: f64) -> f64 {
-        c.h * (c.rounded_steps * delta_err.recip().ln() / 2.0).sqrt()
-    }
-
     /// Bounds on the smallest epsilon such that everything composed is
     /// `(epsilon, delta)`-DP; `epsilon` is the upper one.
     ///
@@ -283,7 +286,7 @@ impl PldAccountant {
             let (mut up, mut lo) = (f64::INFINITY, 0.0f64);
             for k in 1..=8 {
                 let delta_err = delta * 10f64.powi(-k);
-                let eps_err = Self::rounding_error(&c, delta_err);
+                let eps_err = rounding_shift(c.h, c.rounded_steps, delta_err);
                 let budget = delta - delta_err - truncated - composed.window_tail;
                 if budget > 0.0 {
                     up = up.min(composed.epsilon(budget) + eps_err);
@@ -309,9 +312,9 @@ impl PldAccountant {
         let (mut upper, mut lower) = (0.0f64, 0.0f64);
         for (composed, truncated) in &c.directions {
             let (mut up, mut lo) = (1.0f64, 0.0f64);
-            for k in 2..=24 {
+            for k in DELTA_QUERY_EXPONENTS {
                 let delta_err = 10f64.powi(-k);
-                let eps_err = Self::rounding_error(&c, delta_err);
+                let eps_err = rounding_shift(c.h, c.rounded_steps, delta_err);
                 // (Never None: min_query covers epsilon - eps_err for epsilon >= 0.)
                 if let Some(d) = composed.delta(epsilon - eps_err) {
                     up = up.min(d + delta_err + truncated + composed.window_tail);
