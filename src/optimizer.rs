@@ -170,7 +170,7 @@ impl<O: Optimizer> DpOptimizerBuilder<O> {
                 ensure("planned_steps", planned_steps as f64, "an integer >= 1", planned_steps >= 1)?;
                 let accountant = self.accountant;
                 calibrate_with(budget.epsilon, |sigma| {
-                    accountant.epsilon(sampler.adjacency(), &sampler.event(sigma, planned_steps), budget.delta)
+                    accountant.epsilon(sampler.adjacency(), [&sampler.event(sigma, planned_steps)], budget.delta)
                 })?
                 .noise_multiplier
             }
@@ -251,7 +251,7 @@ fn max_steps_within(
     accountant: AccountantKind,
 ) -> Result<u64> {
     let calibration = max_steps_with(budget.epsilon, |n| {
-        accountant.epsilon(sampler.adjacency(), &sampler.event(sigma, n), budget.delta)
+        accountant.epsilon(sampler.adjacency(), [&sampler.event(sigma, n)], budget.delta)
     });
     match calibration {
         Ok(c) => Ok(c.steps),

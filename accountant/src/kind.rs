@@ -34,21 +34,27 @@ impl AccountantKind {
         }
     }
 
-    /// The upper bound on epsilon at `delta` of `event` under `adjacency`.
+    /// The upper bound on epsilon at `delta` of `events`, applied in
+    /// sequence, under `adjacency` (one event: `[&event]`).
     ///
     /// # Errors
     /// The accountant's: a bad parameter, an unsupported event, or (PLD) a
     /// grid too large.
-    pub fn epsilon(self, adjacency: Adjacency, event: &DpEvent, delta: f64) -> Result<f64> {
+    pub fn epsilon<'a>(
+        self,
+        adjacency: Adjacency,
+        events: impl IntoIterator<Item = &'a DpEvent>,
+        delta: f64,
+    ) -> Result<f64> {
         Ok(match self {
             AccountantKind::Rdp => {
                 let mut acc = RdpAccountant::new(adjacency);
-                acc.compose(event, 1)?;
+                events.into_iter().try_for_each(|e| acc.compose(e, 1))?;
                 acc.epsilon(delta)?.epsilon
             }
             AccountantKind::Pld => {
                 let mut acc = PldAccountant::new(adjacency);
-                acc.compose(event, 1)?;
+                events.into_iter().try_for_each(|e| acc.compose(e, 1))?;
                 acc.epsilon(delta)?.epsilon
             }
         })

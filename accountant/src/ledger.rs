@@ -321,10 +321,7 @@ impl Ledger {
     /// # Errors
     /// As [`Ledger::rdp_accountant`], and the accountant's for a bad `delta`.
     pub fn epsilon(&self, accountant: AccountantKind, delta: f64) -> Result<f64> {
-        Ok(match accountant {
-            AccountantKind::Rdp => self.rdp_accountant()?.epsilon(delta)?.epsilon,
-            AccountantKind::Pld => self.pld_accountant()?.epsilon(delta)?.epsilon,
-        })
+        accountant.epsilon(self.adjacency(), self.mechanisms().map(|m| &m.event), delta)
     }
 
     /// Checks that the head is `expected` (an anchor kept elsewhere).

@@ -155,10 +155,7 @@ impl PrivacyReport {
                 _ => Ok(acc.epsilon(d)?.epsilon),
             }
         };
-        let epsilon = match (&pld, accountant) {
-            (Some((_, b)), AccountantKind::Pld) => b.epsilon,
-            _ => bound.epsilon,
-        };
+        let epsilon = stated(delta)?;
         let (epsilon_at_target_delta, within_target) = match header.target {
             Some(t) => {
                 let e = stated(ensure("target.delta", t.delta, Valid::OpenUnit)?)?;
@@ -433,28 +430,27 @@ fn epsilon_by_step(ledger: &Ledger, delta: f64, accountant: AccountantKind) -> R
     let n_points = total.min(40);
     for j in 1..=n_points {
         let target = total * j / n_points;
-        let mut events = Vec::new();
+        // The whole mechanisms before `target`, and the one it cuts.
+        let mut whole: Vec<&DpEvent> = Vec::new();
+        let mut cut = None;
         let mut remaining = target;
         for m in ledger.mechanisms() {
             let steps = m.event.steps();
             if steps <= remaining {
-                events.push(m.event.clone());
+                whole.push(&m.event);
                 remaining -= steps;
                 continue;
             }
-            match &m.event {
-                DpEvent::SelfComposed { event, .. } => {
-                    events.push(DpEvent::self_composed((**event).clone(), remaining))
-                }
+            cut = match &m.event {
+                DpEvent::SelfComposed { event, .. } => Some(DpEvent::self_composed((**event).clone(), remaining)),
                 DpEvent::ShuffledFixedSizeBatches { noise_multiplier, steps_per_epoch, .. } => {
-                    events.push(DpEvent::shuffled_fixed_size_batches(*noise_multiplier, *steps_per_epoch, remaining))
+                    Some(DpEvent::shuffled_fixed_size_batches(*noise_multiplier, *steps_per_epoch, remaining))
                 }
-                _ => {}
-            }
+                _ => None,
+            };
             break;
         }
-        let prefix = DpEvent::composed(events);
-        let epsilon = accountant.epsilon(ledger.adjacency(), &prefix, delta)?;
+        let epsilon = accountant.epsilon(ledger.adjacency(), whole.into_iter().chain(cut.as_ref()), delta)?;
         points.push((target, epsilon));
     }
     Ok(points)

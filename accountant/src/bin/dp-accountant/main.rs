@@ -166,8 +166,12 @@ struct PldOptions {
 
 impl PldOptions {
     fn accountant(&self) -> Result<PldAccountant, Failure> {
-        flag("--epsilon-error", self.epsilon_error, Valid::Positive)?;
-        Ok(PldAccountant::with_epsilon_error(Adjacency::AddOrRemoveOne, self.epsilon_error)?)
+        Ok(PldAccountant::with_epsilon_error(Adjacency::AddOrRemoveOne, self.epsilon_error()?)?)
+    }
+
+    /// `--epsilon-error`, checked.
+    fn epsilon_error(&self) -> Result<f64, Failure> {
+        flag("--epsilon-error", self.epsilon_error, Valid::Positive)
     }
 }
 
@@ -369,8 +373,7 @@ fn run(command: Command, out: &mut String) -> Result<(), Failure> {
                     (c.noise_multiplier, c.epsilon.epsilon, json!({ "order": c.epsilon.order }))
                 }
                 AccountantKind::Pld => {
-                    flag("--epsilon-error", pld.epsilon_error, Valid::Positive)?;
-                    let c = calibrate_noise_multiplier_pld(target_epsilon, delta, q, steps, pld.epsilon_error)?;
+                    let c = calibrate_noise_multiplier_pld(target_epsilon, delta, q, steps, pld.epsilon_error()?)?;
                     let detail =
                         json!({ "epsilon_lower": c.epsilon.epsilon_lower, "epsilon_error": pld.epsilon_error });
                     (c.noise_multiplier, c.epsilon.epsilon, detail)
@@ -404,8 +407,7 @@ fn run(command: Command, out: &mut String) -> Result<(), Failure> {
                     (m.steps, m.epsilon.epsilon)
                 }
                 AccountantKind::Pld => {
-                    flag("--epsilon-error", pld.epsilon_error, Valid::Positive)?;
-                    let m = max_steps_pld(target_epsilon, delta, sample_rate, noise_multiplier, pld.epsilon_error)?;
+                    let m = max_steps_pld(target_epsilon, delta, sample_rate, noise_multiplier, pld.epsilon_error()?)?;
                     (m.steps, m.epsilon.epsilon)
                 }
             };
