@@ -184,7 +184,23 @@ fn every_bad_number_is_a_one_line_error_naming_the_flag() {
         (base("1", "0.01", "0", "1e-5"), "--steps"),
         (base("1", "0.01", "-3", "1e-5"), "must be an integer >= 1"),
         (base("1", "abc", "10", "1e-5"), "--sample-rate"),
+        (
+            [
+                base("1", "0.01", "10", "1e-5"),
+                vec!["--accountant".into(), "pld".into(), "--epsilon-error".into(), "0".into()],
+            ]
+            .concat(),
+            "--epsilon-error = 0: must be finite and > 0",
+        ),
     ];
+    // Calibration and max-steps check --epsilon-error as epsilon does.
+    assert_usage_error(
+        &["calibrate", "--target-epsilon", "3", "--delta", "1e-5", "--sample-rate", "0.01", "--steps", "100"]
+            .into_iter()
+            .chain(["--accountant", "pld", "--epsilon-error", "NaN"])
+            .collect::<Vec<_>>(),
+        "--epsilon-error = NaN: must be finite and > 0",
+    );
     for (args, needle) in &cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         assert_usage_error(&args, needle);
