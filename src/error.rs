@@ -73,6 +73,16 @@ pub enum Error {
         /// The shape given.
         got: Vec<usize>,
     },
+    /// A tensor whose dtype an op cannot take.
+    #[error("{what}: dtype {got:?} is not supported, expected {expected}")]
+    Dtype {
+        /// The argument.
+        what: &'static str,
+        /// The dtype given.
+        got: candle_core::DType,
+        /// What is accepted.
+        expected: &'static str,
+    },
     /// The operating system's entropy source failed.
     #[error("could not seed the noise generator from the operating system: {0}")]
     Entropy(String),

@@ -55,6 +55,7 @@ pub mod checkpoint;
 pub mod clip;
 mod error;
 pub mod grad_sample;
+pub mod kernels;
 pub mod layers;
 pub mod loss;
 pub mod noise;

@@ -125,6 +125,14 @@ impl GaussianNoise {
         });
     }
 
+    /// A fresh 256-bit key, drawn from this generator, for one draw of
+    /// device noise ([`crate::kernels::add_gaussian_noise`]).
+    pub fn noise_key(&mut self) -> crate::kernels::NoiseKey {
+        let mut key = [0u8; 32];
+        self.rng.fill_bytes(&mut key);
+        crate::kernels::NoiseKey::from_bytes(key)
+    }
+
     /// The generator's position, for checkpoints: (seed, stream, word position).
     pub fn state(&self) -> ([u8; 32], u64, u128) {
         (self.rng.get_seed(), self.rng.get_stream(), self.rng.get_word_pos())

@@ -1,0 +1,328 @@
+//! The clipping and noise kernels against their references, on the CPU and
+//! on every GPU present (CUDA with `--features cuda`; a missing device is
+//! skipped with the reason printed).
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use candle_dp::kernels::{self, NoiseKey};
+use candle_dp::{Error, GaussianNoise};
+use common::{tensor, values};
+
+/// The CPU, and each GPU this build can reach.
+fn devices() -> Vec<Device> {
+    let mut devices = vec![Device::Cpu];
+    match Device::new_cuda(0) {
+        Ok(d) => devices.push(d),
+        Err(e) => eprintln!("CUDA kernels not tested: {e}"),
+    }
+    #[cfg(target_os = "macos")]
+    match Device::new_metal(0) {
+        Ok(d) => devices.push(d),
+        Err(e) => eprintln!("Metal kernels not tested: {e}"),
+    }
+    devices
+}
+
+/// Rows of varied scale (1e-3 to 1e3 across rows), never all zeros.
+fn grads(b: usize, n: usize, seed: u64, dtype: DType) -> Tensor {
+    let v: Vec<f64> = values(b * n, seed, 1.0)
+        .iter()
+        .enumerate()
+        .map(|(k, x)| x * 10f64.powf(-3.0 + 6.0 * ((k / n.max(1)) % 7) as f64 / 6.0))
+        .collect();
+    Tensor::from_vec(v, (b, n), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+}
+
+fn f64s(t: &Tensor) -> Vec<f64> {
+    t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// The dtypes a device computes in: Metal has no `f64`.
+fn dtypes(dev: &Device) -> Vec<DType> {
+    if dev.is_metal() {
+        vec![DType::F32]
+    } else {
+        vec![DType::F32, DType::F64]
+    }
+}
+
+/// Unit roundoff of the accumulation on `dev` for `dtype`: `f64` on the CPU
+/// and CUDA; Metal accumulates `f32` with Kahan compensation, whose error is
+/// a few `u32` (its SIMD-group sums are not compensated: 8 more).
+fn accumulation_unit(dev: &Device) -> f64 {
+    if dev.is_metal() {
+        16.0 * unit(DType::F32)
+    } else {
+        unit(DType::F64)
+    }
+}
+
+/// Unit roundoff of a dtype.
+fn unit(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => f64::EPSILON / 2.0,
+        DType::F32 => f64::from(f32::EPSILON) / 2.0,
+        _ => 2f64.powi(-8),
+    }
+}
+
+/// Sizes with B = 1, N = 0, N not a multiple of any vector width, rows
+/// longer than one CPU block (4096), and two large enough for the
+/// multi-threaded CPU path.
+const SIZES: [(usize, usize); 9] =
+    [(1, 1), (3, 0), (1, 4097), (5, 8191), (7, 1), (64, 3001), (2, 300_007), (300, 1001), (33, 130)];
+
+/// Both sums of `n` non-negative terms err by at most `n u64` relative
+/// (Higham 2002, section 4.2), then each is rounded once to the dtype: the
+/// two agree to `2 n u64 + 2 u`.
+#[test]
+fn squared_norms_match_reference() {
+    for dev in devices() {
+        for dtype in dtypes(&dev) {
+            for (k, &(b, n)) in SIZES.iter().enumerate() {
+                let g = grads(b, n, k as u64, dtype);
+                let fast = f64s(&kernels::squared_norms(&g.to_device(&dev).unwrap()).unwrap());
+                let slow = f64s(&kernels::squared_norms_slow(&g).unwrap());
+                assert_eq!(fast.len(), b);
+                let tol = 2.0 * n as f64 * accumulation_unit(&dev) + 2.0 * unit(dtype);
+                for (i, (f, s)) in fast.iter().zip(&slow).enumerate() {
+                    assert!((f - s).abs() <= tol * s, "{dev:?} {dtype:?} [{b}, {n}] row {i}: {f} vs {s}");
+                }
+            }
+        }
+    }
+}
+
+/// Each column is a sum of `B` terms of both signs: the two `f64` sums
+/// agree to `2 B u64 sum_i |c_i g_i|`, then each is rounded once.
+#[test]
+fn clip_accumulate_matches_reference() {
+    for dev in devices() {
+        for dtype in dtypes(&dev) {
+            for (k, &(b, n)) in SIZES.iter().enumerate() {
+                let g = grads(b, n, 10 + k as u64, dtype);
+                // Clip factors in (0, 1], some exactly 1 (examples within C).
+                let c: Vec<f64> = values(b, 20 + k as u64, 1.0).iter().map(|v| v.abs().max(0.01)).collect();
+                let mut c = c;
+                c.iter_mut().step_by(3).for_each(|v| *v = 1.0);
+                let c = Tensor::from_vec(c, b, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+                let fast = kernels::clip_accumulate(&g.to_device(&dev).unwrap(), &c.to_device(&dev).unwrap()).unwrap();
+                assert_eq!(fast.dims(), [n]);
+                let fast = f64s(&fast);
+                let slow = f64s(&kernels::clip_accumulate_slow(&g, &c).unwrap());
+                let abs = f64s(&kernels::clip_accumulate_slow(&g.abs().unwrap(), &c).unwrap());
+                for (j, ((f, s), a)) in fast.iter().zip(&slow).zip(&abs).enumerate() {
+                    let tol = 2.0 * b as f64 * accumulation_unit(&dev) * a + 2.0 * unit(dtype) * s.abs();
+                    assert!((f - s).abs() <= tol, "{dev:?} {dtype:?} [{b}, {n}] column {j}: {f} vs {s}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn empty_batches_give_zeros() {
+    for dev in devices() {
+        let g = Tensor::zeros((0, 5), DType::F32, &dev).unwrap();
+        assert_eq!(kernels::squared_norms(&g).unwrap().dims(), [0]);
+        let c = Tensor::zeros(0, DType::F32, &dev).unwrap();
+        assert_eq!(f64s(&kernels::clip_accumulate(&g, &c).unwrap()), vec![0.0; 5]);
+    }
+}
+
+/// A NaN or infinity makes its own row's norm non-finite (the engine then
+/// refuses the step) and leaves the other rows exact.
+#[test]
+fn non_finite_rows_are_reported_not_hidden() {
+    for dev in devices() {
+        let mut v = values(4 * 5000, 3, 1.0);
+        v[5000 + 17] = f64::NAN;
+        v[3 * 5000 + 4999] = f64::INFINITY;
+        let g = Tensor::from_vec(v, (4, 5000), &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+        let fast = f64s(&kernels::squared_norms(&g.to_device(&dev).unwrap()).unwrap());
+        let slow = f64s(&kernels::squared_norms_slow(&g).unwrap());
+        assert!(fast[1].is_nan(), "{dev:?}: {fast:?}");
+        assert_eq!(fast[3], f64::INFINITY, "{dev:?}");
+        for i in [0, 2] {
+            assert!((fast[i] - slow[i]).abs() <= 1e-6 * slow[i], "{dev:?} row {i}");
+        }
+    }
+}
+
+/// Half-precision inputs are widened, computed and narrowed back; a
+/// transposed (non-contiguous) input is read by its layout.
+#[test]
+fn half_precision_and_strided_inputs() {
+    for dev in devices() {
+        for dtype in [DType::F16, DType::BF16] {
+            // Squared norms up to 75: within f16's range (65504).
+            let g = tensor(&[6, 300], 4, 0.5, dtype).unwrap().to_device(&dev).unwrap();
+            let n = kernels::squared_norms(&g).unwrap();
+            assert_eq!(n.dtype(), dtype);
+            let slow = f64s(&kernels::squared_norms_slow(&g.to_device(&Device::Cpu).unwrap()).unwrap());
+            for (f, s) in f64s(&n).iter().zip(&slow) {
+                assert!((f - s).abs() <= 2.0 * unit(dtype) * s, "{dev:?} {dtype:?}: {f} vs {s}");
+            }
+        }
+        let t = grads(40, 7, 5, DType::F32).t().unwrap();
+        assert!(!t.is_contiguous());
+        let fast = f64s(&kernels::squared_norms(&t.to_device(&dev).unwrap()).unwrap());
+        let slow = f64s(&kernels::squared_norms_slow(&t.contiguous().unwrap()).unwrap());
+        for (f, s) in fast.iter().zip(&slow) {
+            assert!((f - s).abs() <= 1e-6 * s, "{dev:?}: {f} vs {s}");
+        }
+    }
+}
+
+#[test]
+fn bad_arguments_are_typed_errors() {
+    let g = tensor(&[3, 4], 1, 1.0, DType::F32).unwrap();
+    let e = kernels::squared_norms(&g.flatten_all().unwrap()).unwrap_err();
+    assert!(matches!(e, Error::Shape { what: "squared_norms: grads", .. }), "{e}");
+    let c = tensor(&[4], 1, 1.0, DType::F32).unwrap();
+    let e = kernels::clip_accumulate(&g, &c).unwrap_err();
+    assert!(matches!(e, Error::Shape { what: "clip_accumulate: factors", .. }), "{e}");
+    assert!(e.to_string().contains("[B]"), "{e}");
+    let ints = Tensor::zeros((3, 4), DType::U32, &Device::Cpu).unwrap();
+    let e = kernels::squared_norms(&ints).unwrap_err();
+    assert!(matches!(e, Error::Dtype { got: DType::U32, .. }), "{e}");
+    let key = NoiseKey::from_bytes([1; 32]);
+    for (std, scale, field) in [
+        (-1.0, 1.0, "add_gaussian_noise: std"),
+        (f64::NAN, 1.0, "add_gaussian_noise: std"),
+        (1.0, f64::INFINITY, "add_gaussian_noise: scale"),
+    ] {
+        let e = kernels::add_gaussian_noise(&g, &key, std, scale).unwrap_err();
+        assert!(matches!(e, Error::InvalidConfig { field: f, .. } if f == field), "{e}");
+    }
+    assert_eq!(format!("{key:?}"), "NoiseKey(<secret>)");
+}
+
+/// The same uniform bits on every device: the raw ChaCha20 words of 1000
+/// blocks (past the 32-bit counter boundary) equal the CPU block function's,
+/// and block 1 under RFC 8439's key is its section 2.3.2 vector (with the
+/// nonce word 0x09000000 read as the counter's high word).
+#[test]
+fn keystream_is_the_same_on_every_device() {
+    let key = NoiseKey::from_bytes(std::array::from_fn(|i| i as u8 * 7 + 3));
+    let cpu = kernels::keystream(&key, (1 << 32) - 500, 1000, &Device::Cpu).unwrap();
+    let rfc_key = NoiseKey::from_bytes(std::array::from_fn(|i| i as u8));
+    for dev in devices() {
+        let words = kernels::keystream(&key, (1 << 32) - 500, 1000, &dev).unwrap();
+        let words: Vec<u32> = words.to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(words, cpu.flatten_all().unwrap().to_vec1::<u32>().unwrap(), "{dev:?}");
+        // Nonce 0 here, so RFC 8439's nonce word 0x4a000000 is not in play:
+        // check the RFC block through the CPU function and this one's words.
+        let first = kernels::keystream(&rfc_key, 1 | (0x0900_0000 << 32), 1, &dev).unwrap();
+        let first: Vec<u32> = first.to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let expected = candle_dp::kernels::chacha20::block(&rfc_key.words(), 1 | (0x0900_0000 << 32), 0);
+        assert_eq!(first, expected, "{dev:?}");
+    }
+}
+
+/// The op equals its reference (an independent key stream from
+/// `rand_chacha` and the transform written out): in `f64` to 1e-13 on the
+/// normal value (the CPU's and CUDA's `log`, `sin`, `cos` are within a few
+/// ulp; values are below 14), in `f32` to one ulp (both round once from
+/// `f64` values that close). Metal runs the transform in `f32` (24-bit
+/// angle): its values are held to 1e-5 of the noise scale instead.
+#[test]
+fn noise_matches_reference() {
+    let key = NoiseKey::from_bytes(std::array::from_fn(|i| (i * i) as u8));
+    for dev in devices() {
+        if dev.is_metal() {
+            let x = Tensor::from_vec(values(4097, 1, 2.0), 4097, &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+            let fast = f64s(&kernels::add_gaussian_noise(&x.to_device(&dev).unwrap(), &key, 1.7, 0.25).unwrap());
+            let slow = f64s(&kernels::add_gaussian_noise_slow(&x, &key, 1.7, 0.25).unwrap());
+            for (j, (f, s)) in fast.iter().zip(&slow).enumerate() {
+                assert!((f - s).abs() <= 1e-5 * 1.7 * 0.25 * 14.0, "{dev:?} value {j}: {f} vs {s}");
+            }
+            continue;
+        }
+        for &n in &[0, 1, 3, 5, 4097, 300_001] {
+            let x64 = Tensor::from_vec(values(n, n as u64, 2.0), n, &Device::Cpu).unwrap();
+            let (std, scale) = (1.7, 0.25);
+            let fast = f64s(&kernels::add_gaussian_noise(&x64.to_device(&dev).unwrap(), &key, std, scale).unwrap());
+            let slow = f64s(&kernels::add_gaussian_noise_slow(&x64, &key, std, scale).unwrap());
+            assert_eq!(fast.len(), n);
+            for (j, (f, s)) in fast.iter().zip(&slow).enumerate() {
+                assert!((f - s).abs() <= 1e-13 * std * scale, "{dev:?} f64 n {n} value {j}: {f} vs {s}");
+            }
+            let x32 = x64.to_dtype(DType::F32).unwrap();
+            let fast = kernels::add_gaussian_noise(&x32.to_device(&dev).unwrap(), &key, std, scale).unwrap();
+            let fast: Vec<f32> = fast.to_device(&Device::Cpu).unwrap().to_vec1().unwrap();
+            let slow: Vec<f32> = kernels::add_gaussian_noise_slow(&x32, &key, std, scale).unwrap().to_vec1().unwrap();
+            for (j, (f, s)) in fast.iter().zip(&slow).enumerate() {
+                let ulp = f32::from_bits(s.abs().to_bits() + 1) - s.abs();
+                assert!((f - s).abs() <= ulp, "{dev:?} f32 n {n} value {j}: {f} vs {s}");
+            }
+        }
+    }
+}
+
+/// Value `j` depends on the key and `j` only: a longer tensor extends a
+/// shorter one, and another key gives other values.
+#[test]
+fn noise_is_a_function_of_key_and_position() {
+    let key = NoiseKey::from_bytes([9; 32]);
+    let z = |n: usize, key: &NoiseKey| {
+        f64s(&kernels::add_gaussian_noise(&Tensor::zeros(n, DType::F64, &Device::Cpu).unwrap(), key, 1.0, 1.0).unwrap())
+    };
+    let long = z(300_001, &key);
+    assert_eq!(z(10, &key)[..], long[..10]);
+    assert_eq!(z(5003, &key)[..], long[..5003]);
+    let other = z(10, &NoiseKey::from_bytes([10; 32]));
+    assert!(other.iter().zip(&long).all(|(a, b)| a != b));
+    // Counter-indexing: value j is slot j % 4 of block j / 4.
+    for j in [0usize, 3, 4, 4095, 4096, 299_999] {
+        assert_eq!(long[j], kernels::counter_gaussians(&key, (j / 4) as u64)[j % 4]);
+    }
+}
+
+/// Standard normal: mean, variance and tail mass within 5 standard errors
+/// of their sampling distributions (n = 1 200 000: mean 4.6e-3, variance
+/// 6.5e-3; P(|z| > 3) = 0.0026998); no correlation between the four values
+/// of a block or between neighbouring blocks (each |r| < 5 / sqrt(m)).
+#[test]
+fn noise_is_standard_normal_and_uncorrelated() {
+    let n = 1_200_000;
+    let key = NoiseKey::from_bytes(std::array::from_fn(|i| 255 - i as u8));
+    let z = f64s(
+        &kernels::add_gaussian_noise(&Tensor::zeros(n, DType::F64, &Device::Cpu).unwrap(), &key, 1.0, 1.0).unwrap(),
+    );
+    let nf = n as f64;
+    let mean = z.iter().sum::<f64>() / nf;
+    let var = z.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (nf - 1.0);
+    assert!(mean.abs() < 5.0 / nf.sqrt(), "mean {mean}");
+    assert!((var - 1.0).abs() < 5.0 * (2.0 / nf).sqrt(), "variance {var}");
+    let p = 0.002_699_796;
+    let tail = z.iter().filter(|x| x.abs() > 3.0).count() as f64 / nf;
+    assert!((tail - p).abs() < 5.0 * (p * (1.0 - p) / nf).sqrt(), "tail {tail}");
+    let blocks: Vec<&[f64]> = z.chunks_exact(4).collect();
+    let m = blocks.len() as f64;
+    let corr = |a: &dyn Fn(usize) -> f64, b: &dyn Fn(usize) -> f64, count: usize| {
+        (0..count).map(|k| a(k) * b(k)).sum::<f64>() / count as f64
+    };
+    for (s, t) in [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)] {
+        let r = corr(&|k| blocks[k][s], &|k| blocks[k][t], blocks.len());
+        assert!(r.abs() < 5.0 / m.sqrt(), "slots {s},{t}: r = {r}");
+    }
+    for s in 0..4 {
+        let r = corr(&|k| blocks[k][s], &|k| blocks[k + 1][s], blocks.len() - 1);
+        assert!(r.abs() < 5.0 / m.sqrt(), "slot {s} of neighbouring blocks: r = {r}");
+    }
+}
+
+/// The optimizer's generator hands out a fresh key per draw, reproducibly
+/// under a fixed seed and continued by a restored state.
+#[test]
+fn noise_keys_come_fresh_from_the_generator() {
+    let mut g = GaussianNoise::from_seed(3);
+    let (a, b) = (g.noise_key(), g.noise_key());
+    assert_ne!(a, b);
+    let mut h = GaussianNoise::from_seed(3);
+    assert_eq!(h.noise_key(), a);
+    let mut r = GaussianNoise::restore(h.state(), h.seeding());
+    assert_eq!(r.noise_key(), b);
+}
