@@ -516,7 +516,14 @@ impl<O: Optimizer> DpOptimizer<O> {
 
 /// `(sum + N(0, std^2)) * scale`, elementwise, computed in `f64` and
 /// rounded once to the sum's dtype (`f32` directly; others through `f64`).
+///
+/// On the CPU the host sampler fills the values. On a GPU the noise is made
+/// on the device ([`crate::kernels::add_gaussian_noise`]) from a fresh key
+/// drawn from the same generator: no gradient crosses to the host and back.
 fn noisy_mean(sum: &Tensor, noise: &mut GaussianNoise, std: f64, scale: f64) -> Result<Tensor> {
+    if !sum.device().is_cpu() {
+        return crate::kernels::add_gaussian_noise(sum, &noise.noise_key(), std, scale);
+    }
     if sum.dtype() == DType::F32 {
         let mut values = sum.flatten_all()?.to_vec1::<f32>()?;
         noise.add_scaled_to_f32(&mut values, std, scale);

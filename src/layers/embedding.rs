@@ -107,7 +107,7 @@ impl GhostLayer for EmbeddingTrace {
         };
         let t = ids.dim(1)?;
         let norms = if t == 1 {
-            g.sqr()?.sum((1, 2))?
+            crate::kernels::squared_norms(&g.squeeze(1)?)?
         } else {
             let same = ids.unsqueeze(2)?.broadcast_eq(&ids.unsqueeze(1)?)?.to_dtype(g.dtype())?;
             (g.matmul(&g.t()?)? * same)?.sum((1, 2))?

@@ -31,6 +31,7 @@ use candle_nn::{Init, VarBuilder};
 
 use super::tap::{lock, Captures, GradSlot};
 use crate::grad_sample::registry::{self, GhostLayer};
+use crate::kernels::{clip_accumulate, squared_norms};
 
 #[derive(Debug)]
 struct LinearTrace {
@@ -228,17 +229,18 @@ pub(crate) fn linear_squared_norms(x: &Tensor, g: &Tensor, bias: bool) -> candle
     let (_, t, d) = x.dims3()?;
     let p = g.dim(2)?;
     let weight = if t == 1 {
-        (x.squeeze(1)?.sqr()?.sum(1)? * g.squeeze(1)?.sqr()?.sum(1)?)?
+        (squared_norms(&x.squeeze(1)?)? * squared_norms(&g.squeeze(1)?)?)?
     } else if t * t <= d * p {
         let xx = x.matmul(&x.t()?)?;
         let gg = g.matmul(&g.t()?)?;
         (xx * gg)?.sum((1, 2))?
     } else {
-        g.t()?.matmul(x)?.sqr()?.sum((1, 2))?
+        let b = x.dim(0)?;
+        squared_norms(&g.t()?.matmul(x)?.reshape((b, p * d))?)?
     };
     let mut norms = vec![weight];
     if bias {
-        norms.push(g.sum(1)?.sqr()?.sum(1)?);
+        norms.push(squared_norms(&g.sum(1)?)?);
     }
     Ok(norms)
 }
@@ -251,7 +253,7 @@ pub(crate) fn linear_clipped_sums(x: &Tensor, g: &Tensor, c: &Tensor, bias: bool
     let weight = gc.reshape((b * t, p))?.t()?.matmul(&x.reshape((b * t, d))?)?;
     let mut sums = vec![weight];
     if bias {
-        sums.push(gc.sum((0, 1))?);
+        sums.push(clip_accumulate(&g.sum(1)?, c)?);
     }
     Ok(sums)
 }

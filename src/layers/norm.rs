@@ -16,6 +16,7 @@ use candle_nn::{Init, LayerNormConfig, VarBuilder};
 use super::tap::{tap, Captures};
 use crate::error::Error;
 use crate::grad_sample::registry::{self, GhostLayer};
+use crate::kernels::{clip_accumulate, squared_norms};
 
 /// Which axis carries the affine parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,9 +198,9 @@ impl GhostLayer for NormTrace {
         let Some((gw, gb)) = self.per_example()? else {
             return Ok(None);
         };
-        let mut out = vec![gw.sqr()?.sum(1)?];
+        let mut out = vec![squared_norms(&gw)?];
         if self.bias.is_some() {
-            out.push(gb.sqr()?.sum(1)?);
+            out.push(squared_norms(&gb)?);
         }
         Ok(Some(out))
     }
@@ -208,10 +209,9 @@ impl GhostLayer for NormTrace {
         let Some((gw, gb)) = self.per_example()? else {
             return Ok(None);
         };
-        let c = c.unsqueeze(1)?;
-        let mut out = vec![gw.broadcast_mul(&c)?.sum(0)?];
+        let mut out = vec![clip_accumulate(&gw, c)?];
         if self.bias.is_some() {
-            out.push(gb.broadcast_mul(&c)?.sum(0)?);
+            out.push(clip_accumulate(&gb, c)?);
         }
         Ok(Some(out))
     }
