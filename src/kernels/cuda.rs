@@ -3,7 +3,9 @@
 //! loaded once per device and launched through cudarc.
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, Layout, Result};
 
@@ -41,6 +43,12 @@ fn view<'a, T>(s: &'a CudaSlice<T>, l: &Layout, op: &'static str) -> Result<Cuda
     Ok(s.slice(start..end))
 }
 
+/// `len` zeroed elements; one when `len` is 0 (a zero-byte device allocation
+/// is an error for the driver), the tensor's shape says how many are used.
+fn zeros<T: DeviceRepr + ValidAsZeroBits>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
+    dev.alloc_zeros::<T>(len.max(1))
+}
+
 fn dtype_error(s: &CudaStorage, op: &'static str) -> candle_core::Error {
     use candle_core::backend::BackendStorage;
     candle_core::Error::UnsupportedDTypeForOp(s.dtype(), op)
@@ -60,14 +68,14 @@ pub(crate) fn squared_norms(s: &CudaStorage, l: &Layout, b: usize, n: usize) -> 
 /// Two launches: `parts` blocks per row reduce into `f64` partials (enough
 /// blocks to fill the GPU even for one row), then one thread per row sums
 /// its parts in order.
-fn norms<T: DeviceRepr + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits>(
+fn norms<T: DeviceRepr + ValidAsZeroBits>(
     dev: &CudaDevice,
     x: &CudaView<T>,
     b: usize,
     n: usize,
     suffix: &str,
 ) -> Result<CudaSlice<T>> {
-    let out = dev.alloc_zeros::<T>(b)?;
+    let out = zeros::<T>(dev, b)?;
     if b == 0 || n == 0 {
         return Ok(out);
     }
@@ -118,7 +126,7 @@ pub(crate) fn clip_accumulate(
 /// Threads own `lanes` columns each (one 16-byte load per row); when that
 /// leaves the GPU idle (small `n`), the rows are split into slices whose
 /// `f64` partials a second launch sums in slice order.
-fn accumulate<T: DeviceRepr + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits>(
+fn accumulate<T: DeviceRepr + ValidAsZeroBits>(
     dev: &CudaDevice,
     g: &CudaView<T>,
     c: &CudaView<T>,
@@ -127,7 +135,7 @@ fn accumulate<T: DeviceRepr + candle_core::cuda_backend::cudarc::driver::ValidAs
     lanes: u64,
     suffix: &str,
 ) -> Result<CudaSlice<T>> {
-    let out = dev.alloc_zeros::<T>(n)?;
+    let out = zeros::<T>(dev, n)?;
     if b == 0 || n == 0 {
         return Ok(out);
     }
@@ -173,13 +181,18 @@ pub(crate) fn add_noise(op: &AddNoise, s: &CudaStorage, l: &Layout) -> Result<Cu
     Ok(CudaStorage { slice, device: dev.clone() })
 }
 
-fn noise<T: DeviceRepr>(dev: &CudaDevice, op: &AddNoise, x: &CudaView<T>, suffix: &str) -> Result<CudaSlice<T>> {
+fn noise<T: DeviceRepr + ValidAsZeroBits>(
+    dev: &CudaDevice,
+    op: &AddNoise,
+    x: &CudaView<T>,
+    suffix: &str,
+) -> Result<CudaSlice<T>> {
     let n = x.len();
+    if n == 0 {
+        return zeros(dev, 0);
+    }
     // SAFETY: the kernel writes every one of the `n` elements before anything reads them.
     let out = unsafe { dev.alloc::<T>(n)? };
-    if n == 0 {
-        return Ok(out);
-    }
     let n_u64 = n as u64;
     let blocks = n_u64.div_ceil(super::VALUES_PER_BLOCK as u64);
     let key = op.key.words();
@@ -198,8 +211,7 @@ fn noise<T: DeviceRepr>(dev: &CudaDevice, op: &AddNoise, x: &CudaView<T>, suffix
 
 pub(crate) fn keystream(op: &Keystream, s: &CudaStorage, blocks: usize) -> Result<CudaStorage> {
     let dev = &s.device;
-    // SAFETY: the kernel writes all `16 * blocks` words.
-    let out = unsafe { dev.alloc::<u32>(16 * blocks)? };
+    let out = zeros::<u32>(dev, 16 * blocks)?;
     if blocks > 0 {
         let key = op.key.words();
         let blocks_u64 = blocks as u64;
