@@ -50,24 +50,26 @@ __device__ __forceinline__ double noisy(double x, double std_dev, double z, doub
 template <typename T>
 __device__ void add_noise(const T* x, T* out, uint64_t n, const uint32_t key[8], double std_dev, double scale) {
   const uint64_t blocks = (n + 3) / 4;
-  const bool vector = sizeof(T) == 4 && ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(out)) & 15) == 0;
+  const bool aligned = ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(out)) & 15) == 0;
   for (uint64_t b = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; b < blocks; b += (uint64_t)gridDim.x * blockDim.x) {
     double z[4];
     counter_gaussians(key, b, z);
     const uint64_t j = b * 4;
-    if (vector && j + 4 <= n) {
-      const float4 v = *reinterpret_cast<const float4*>(x + j);
-      float4 o;
-      o.x = (float)noisy(v.x, std_dev, z[0], scale);
-      o.y = (float)noisy(v.y, std_dev, z[1], scale);
-      o.z = (float)noisy(v.z, std_dev, z[2], scale);
-      o.w = (float)noisy(v.w, std_dev, z[3], scale);
-      *reinterpret_cast<float4*>(out + j) = o;
-    } else {
-#pragma unroll
-      for (int k = 0; k < 4; ++k)
-        if (j + k < n) out[j + k] = (T)noisy(x[j + k], std_dev, z[k], scale);
+    if constexpr (sizeof(T) == 4) {
+      if (aligned && j + 4 <= n) {  // one 16-byte load and store per thread
+        const float4 v = *reinterpret_cast<const float4*>(x + j);
+        float4 o;
+        o.x = (float)noisy(v.x, std_dev, z[0], scale);
+        o.y = (float)noisy(v.y, std_dev, z[1], scale);
+        o.z = (float)noisy(v.z, std_dev, z[2], scale);
+        o.w = (float)noisy(v.w, std_dev, z[3], scale);
+        *reinterpret_cast<float4*>(out + j) = o;
+        continue;
+      }
     }
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      if (j + k < n) out[j + k] = (T)noisy(x[j + k], std_dev, z[k], scale);
   }
 }
 
