@@ -42,14 +42,15 @@ struct Args {
     /// Passes over the training set.
     #[arg(long, default_value_t = 50)]
     epochs: usize,
-    /// Expected batch size of the Poisson sampler.
-    #[arg(long, default_value_t = 200)]
+    /// Expected batch size of the Poisson sampler (large batches help DP-SGD:
+    /// the noise is fixed per step while the signal grows with the batch).
+    #[arg(long, default_value_t = 400)]
     batch_size: usize,
     /// Clipping norm C.
     #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     max_grad_norm: f64,
     /// Learning rate of the wrapped optimizer.
-    #[arg(long, default_value_t = 0.01, allow_hyphen_values = true)]
+    #[arg(long, default_value_t = 0.02, allow_hyphen_values = true)]
     lr: f64,
     /// Seed for initialization, sampling and noise (recorded as a fixed seed
     /// in the ledger); without it they come from the OS.
