@@ -9,6 +9,8 @@
 //! * [`DpOptimizer`]: DP-SGD around any `candle_nn::Optimizer`.
 //! * [`PoissonSampler`]: the sampling the accounting assumes.
 //! * [`loss::cross_entropy`]: per-example losses, the only kind the optimizer takes.
+//! * [`kernels`]: the per-example norm, clip-and-accumulate and device-noise
+//!   ops (CPU reference; CUDA and Metal behind features).
 //!
 //! # Example
 //! ```

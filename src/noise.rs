@@ -31,6 +31,10 @@ const CHUNK: usize = 1 << 16;
 ///   values it can produce no longer reveals the secret. Each `z` is drawn by
 ///   the Ziggurat method (Marsaglia & Tsang 2000, `rand_distr` 0.5). All
 ///   arithmetic is in `f64`, rounded once when added to an `f32` gradient.
+/// * On a GPU the optimizer does not use this sampler's values: it draws a
+///   fresh 256-bit key per variable and step ([`GaussianNoise::noise_key`])
+///   and the device makes the noise from it by counter
+///   ([`crate::kernels::add_gaussian_noise`], hardened the same way).
 /// * Buffers of more than 65 536 values are filled in chunks: a fresh
 ///   256-bit key is drawn from the generator, and chunk `k` comes from
 ///   ChaCha20 under that key on stream `k`. Chunks are independent and can

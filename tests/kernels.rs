@@ -12,14 +12,16 @@ use common::{tensor, values};
 /// The CPU, and each GPU this build can reach.
 fn devices() -> Vec<Device> {
     let mut devices = vec![Device::Cpu];
+    // The first line of the reason: Candle's CUDA errors carry a backtrace.
+    let reason = |e: candle_core::Error| e.to_string().lines().next().unwrap_or_default().to_string();
     match Device::new_cuda(0) {
         Ok(d) => devices.push(d),
-        Err(e) => eprintln!("CUDA kernels not tested: {e}"),
+        Err(e) => eprintln!("CUDA kernels not tested: {}", reason(e)),
     }
     #[cfg(target_os = "macos")]
     match Device::new_metal(0) {
         Ok(d) => devices.push(d),
-        Err(e) => eprintln!("Metal kernels not tested: {e}"),
+        Err(e) => eprintln!("Metal kernels not tested: {}", reason(e)),
     }
     devices
 }

@@ -19,7 +19,7 @@
 //! the privacy guarantee) and rounded once to the input's dtype. Metal has
 //! no `f64`: there each thread accumulates in `f32` with Kahan compensation.
 //! Inputs are `f32` or `f64`; `f16` and `bf16` are widened to `f32` first.
-//! Other dtypes are refused with Candle's error naming the op.
+//! Other dtypes are refused ([`crate::Error::Dtype`]).
 //!
 //! # Not-a-number
 //! A NaN or infinity in a row of the gradients makes that row's squared norm
