@@ -9,6 +9,7 @@
 use std::sync::{Arc, OnceLock};
 
 use candle_core::backend::BackendStorage;
+use candle_core::metal_backend::DeviceId;
 use candle_core::{DType, Layout, MetalDevice, MetalError, MetalStorage, Result};
 use candle_metal_kernels::metal::{Buffer, ComputePipeline, Library};
 
@@ -19,16 +20,20 @@ const NOISE_SRC: &str = include_str!("noise.metal");
 /// Threads per threadgroup of the norm reduction.
 const THREADS: usize = 256;
 
-/// The kernel `name` from `source`, compiled once per process.
+/// Libraries compiled so far: (device, source, library).
+type Libraries = std::sync::Mutex<Vec<(DeviceId, &'static str, Library)>>;
+
+/// The kernel `name` from `source`, compiled once per device and process.
 fn pipeline(dev: &MetalDevice, source: &'static str, name: &str) -> Result<ComputePipeline> {
-    static LIBRARIES: OnceLock<std::sync::Mutex<Vec<(&'static str, Library)>>> = OnceLock::new();
+    static LIBRARIES: OnceLock<Libraries> = OnceLock::new();
     let libraries = LIBRARIES.get_or_init(Default::default);
     let mut libraries = libraries.lock().unwrap_or_else(|p| p.into_inner());
-    let library = match libraries.iter().find(|(s, _)| std::ptr::eq(*s, source)) {
-        Some((_, l)) => l.clone(),
+    let found = libraries.iter().find(|(d, s, _)| *d == dev.id() && std::ptr::eq(*s, source));
+    let library = match found {
+        Some((_, _, l)) => l.clone(),
         None => {
             let l = dev.device().new_library_with_source(source, None).map_err(MetalError::from)?;
-            libraries.push((source, l.clone()));
+            libraries.push((dev.id(), source, l.clone()));
             l
         }
     };
@@ -81,13 +86,13 @@ pub(crate) fn squared_norms(s: &MetalStorage, l: &Layout, b: usize, n: usize) ->
         enc.set_bytes(1, &(n as u64));
         enc.set_bytes(2, &(parts as u32));
         enc.set_bytes(3, &len);
-        enc.set_output_buffer(4, Some(&partial), 0);
+        enc.set_output_buffer(4, Some(&*partial), 0);
         dispatch(enc, b * parts, THREADS);
         enc.set_compute_pipeline_state(&pipeline(dev, CLIP_SRC, "squared_norms_finish_f32")?);
-        enc.set_input_buffer(0, Some(&partial), 0);
+        enc.set_input_buffer(0, Some(&*partial), 0);
         enc.set_bytes(1, &(parts as u32));
         enc.set_bytes(2, &(b as u64));
-        enc.set_output_buffer(3, Some(&out), 0);
+        enc.set_output_buffer(3, Some(&*out), 0);
         dispatch(enc, b.div_ceil(THREADS), THREADS);
     }
     Ok(MetalStorage::new(out, dev.clone(), b, DType::F32))
@@ -114,7 +119,7 @@ pub(crate) fn clip_accumulate(
         enc.set_input_buffer(1, Some(c.buffer()), offset(cl, OP)?);
         enc.set_bytes(2, &(b as u64));
         enc.set_bytes(3, &(n as u64));
-        enc.set_output_buffer(4, Some(&out), 0);
+        enc.set_output_buffer(4, Some(&*out), 0);
         dispatch(enc, n.div_ceil(THREADS), THREADS);
     }
     Ok(MetalStorage::new(out, dev.clone(), n, DType::F32))
@@ -132,7 +137,7 @@ pub(crate) fn add_noise(op: &AddNoise, s: &MetalStorage, l: &Layout) -> Result<M
         let enc = encoder.as_ref();
         enc.set_compute_pipeline_state(&pipeline(dev, NOISE_SRC, "add_noise_f32")?);
         enc.set_input_buffer(0, Some(s.buffer()), offset(l, OP)?);
-        enc.set_output_buffer(1, Some(&out), 0);
+        enc.set_output_buffer(1, Some(&*out), 0);
         enc.set_bytes(2, &(n as u64));
         enc.set_bytes(3, &op.key.words());
         enc.set_bytes(4, &(op.std as f32));
@@ -149,7 +154,7 @@ pub(crate) fn keystream(op: &Keystream, s: &MetalStorage, blocks: usize) -> Resu
         let encoder = dev.command_encoder()?;
         let enc = encoder.as_ref();
         enc.set_compute_pipeline_state(&pipeline(dev, NOISE_SRC, "chacha20_keystream")?);
-        enc.set_output_buffer(0, Some(&out), 0);
+        enc.set_output_buffer(0, Some(&*out), 0);
         enc.set_bytes(1, &op.first_block);
         enc.set_bytes(2, &(blocks as u64));
         enc.set_bytes(3, &op.key.words());
