@@ -1,23 +1,16 @@
 // Per-example squared norms and the fused clip-and-accumulate (Metal), the
-// algorithms of clip.cu. Apple GPUs have no double: each thread accumulates
-// in float with Kahan compensation, and partials are combined in order.
+// algorithms of clip.cu in float (Apple GPUs have no double). Metal compiles
+// with fast math, which may re-associate sums and undo compensated
+// summation, so the error is bounded by keeping every sequential sum short
+// instead: at most 16 terms per thread, then trees (SIMD-group, threadgroup,
+// pairwise over parts). Squared norms err by at most about 32 float ulps.
 // NOT RUN by this project's CI (no macOS machine): see the README.
 #include <metal_stdlib>
 using namespace metal;
 
-// Kahan-compensated running sum.
-struct Kahan {
-  float sum = 0.0f, carry = 0.0f;
-  void add(float v) {
-    float y = v - carry;
-    float t = sum + y;
-    carry = (t - sum) - y;
-    sum = t;
-  }
-};
-
 // Stage 1 of the norms: threadgroup k reduces part (k % parts) of row
-// (k / parts) of x [rows, n] into partial[k]; 256 threads per group.
+// (k / parts) of x [rows, n] into partial[k]. The glue makes parts at most
+// 16 * threads elements long, so each thread adds at most 16 squares.
 kernel void squared_norms_partial_f32(device const float* x [[buffer(0)]], constant ulong& n [[buffer(1)]],
                                       constant uint& parts [[buffer(2)]], constant ulong& len [[buffer(3)]],
                                       device float* partial [[buffer(4)]], uint group [[threadgroup_position_in_grid]],
@@ -29,35 +22,41 @@ kernel void squared_norms_partial_f32(device const float* x [[buffer(0)]], const
   const ulong row = group / parts, part = group % parts;
   const ulong start = part * len, end = min(n, start + len);
   device const float* p = x + row * n;
-  Kahan acc;
-  for (ulong i = start + tid; i < end; i += threads) acc.add(p[i] * p[i]);
-  float v = simd_sum(acc.sum - acc.carry);
+  float acc = 0.0f;
+  for (ulong i = start + tid; i < end; i += threads) acc += p[i] * p[i];
+  const float v = simd_sum(acc);
   if (lane == 0) sums[simd] = v;
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  if (tid == 0) {
-    Kahan total;
-    for (uint k = 0; k < (threads + 31) / 32; ++k) total.add(sums[k]);
-    partial[group] = total.sum - total.carry;
+  if (simd == 0) {
+    const float w = lane < (threads + 31) / 32 ? sums[lane] : 0.0f;
+    const float total = simd_sum(w);
+    if (lane == 0) partial[group] = total;
   }
 }
 
-// Stage 2: row r's parts summed in order.
-kernel void squared_norms_finish_f32(device const float* partial [[buffer(0)]], constant uint& parts [[buffer(1)]],
+// Stage 2: row r's parts summed pairwise (in place in the scratch partials).
+kernel void squared_norms_finish_f32(device float* partial [[buffer(0)]], constant uint& parts [[buffer(1)]],
                                      constant ulong& rows [[buffer(2)]], device float* out [[buffer(3)]],
                                      uint r [[thread_position_in_grid]]) {
   if (r >= rows) return;
-  Kahan s;
-  for (uint k = 0; k < parts; ++k) s.add(partial[r * parts + k]);
-  out[r] = s.sum - s.carry;
+  device float* p = partial + r * parts;
+  for (uint stride = 1; stride < parts; stride *= 2)
+    for (uint k = 0; k + stride < parts; k += 2 * stride) p[k] += p[k + stride];
+  out[r] = p[0];
 }
 
-// Clip-and-accumulate: one thread per column, rows in order (consecutive
-// threads read consecutive addresses of each row).
+// Clip-and-accumulate: one thread per column (consecutive threads read
+// consecutive addresses of each row); rows are summed in blocks of 16 whose
+// sums are then added, so no sequential sum is longer than 16 + rows / 16.
 kernel void clip_accumulate_f32(device const float* g [[buffer(0)]], device const float* c [[buffer(1)]],
                                 constant ulong& rows [[buffer(2)]], constant ulong& n [[buffer(3)]],
                                 device float* out [[buffer(4)]], uint j [[thread_position_in_grid]]) {
   if (j >= n) return;
-  Kahan acc;
-  for (ulong i = 0; i < rows; ++i) acc.add(c[i] * g[i * n + j]);
-  out[j] = acc.sum - acc.carry;
+  float total = 0.0f;
+  for (ulong i0 = 0; i0 < rows; i0 += 16) {
+    float block = 0.0f;
+    for (ulong i = i0; i < min(rows, i0 + 16); ++i) block += c[i] * g[i * n + j];
+    total += block;
+  }
+  out[j] = total;
 }

@@ -18,7 +18,7 @@ const SUM_TILE: usize = 2048;
 /// Per-example squared L2 norms: `grads [B, N] -> [B]`, row `i` giving
 /// `sum_n grads[i, n]^2`.
 ///
-/// Accumulated in `f64` (Metal: `f32` with Kahan compensation) and rounded
+/// Accumulated in `f64` (Metal: `f32` in short sums and trees) and rounded
 /// once to the input's dtype; `f16`/`bf16` inputs are widened to `f32` and
 /// the result narrowed back. A row holding NaN or infinity gives NaN or
 /// infinity. No gradient flows through this op.
@@ -45,7 +45,7 @@ pub fn squared_norms_slow(grads: &Tensor) -> Result<Tensor> {
 ///
 /// One pass over `grads`; no scaled copy is made. `factors` are converted
 /// to the gradients' dtype; the sum is accumulated in `f64` (Metal: `f32`
-/// with Kahan compensation) and rounded once. No gradient flows through
+/// in blocks of 16 rows) and rounded once. No gradient flows through
 /// this op.
 ///
 /// # Errors

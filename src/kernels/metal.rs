@@ -1,5 +1,6 @@
 //! Metal glue: `clip.metal` and `noise.metal`, compiled at run time by the
-//! device, `f32` only (Apple GPUs have no `f64`).
+//! device, `f32` only (Apple GPUs have no `f64`; the kernels bound their
+//! rounding by short sequential sums and trees instead, see `clip.metal`).
 //!
 //! NOT compiled or run by this project's CI: `candle-core/metal` builds on
 //! macOS only, and no macOS machine is available. Written against
@@ -76,8 +77,9 @@ pub(crate) fn squared_norms(s: &MetalStorage, l: &Layout, b: usize, n: usize) ->
     let dev = s.device();
     let out = zeros(dev, b)?;
     if b > 0 && n > 0 {
-        let parts = (n.div_ceil(THREADS * 16)).clamp(1, 64.max(256usize.div_ceil(b)));
-        let len = (n.div_ceil(parts) as u64).div_ceil(4) * 4;
+        // Parts of at most 16 elements per thread: the error bound of clip.metal.
+        let parts = n.div_ceil(THREADS * 16).max(1);
+        let len = (THREADS * 16) as u64;
         let partial = zeros(dev, b * parts)?;
         let encoder = dev.command_encoder()?;
         let enc = encoder.as_ref();
@@ -89,7 +91,8 @@ pub(crate) fn squared_norms(s: &MetalStorage, l: &Layout, b: usize, n: usize) ->
         enc.set_output_buffer(4, Some(&*partial), 0);
         dispatch(enc, b * parts, THREADS);
         enc.set_compute_pipeline_state(&pipeline(dev, CLIP_SRC, "squared_norms_finish_f32")?);
-        enc.set_input_buffer(0, Some(&*partial), 0);
+        // Read and summed in place: an output, so the encoder puts a barrier after stage 1.
+        enc.set_output_buffer(0, Some(&*partial), 0);
         enc.set_bytes(1, &(parts as u32));
         enc.set_bytes(2, &(b as u64));
         enc.set_output_buffer(3, Some(&*out), 0);
