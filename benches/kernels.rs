@@ -37,6 +37,13 @@ fn filled(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// Runs `op` and waits for the device, so that the clock sees the work.
+fn synced(dev: &Device, op: impl Fn() -> candle_dp::Result<Tensor>) -> Tensor {
+    let t = op().unwrap();
+    dev.synchronize().unwrap();
+    t
+}
+
 fn clipping(c: &mut Criterion, dev: &Device, name: &str) {
     let grads = Tensor::from_vec(filled(B * N, 1), (B, N), dev).unwrap();
     let factors = Tensor::from_vec(filled(B, 2).iter().map(|v| v.abs()).collect::<Vec<f32>>(), B, dev).unwrap();
@@ -59,27 +66,12 @@ fn clipping(c: &mut Criterion, dev: &Device, name: &str) {
             })
         });
     } else {
-        group.bench_function(format!("{name}/copy"), |b| {
-            b.iter(|| {
-                let t = grads.copy().unwrap();
-                dev.synchronize().unwrap();
-                t
-            })
-        });
+        group.bench_function(format!("{name}/copy"), |b| b.iter(|| synced(dev, || Ok(grads.copy()?))));
     }
-    group.bench_function(format!("{name}/squared_norms"), |b| {
-        b.iter(|| {
-            let t = kernels::squared_norms(&grads).unwrap();
-            dev.synchronize().unwrap();
-            t
-        })
-    });
+    group
+        .bench_function(format!("{name}/squared_norms"), |b| b.iter(|| synced(dev, || kernels::squared_norms(&grads))));
     group.bench_function(format!("{name}/clip_accumulate"), |b| {
-        b.iter(|| {
-            let t = kernels::clip_accumulate(&grads, &factors).unwrap();
-            dev.synchronize().unwrap();
-            t
-        })
+        b.iter(|| synced(dev, || kernels::clip_accumulate(&grads, &factors)))
     });
     group.finish();
 }
@@ -100,19 +92,12 @@ fn noise(c: &mut Criterion, dev: &Device, name: &str, n: usize) {
             })
         });
     } else {
-        group.bench_function(format!("{name}/copy/{n}"), |b| {
-            b.iter(|| {
-                let t = x.copy().unwrap();
-                dev.synchronize().unwrap();
-                t
-            })
-        });
+        group.bench_function(format!("{name}/copy/{n}"), |b| b.iter(|| synced(dev, || Ok(x.copy()?))));
     }
     group.bench_function(format!("{name}/add_gaussian_noise/{n}"), |b| {
         b.iter(|| {
-            let t = kernels::add_gaussian_noise(&x, &host.noise_key(), 1.1, 0.01).unwrap();
-            dev.synchronize().unwrap();
-            t
+            let key = host.noise_key();
+            synced(dev, || kernels::add_gaussian_noise(&x, &key, 1.1, 0.01))
         })
     });
     group.finish();

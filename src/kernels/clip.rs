@@ -3,7 +3,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 
-use super::cpu::{for_each_chunk, Element};
+use super::cpu::{contiguous_cpu, for_each_chunk, Element};
 use crate::error::{Error, Result};
 
 /// Elements of a row that one CPU work item reduces. It fixes the order of
@@ -93,16 +93,6 @@ pub(crate) fn widened(t: &Tensor, what: &'static str) -> Result<(Tensor, DType)>
         got => return Err(Error::Dtype { what, got, expected: "a float dtype (f32, f64, f16 or bf16)" }),
     };
     Ok((t.to_dtype(compute)?.contiguous()?, dtype))
-}
-
-/// The contiguous elements of a CPU tensor, or an error naming `op`.
-pub(crate) fn contiguous_cpu<'a, T: candle_core::WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    op: &'static str,
-) -> candle_core::Result<&'a [T]> {
-    let (start, end) = l.contiguous_offsets().ok_or(candle_core::Error::RequiresContiguous { op })?;
-    Ok(&s.as_slice::<T>()?[start..end])
 }
 
 struct SquaredNorms;

@@ -1,7 +1,10 @@
-//! The CPU side shared by the kernels: the element types they accept and a
-//! scoped split of independent work over the machine's cores.
+//! The CPU side shared by the kernels: the element types they accept, their
+//! contiguous elements, and a scoped split of independent work over the
+//! machine's cores.
 
 use std::sync::OnceLock;
+
+use candle_core::{CpuStorage, Layout};
 
 /// Below this many elements of work a kernel stays on the calling thread:
 /// spawning costs more than it saves.
@@ -65,4 +68,14 @@ pub(crate) fn for_each_chunk<T: Send>(out: &mut [T], chunk: usize, work: usize, 
             });
         }
     });
+}
+
+/// The contiguous elements of a CPU tensor, or an error naming `op`.
+pub(crate) fn contiguous_cpu<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &'static str,
+) -> candle_core::Result<&'a [T]> {
+    let (start, end) = l.contiguous_offsets().ok_or(candle_core::Error::RequiresContiguous { op })?;
+    Ok(&s.as_slice::<T>()?[start..end])
 }

@@ -7,8 +7,8 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 use super::chacha20;
-use super::clip::{contiguous_cpu, widened};
-use super::cpu::{for_each_chunk, Element};
+use super::clip::widened;
+use super::cpu::{contiguous_cpu, for_each_chunk, Element};
 use crate::error::{ensure, Result};
 
 /// Normal values made from one ChaCha20 block.
