@@ -139,7 +139,8 @@ pub fn add_gaussian_noise_slow(x: &Tensor, key: &NoiseKey, std: f64, scale: f64)
         let pair = |k: usize| {
             let u = (w[2 * k] as f64 + 0.5) / 2f64.powi(64);
             let theta = 2.0 * std::f64::consts::PI * ((w[2 * k + 1] >> 11) as f64 / 2f64.powi(53));
-            ((-2.0 * u.ln()).sqrt() * theta.cos(), (-2.0 * u.ln()).sqrt() * theta.sin())
+            let r = (-2.0 * u.ln()).sqrt();
+            (r * theta.cos(), r * theta.sin())
         };
         let (p0, p1, p2, p3) = (pair(0), pair(1), pair(2), pair(3));
         let z = [p0.0 + p1.0, p0.1 + p1.1, p2.0 + p3.0, p2.1 + p3.1];
