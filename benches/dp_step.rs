@@ -77,11 +77,7 @@ fn dp_step(c: &mut Criterion) {
         let x = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
         let y = Tensor::from_vec((0..b as u32).map(|i| i % 10).collect(), b, &dev).unwrap();
         // Poisson sampling of 60 000 examples at the batch size in expectation.
-        let sampler = SamplerDescription::Poisson {
-            dataset_size: 60_000,
-            sample_rate: b as f64 / 60_000.0,
-            seeding: Seeding::Fixed,
-        };
+        let sampler = SamplerDescription::poisson(60_000, b as f64 / 60_000.0, Seeding::Fixed).unwrap();
 
         let mut sgd = SGD::new(varmap.all_vars(), 0.01).unwrap();
         group.bench_function(BenchmarkId::new("non_private", name), |bench| {

@@ -125,14 +125,6 @@ impl<O: Optimizer> DpOptimizer<O> {
         varmap.save(&weights)?;
         let ledger = self.flush_ledger()?.clone();
         ledger.write(dir.join(LEDGER))?;
-        let (dataset_size, sample_rate, batch_size, sampler_seeding) = match self.sampler {
-            SamplerDescription::Poisson { dataset_size, sample_rate, seeding } => {
-                (dataset_size, Some(sample_rate), None, seeding)
-            }
-            SamplerDescription::ShuffledFixedSize { dataset_size, batch_size, seeding } => {
-                (dataset_size, None, Some(batch_size), seeding)
-            }
-        };
         let fixed = |s: Seeding| s == Seeding::Fixed;
         let manifest = Manifest {
             format: FORMAT.into(),
@@ -145,10 +137,10 @@ impl<O: Optimizer> DpOptimizer<O> {
                 ClipMode::PerLayer(t) => Some(t.clone()),
             },
             microbatch: self.ghost.is_none(),
-            dataset_size,
-            sample_rate,
-            batch_size,
-            sampler_seeding,
+            dataset_size: self.sampler.dataset_size(),
+            sample_rate: self.sampler.sample_rate(),
+            batch_size: self.sampler.batch_size(),
+            sampler_seeding: self.sampler.seeding(),
             budget: self.budget.map(|(b, _)| (b.epsilon, b.delta)),
             accountant: self.accountant,
             noise_seeding: self.noise.seeding(),
@@ -209,17 +201,13 @@ impl<O: Optimizer> DpOptimizer<O> {
         }
         varmap.load(&weights)?;
 
+        // Validated as any description is: a manifest is input like any other.
         let sampler = match (m.sample_rate, m.batch_size) {
-            (Some(q), None) => {
-                SamplerDescription::Poisson { dataset_size: m.dataset_size, sample_rate: q, seeding: m.sampler_seeding }
-            }
-            (None, Some(b)) => SamplerDescription::ShuffledFixedSize {
-                dataset_size: m.dataset_size,
-                batch_size: b,
-                seeding: m.sampler_seeding,
-            },
+            (Some(q), None) => SamplerDescription::poisson(m.dataset_size, q, m.sampler_seeding),
+            (None, Some(b)) => SamplerDescription::shuffled_fixed_size(m.dataset_size, b, m.sampler_seeding),
             _ => return Err(bad(&path, "a sampler needs exactly one of sample_rate and batch_size".into())),
-        };
+        }
+        .map_err(|e| bad(&path, format!("invalid sampler: {e}")))?;
         let noise = match &m.noise_state {
             Some(s) => GaussianNoise::restore(s.get(&path)?, Seeding::Fixed),
             None => GaussianNoise::from_os_entropy()?,
@@ -239,14 +227,10 @@ impl<O: Optimizer> DpOptimizer<O> {
         let mut opt = builder.build(config)?;
         opt.steps = m.steps;
         opt.ledger = ledger;
-        let poisson = match (sampler, &m.sampler_state) {
-            (SamplerDescription::Poisson { dataset_size, sample_rate, .. }, Some(s)) => {
-                Some(PoissonSampler::restore(dataset_size, sample_rate, s.get(&path)?)?)
-            }
-            (SamplerDescription::Poisson { dataset_size, sample_rate, .. }, None) => {
-                Some(PoissonSampler::new(dataset_size, sample_rate)?)
-            }
-            _ => None,
+        let poisson = match (sampler.sample_rate(), &m.sampler_state) {
+            (Some(q), Some(s)) => Some(PoissonSampler::restore(sampler.dataset_size(), q, s.get(&path)?)?),
+            (Some(q), None) => Some(PoissonSampler::new(sampler.dataset_size(), q)?),
+            (None, _) => None,
         };
         Ok((opt, poisson))
     }

@@ -7,84 +7,141 @@ use rand_chacha::ChaCha20Rng;
 
 use crate::error::{ensure, Error, Result};
 
-/// What a sampler did, as the optimizer records it in the ledger: the
-/// accounting always matches the sampling actually used.
+/// What a sampler does, as the optimizer accounts it and records it in the
+/// ledger: the accounting always matches the sampling actually used.
+///
+/// The fields are private and every constructor validates them, so a
+/// description that would divide by zero or state a privacy guarantee for
+/// sampling that never happened (a rate of 0, an empty dataset) cannot be
+/// built. The samplers' `description()` is the normal way to get one.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum SamplerDescription {
-    /// Each example independently with probability `sample_rate`.
-    Poisson {
-        /// Examples in the dataset.
-        dataset_size: usize,
-        /// The inclusion probability `q`.
-        sample_rate: f64,
-        /// How the sampler's generator was seeded.
-        seeding: Seeding,
-    },
-    /// A shuffle per epoch cut into batches of exactly `batch_size`.
-    ShuffledFixedSize {
-        /// Examples in the dataset.
-        dataset_size: usize,
-        /// Examples per batch.
-        batch_size: usize,
-        /// How the sampler's generator was seeded.
-        seeding: Seeding,
-    },
+pub struct SamplerDescription {
+    scheme: Scheme,
+    dataset_size: usize,
+    seeding: Seeding,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Scheme {
+    /// Each example independently with probability `sample_rate`.
+    Poisson { sample_rate: f64 },
+    /// A shuffle per epoch cut into batches of exactly `batch_size`.
+    ShuffledFixedSize { batch_size: usize },
+}
+
+/// The valid range of a Poisson sample rate. Subnormal rates are refused:
+/// the optimizer divides by `q N`, which must stay finite.
+const SAMPLE_RATE_RANGE: &str = "in (0, 1], and at least 2.2250738585072014e-308 (a normal float)";
+
 impl SamplerDescription {
+    /// Poisson sampling of `dataset_size` examples at rate `sample_rate`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] unless `dataset_size >= 1` and `sample_rate`
+    /// is in `(0, 1]` (and not subnormal).
+    pub fn poisson(dataset_size: usize, sample_rate: f64, seeding: Seeding) -> Result<Self> {
+        check_dataset_size(dataset_size)?;
+        ensure("sample_rate", sample_rate, SAMPLE_RATE_RANGE, (f64::MIN_POSITIVE..=1.0).contains(&sample_rate))?;
+        Ok(Self { scheme: Scheme::Poisson { sample_rate }, dataset_size, seeding })
+    }
+
+    /// Shuffled fixed-size batches of `batch_size` out of `dataset_size`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] unless `1 <= batch_size <= dataset_size`.
+    pub fn shuffled_fixed_size(dataset_size: usize, batch_size: usize, seeding: Seeding) -> Result<Self> {
+        check_dataset_size(dataset_size)?;
+        ensure(
+            "batch_size",
+            batch_size as f64,
+            "an integer in [1, dataset_size]",
+            batch_size >= 1 && batch_size <= dataset_size,
+        )?;
+        Ok(Self { scheme: Scheme::ShuffledFixedSize { batch_size }, dataset_size, seeding })
+    }
+
+    /// Checks the description again (the optimizer's builder does, so that
+    /// no code path can train on one its constructors would refuse).
+    ///
+    /// # Errors
+    /// As the constructors.
+    pub(crate) fn validate(&self) -> Result<()> {
+        match self.scheme {
+            Scheme::Poisson { sample_rate } => Self::poisson(self.dataset_size, sample_rate, self.seeding),
+            Scheme::ShuffledFixedSize { batch_size } => {
+                Self::shuffled_fixed_size(self.dataset_size, batch_size, self.seeding)
+            }
+        }
+        .map(|_| ())
+    }
+
     /// The batch size DP-SGD divides the noisy sum by: `q N` for Poisson
     /// (the expected size, never the realized one), the batch size otherwise.
+    /// Always finite and > 0.
     pub fn expected_batch_size(&self) -> f64 {
-        match *self {
-            SamplerDescription::Poisson { dataset_size, sample_rate, .. } => sample_rate * dataset_size as f64,
-            SamplerDescription::ShuffledFixedSize { batch_size, .. } => batch_size as f64,
+        match self.scheme {
+            Scheme::Poisson { sample_rate } => sample_rate * self.dataset_size as f64,
+            Scheme::ShuffledFixedSize { batch_size } => batch_size as f64,
+        }
+    }
+
+    /// The Poisson inclusion probability `q`; `None` for fixed-size batches.
+    pub fn sample_rate(&self) -> Option<f64> {
+        match self.scheme {
+            Scheme::Poisson { sample_rate } => Some(sample_rate),
+            Scheme::ShuffledFixedSize { .. } => None,
+        }
+    }
+
+    /// The fixed batch size; `None` for Poisson sampling.
+    pub fn batch_size(&self) -> Option<usize> {
+        match self.scheme {
+            Scheme::Poisson { .. } => None,
+            Scheme::ShuffledFixedSize { batch_size } => Some(batch_size),
         }
     }
 
     /// The ledger's sampler kind.
     pub fn kind(&self) -> SamplerKind {
-        match self {
-            SamplerDescription::Poisson { .. } => SamplerKind::Poisson,
-            SamplerDescription::ShuffledFixedSize { .. } => SamplerKind::ShuffledFixedSize,
+        match self.scheme {
+            Scheme::Poisson { .. } => SamplerKind::Poisson,
+            Scheme::ShuffledFixedSize { .. } => SamplerKind::ShuffledFixedSize,
         }
     }
 
     /// The adjacency its accounting is valid under.
     pub fn adjacency(&self) -> dp_accountant::Adjacency {
-        match self {
-            SamplerDescription::Poisson { .. } => dp_accountant::Adjacency::AddOrRemoveOne,
-            SamplerDescription::ShuffledFixedSize { .. } => dp_accountant::Adjacency::ReplaceOne,
+        match self.scheme {
+            Scheme::Poisson { .. } => dp_accountant::Adjacency::AddOrRemoveOne,
+            Scheme::ShuffledFixedSize { .. } => dp_accountant::Adjacency::ReplaceOne,
         }
     }
 
     /// The number of examples.
     pub fn dataset_size(&self) -> usize {
-        match *self {
-            SamplerDescription::Poisson { dataset_size, .. }
-            | SamplerDescription::ShuffledFixedSize { dataset_size, .. } => dataset_size,
-        }
+        self.dataset_size
     }
 
     /// How the sampler's generator was seeded.
     pub fn seeding(&self) -> Seeding {
-        match *self {
-            SamplerDescription::Poisson { seeding, .. } | SamplerDescription::ShuffledFixedSize { seeding, .. } => {
-                seeding
-            }
-        }
+        self.seeding
     }
 
     /// The event of `steps` DP-SGD steps with this sampler and noise multiplier.
     pub fn event(&self, noise_multiplier: f64, steps: u64) -> DpEvent {
-        match *self {
-            SamplerDescription::Poisson { sample_rate, .. } => {
+        match self.scheme {
+            Scheme::Poisson { sample_rate } => {
                 DpEvent::self_composed(DpEvent::poisson_sampled_gaussian(sample_rate, noise_multiplier), steps)
             }
-            SamplerDescription::ShuffledFixedSize { dataset_size, batch_size, .. } => {
-                DpEvent::shuffled_fixed_size_batches(noise_multiplier, (dataset_size / batch_size.max(1)) as u64, steps)
+            Scheme::ShuffledFixedSize { batch_size } => {
+                DpEvent::shuffled_fixed_size_batches(noise_multiplier, (self.dataset_size / batch_size) as u64, steps)
             }
         }
     }
+}
+
+fn check_dataset_size(dataset_size: usize) -> Result<f64> {
+    ensure("dataset_size", dataset_size as f64, "an integer >= 1", dataset_size >= 1)
 }
 
 /// Poisson sampling: each example joins a batch independently with
@@ -150,8 +207,7 @@ impl PoissonSampler {
     }
 
     fn build(dataset_size: usize, sample_rate: f64, rng: ChaCha20Rng, seeding: Seeding) -> Result<Self> {
-        ensure("dataset_size", dataset_size as f64, "an integer >= 1", dataset_size >= 1)?;
-        ensure("sample_rate", sample_rate, "in (0, 1]", sample_rate > 0.0 && sample_rate <= 1.0)?;
+        SamplerDescription::poisson(dataset_size, sample_rate, seeding)?;
         Ok(Self { dataset_size, sample_rate, rng, seeding })
     }
 
@@ -183,9 +239,9 @@ impl PoissonSampler {
 
     /// What this sampler does, for the optimizer and the ledger.
     pub fn description(&self) -> SamplerDescription {
-        SamplerDescription::Poisson {
+        SamplerDescription {
+            scheme: Scheme::Poisson { sample_rate: self.sample_rate },
             dataset_size: self.dataset_size,
-            sample_rate: self.sample_rate,
             seeding: self.seeding,
         }
     }
@@ -221,13 +277,8 @@ impl ShuffledSampler {
     /// # Errors
     /// [`Error::InvalidConfig`] unless `1 <= batch_size <= dataset_size`.
     pub fn new(dataset_size: usize, batch_size: usize, seed: Option<u64>) -> Result<Self> {
-        ensure("dataset_size", dataset_size as f64, "an integer >= 1", dataset_size >= 1)?;
-        ensure(
-            "batch_size",
-            batch_size as f64,
-            "an integer in [1, dataset_size]",
-            batch_size >= 1 && batch_size <= dataset_size,
-        )?;
+        // Validated as the description it will report (seeding does not matter).
+        SamplerDescription::shuffled_fixed_size(dataset_size, batch_size, Seeding::Fixed)?;
         let (rng, seeding) = match seed {
             Some(s) => (ChaCha20Rng::seed_from_u64(s), Seeding::Fixed),
             None => (ChaCha20Rng::try_from_os_rng().map_err(|e| Error::Entropy(e.to_string()))?, Seeding::OsEntropy),
@@ -250,9 +301,9 @@ impl ShuffledSampler {
 
     /// What this sampler does, for the optimizer and the ledger.
     pub fn description(&self) -> SamplerDescription {
-        SamplerDescription::ShuffledFixedSize {
+        SamplerDescription {
+            scheme: Scheme::ShuffledFixedSize { batch_size: self.batch_size },
             dataset_size: self.order.len(),
-            batch_size: self.batch_size,
             seeding: self.seeding,
         }
     }
@@ -301,7 +352,10 @@ mod tests {
 
     #[test]
     fn bad_sampler_config_names_the_field() {
-        assert_eq!(PoissonSampler::seeded(10, 0.0, 1).unwrap_err().to_string(), "sample_rate = 0: must be in (0, 1]");
+        assert_eq!(
+            PoissonSampler::seeded(10, 0.0, 1).unwrap_err().to_string(),
+            format!("sample_rate = 0: must be {SAMPLE_RATE_RANGE}")
+        );
         assert!(PoissonSampler::seeded(10, f64::NAN, 1).is_err());
         assert!(PoissonSampler::seeded(0, 0.5, 1).is_err());
         assert!(ShuffledSampler::new(10, 11, Some(1)).is_err());

@@ -327,7 +327,7 @@ fn microbatch_engine_trains_a_plain_model() {
 
 #[test]
 fn unowned_variables_and_bad_config_are_refused() {
-    let sampler = SamplerDescription::Poisson { dataset_size: 100, sample_rate: 0.1, seeding: Seeding::Fixed };
+    let sampler = SamplerDescription::poisson(100, 0.1, Seeding::Fixed).unwrap();
     // A plain candle-nn layer: its variables would be trained without clipping.
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
