@@ -3,7 +3,10 @@
 use crate::error::{Error, Result};
 
 /// The clipping rule. Either way each example's whole contribution has L2
-/// norm at most `C`, the `max_grad_norm` the noise is calibrated to.
+/// norm at most `C`, the `max_grad_norm` the noise is calibrated to: each
+/// threshold is applied with a relative margin of `1e-4` (a gradient is
+/// scaled to `C (1 - 1e-4)`), so that rounding in the norm computation
+/// cannot let a contribution exceed `C`.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub enum ClipMode {
     /// One norm over all parameters, clipped to `C` (Abadi et al. 2016).
@@ -12,7 +15,8 @@ pub enum ClipMode {
     /// Each DP layer's parameters clipped to their own threshold `C_l`, with
     /// `sum_l C_l^2 = C^2` so the total stays within `C`. Thresholds are in the
     /// order in which the layers' variables first appear in the optimizer's
-    /// variable list. Ghost engine only.
+    /// variable list; layers that share a variable (tied weights) count as
+    /// one layer. Ghost engine only.
     PerLayer(Vec<f64>),
 }
 

@@ -47,8 +47,34 @@ pub enum Error {
         /// Its shape.
         shape: Vec<usize>,
     },
+    /// A trainable variable that also reached the loss through a plain
+    /// Candle op (not a DP layer): that use's per-example gradient is
+    /// unknown, so it could be neither clipped nor silently dropped.
+    #[error(
+        "trainable variable #{index} (shape {shape:?}) reached the loss through a plain Candle op, not only through \
+         DP layers: its per-example gradient cannot be clipped. Use it through candle_dp layers only (for a tied \
+         weight, build a second DP layer over the same tensor, e.g. DpLinear::new(embedding.embeddings().clone(), \
+         None)), or use the microbatch engine"
+    )]
+    NonDpUse {
+        /// Its position in the optimizer's variable list.
+        index: usize,
+        /// Its shape.
+        shape: Vec<usize>,
+    },
+    /// The same variable twice in the optimizer's list.
+    #[error("variable #{second} is variable #{first} again: list each trainable variable once")]
+    DuplicateVariable {
+        /// Its first position.
+        first: usize,
+        /// Its second position.
+        second: usize,
+    },
     /// A trainable variable that received no gradient in a step.
-    #[error("trainable variable #{index} (shape {shape:?}) received no gradient: is it used by the model?")]
+    #[error(
+        "trainable variable #{index} (shape {shape:?}) received no gradient: is it used by the model (after the \
+         optimizer was built; DP layers capture only for a live optimizer)?"
+    )]
     MissingGradient {
         /// Its position in the optimizer's variable list.
         index: usize,

@@ -12,6 +12,16 @@
 //! * [`kernels`]: the per-example norm, clip-and-accumulate and device-noise
 //!   ops (CPU reference; CUDA and Metal behind features).
 //!
+//! # What a step guarantees
+//! Each example's gradient (over all trained variables, every use of a tied
+//! weight included) is clipped to `C (1 - 1e-4)` for the clipping norm `C`
+//! ([`DpOptimizerBuilder::max_grad_norm`]; the margin absorbs rounding in
+//! the norms), and Gaussian noise of standard deviation `sigma C` is added
+//! once per logical batch. The noise multiplier `sigma` must be finite and
+//! `> 0`; any such value is accepted, and the accountant states what it
+//! buys. DP layers whose parameters the optimizer does not train are frozen
+//! and record nothing ([`grad_sample`] says who owns what).
+//!
 //! # Example
 //! ```
 //! use candle_core::{DType, Device, Module, Tensor};

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor, Var};
 
-use super::registry::{self, GhostLayer};
+use super::per_example::{ParamGrads, UseGrad};
+use super::registry::{self, Claim, GhostLayer};
 use crate::clip::{clip_factor, ClipMode};
 use crate::error::{Error, Result};
 use crate::loss::PerSampleLoss;
@@ -19,53 +20,85 @@ pub struct ClippedBatch {
     pub norms: Vec<f64>,
 }
 
-/// A DP layer, and for each of its parameters the index of the optimizer
-/// variable it is (`None` for a frozen parameter).
-type OwnedLayer = (Arc<dyn GhostLayer>, Vec<Option<usize>>);
+/// One trainable variable: the (layer, parameter) pairs that use it, and
+/// its clipping group.
+#[derive(Debug, Clone)]
+struct TrainedVar {
+    users: Vec<(usize, usize)>,
+    group: usize,
+}
 
-/// The DP layers owning a list of variables, with where each parameter goes.
+/// The DP layers that use a list of variables, with where each use goes.
+///
+/// Building an engine claims every (layer, parameter) it trains: those
+/// layers capture what the per-example gradients need while the engine
+/// lives, and nothing else does (see [`super`]).
 #[derive(Debug, Clone)]
 pub struct GhostEngine {
-    layers: Vec<OwnedLayer>,
-    shapes: Vec<Vec<usize>>,
+    layers: Vec<Arc<dyn GhostLayer>>,
+    trained: Vec<TrainedVar>,
+    groups: usize,
+    vars: Vec<Var>,
+    /// Shared by clones; released when the last clone goes.
+    _claims: Arc<[Claim]>,
 }
 
 impl GhostEngine {
-    /// Finds the DP layer of every variable.
+    /// Finds the DP layers that use every variable and claims them.
     ///
     /// # Errors
-    /// [`Error::UnownedVariable`] for a variable no live DP layer owns.
+    /// [`Error::UnownedVariable`] for a variable no live DP layer uses;
+    /// [`Error::DuplicateVariable`] for a variable listed twice.
     pub fn new(vars: &[Var]) -> Result<Self> {
-        let mut layers: Vec<OwnedLayer> = Vec::new();
+        let mut layers: Vec<Arc<dyn GhostLayer>> = Vec::new();
+        let mut trained = Vec::with_capacity(vars.len());
+        let mut claims = Vec::new();
         for (index, var) in vars.iter().enumerate() {
-            let owner = registry::owner(var.id())
-                .ok_or_else(|| Error::UnownedVariable { index, shape: var.dims().to_vec() })?;
-            let params = owner.parameters();
-            let slot = layers.iter().position(|(l, _)| Arc::ptr_eq(l, &owner)).unwrap_or_else(|| {
-                layers.push((owner.clone(), vec![None; params.len()]));
-                layers.len() - 1
-            });
-            if let Some(k) = params.iter().position(|p| p.id() == var.id()) {
-                layers[slot].1[k] = Some(index);
+            if let Some(first) = vars[..index].iter().position(|v| v.id() == var.id()) {
+                return Err(Error::DuplicateVariable { first, second: index });
             }
+            let owners = registry::users(var.id());
+            if owners.is_empty() {
+                return Err(Error::UnownedVariable { index, shape: var.dims().to_vec() });
+            }
+            let mut users = Vec::new();
+            for owner in owners {
+                let slot = layers.iter().position(|l| Arc::ptr_eq(l, &owner)).unwrap_or_else(|| {
+                    layers.push(owner.clone());
+                    layers.len() - 1
+                });
+                for (k, p) in owner.parameters().iter().enumerate() {
+                    if p.id() == var.id() {
+                        users.push((slot, k));
+                        claims.push(Claim::new(owner.clone(), k));
+                    }
+                }
+            }
+            trained.push(users);
         }
-        Ok(Self { layers, shapes: vars.iter().map(|v| v.dims().to_vec()).collect() })
+        let (groups, of_var) = clipping_groups(layers.len(), &trained);
+        let trained = trained.into_iter().zip(of_var).map(|(users, group)| TrainedVar { users, group }).collect();
+        Ok(Self { layers, trained, groups, vars: vars.to_vec(), _claims: claims.into() })
     }
 
-    /// The number of DP layers (for per-layer clipping).
+    /// The number of clipping groups (for per-layer clipping): DP layers,
+    /// with layers that share a variable counted as one.
     pub fn num_layers(&self) -> usize {
-        self.layers.len()
+        self.groups
     }
 
     /// Backward of the summed per-example losses, then per-example norms and
-    /// clipped sums. The DP layers' captures are cleared whatever happens.
+    /// clipped sums. The captures of every layer that uses one of the
+    /// variables are cleared whatever happens.
     ///
     /// # Errors
     /// [`Error::NonFinite`] for a NaN or infinite loss or gradient norm;
-    /// [`Error::MissingGradient`] for a variable whose layer was not used.
+    /// [`Error::MissingGradient`] for a variable none of whose layers was
+    /// used; [`Error::NonDpUse`] for a variable that also reached the loss
+    /// through a plain Candle op; [`Error::Shape`] for uses of another batch.
     pub fn clip(&self, losses: &PerSampleLoss, clipping: &ClipMode, max_grad_norm: f64) -> Result<ClippedBatch> {
         let result = self.clip_inner(losses, clipping, max_grad_norm);
-        for (layer, _) in &self.layers {
+        for layer in &self.layers {
             layer.clear();
         }
         result
@@ -87,54 +120,98 @@ impl GhostEngine {
         // Only this backward counts: drop anything a backward of the caller's
         // own left in the layers. The per-example gradients of the sum are the
         // per-example gradients.
-        for (layer, _) in &self.layers {
+        for layer in &self.layers {
             layer.reset_grads();
         }
-        let _ = losses.tensor().sum_all()?.backward()?;
-
-        // Squared norms per layer (only parameters that are trained count).
-        let mut layer_sq: Vec<Vec<f64>> = Vec::with_capacity(self.layers.len());
-        for (layer, slots) in &self.layers {
-            let norms = layer.squared_norms()?;
-            let mut sq = vec![0.0; b];
-            for (k, slot) in slots.iter().enumerate() {
-                let Some(index) = slot else { continue };
-                let Some(n) = norms.as_ref().map(|n| &n[k]) else {
-                    return Err(Error::MissingGradient { index: *index, shape: self.shapes[*index].clone() });
-                };
-                for (acc, v) in sq.iter_mut().zip(n.to_dtype(DType::F64)?.to_vec1::<f64>()?) {
-                    *acc += v;
-                }
-            }
-            layer_sq.push(sq);
+        let candle_grads = losses.tensor().sum_all()?.backward()?;
+        // DP layers give Candle no gradient of their parameters; one found
+        // here came through a plain op, whose per-example part is unknown.
+        if let Some(index) = self.vars.iter().position(|v| candle_grads.get(v.as_tensor()).is_some()) {
+            return Err(Error::NonDpUse { index, shape: self.vars[index].dims().to_vec() });
         }
-        let norms: Vec<f64> = (0..b).map(|i| layer_sq.iter().map(|l| l[i]).sum::<f64>().sqrt()).collect();
+
+        let mut per_layer = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            per_layer.push(layer.per_example_grads()?);
+        }
+        let mut params = Vec::with_capacity(self.trained.len());
+        for (index, (var, v)) in self.trained.iter().zip(&self.vars).enumerate() {
+            let mut uses = Vec::new();
+            for &(slot, k) in &var.users {
+                uses.extend(per_layer[slot].get(k).into_iter().flatten().cloned());
+            }
+            if let Some(bad) = uses.iter().map(UseGrad::batch).find(|n| !matches!(n, Ok(n) if *n == b)) {
+                return Err(Error::Shape {
+                    what: "a DP layer's captured use",
+                    expected: "the batch of the per-sample losses (a forward on another batch reached this loss)",
+                    got: vec![bad?],
+                });
+            }
+            let grads = ParamGrads::new(uses, v.dims())?;
+            if grads.is_empty() {
+                return Err(Error::MissingGradient { index, shape: self.vars[index].dims().to_vec() });
+            }
+            params.push(grads);
+        }
+
+        // Squared norms per clipping group.
+        let mut group_sq = vec![vec![0.0; b]; self.groups];
+        for (var, grads) in self.trained.iter().zip(&params) {
+            let sq = grads.squared_norms()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            for (acc, v) in group_sq[var.group].iter_mut().zip(sq) {
+                *acc += v;
+            }
+        }
+        let norms: Vec<f64> = (0..b).map(|i| group_sq.iter().map(|g| g[i]).sum::<f64>().sqrt()).collect();
         if let Some(i) = norms.iter().position(|n| !n.is_finite()) {
             return Err(Error::NonFinite { what: "gradient norm", sample: i });
         }
-
-        let mut clipped_sums: Vec<Option<Tensor>> = vec![None; self.shapes.len()];
-        for (l, (layer, slots)) in self.layers.iter().enumerate() {
-            let factors: Vec<f64> = match clipping {
+        let factors: Vec<Vec<f64>> = (0..self.groups)
+            .map(|g| match clipping {
                 ClipMode::Flat => norms.iter().map(|n| clip_factor(*n, max_grad_norm)).collect(),
-                ClipMode::PerLayer(t) => layer_sq[l].iter().map(|s| clip_factor(s.sqrt(), t[l])).collect(),
-            };
-            let Some(dtype_device) = layer.parameters().first().map(|p| (p.dtype(), p.device().clone())) else {
-                continue;
-            };
-            let c = Tensor::from_vec(factors, b, &dtype_device.1)?.to_dtype(dtype_device.0)?;
-            let sums = layer.clipped_sums(&c)?;
-            for (k, slot) in slots.iter().enumerate() {
-                if let (Some(index), Some(s)) = (slot, sums.as_ref().map(|s| &s[k])) {
-                    clipped_sums[*index] = Some(s.clone());
-                }
-            }
+                ClipMode::PerLayer(t) => group_sq[g].iter().map(|s| clip_factor(s.sqrt(), t[g])).collect(),
+            })
+            .collect();
+
+        let mut clipped_sums = Vec::with_capacity(params.len());
+        for ((var, grads), v) in self.trained.iter().zip(&params).zip(&self.vars) {
+            let c = Tensor::from_vec(factors[var.group].clone(), b, v.device())?.to_dtype(v.dtype())?;
+            clipped_sums.push(grads.clipped_sum(&c)?);
         }
-        let clipped_sums = clipped_sums
-            .into_iter()
-            .enumerate()
-            .map(|(index, s)| s.ok_or_else(|| Error::MissingGradient { index, shape: self.shapes[index].clone() }))
-            .collect::<Result<Vec<_>>>()?;
         Ok(ClippedBatch { clipped_sums, norms })
     }
+}
+
+/// Layers that share a variable form one clipping group (their norms
+/// cannot be split). Groups are numbered in the order their variables
+/// first appear; returns the count and each variable's group.
+fn clipping_groups(layers: usize, users: &[Vec<(usize, usize)>]) -> (usize, Vec<usize>) {
+    // Union-find over layers.
+    let mut parent: Vec<usize> = (0..layers).collect();
+    fn root(parent: &mut [usize], mut x: usize) -> usize {
+        while parent[x] != x {
+            parent[x] = parent[parent[x]];
+            x = parent[x];
+        }
+        x
+    }
+    for u in users {
+        for w in u.windows(2) {
+            let (a, b) = (root(&mut parent, w[0].0), root(&mut parent, w[1].0));
+            parent[a] = b;
+        }
+    }
+    let mut number: Vec<Option<usize>> = vec![None; layers];
+    let mut count = 0;
+    let of_var = users
+        .iter()
+        .map(|u| {
+            let r = root(&mut parent, u[0].0);
+            *number[r].get_or_insert_with(|| {
+                count += 1;
+                count - 1
+            })
+        })
+        .collect();
+    (count, of_var)
 }

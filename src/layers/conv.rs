@@ -15,10 +15,10 @@ use std::sync::Arc;
 use candle_core::{Module, Tensor};
 use candle_nn::{Conv1dConfig, Conv2dConfig, Init, VarBuilder};
 
-use super::linear::{concat_uses, LinearMap};
+use super::linear::{LinearMap, LinearUse};
 use super::tap::{tap, Captures};
 use crate::error::Error;
-use crate::grad_sample::registry;
+use crate::grad_sample::registry::{self, Training};
 
 /// Padding and stride of a convolution, per spatial dimension (equal).
 #[derive(Debug, Clone, Copy)]
@@ -33,8 +33,10 @@ struct ConvTrace {
     weight: Tensor,
     bias: Option<Tensor>,
     geometry: Geometry,
-    /// Per use: the unfolded detached input `[B, T, C_in k^n]`.
-    uses: Captures<Tensor>,
+    /// Per use: the unfolded detached input `[B, T, C_in k^n]` while the
+    /// kernel is trained.
+    uses: Captures<LinearUse>,
+    training: Training,
 }
 
 /// A DP convolution. Construct it with [`conv1d`] or [`conv2d`].
@@ -87,7 +89,8 @@ fn conv_bias(fan_in: usize, out_c: usize, vb: &VarBuilder) -> candle_core::Resul
 
 impl DpConv {
     fn new(weight: Tensor, bias: Option<Tensor>, geometry: Geometry) -> Self {
-        Self { trace: registry::registered(ConvTrace { weight, bias, geometry, uses: Captures::new() }) }
+        let training = Training::new(1 + usize::from(bias.is_some()));
+        Self { trace: registry::registered(ConvTrace { weight, bias, geometry, uses: Captures::new(), training }) }
     }
 
     /// The kernel.
@@ -99,6 +102,13 @@ impl DpConv {
     pub fn bias(&self) -> Option<&Tensor> {
         self.trace.bias.as_ref()
     }
+
+    /// How many forward uses the layer holds activations and gradients of
+    /// now (for memory diagnostics): 0 between steps, and always 0 for a
+    /// layer no live optimizer trains.
+    pub fn captured_uses(&self) -> usize {
+        self.trace.uses.len()
+    }
 }
 
 impl Module for DpConv {
@@ -107,24 +117,7 @@ impl Module for DpConv {
         let Geometry { padding, stride, spatial } = t.geometry;
         let k = t.weight.dim(2)?;
         let w = t.weight.detach();
-        let (y, unfolded) = if spatial == 1 {
-            let y = x.conv1d(&w, padding, stride, 1, 1)?;
-            let b = x.dim(0)?;
-            let cols = x.detach().pad_with_zeros(2, padding, padding)?.unfold(2, k, stride)?; // [B, C, Lo, k]
-            let lo = cols.dim(2)?;
-            (y, cols.permute((0, 2, 1, 3))?.contiguous()?.reshape((b, lo, ()))?)
-        } else {
-            let y = x.conv2d(&w, padding, stride, 1, 1)?;
-            let b = x.dim(0)?;
-            let cols = x
-                .detach()
-                .pad_with_zeros(2, padding, padding)?
-                .pad_with_zeros(3, padding, padding)?
-                .unfold(2, k, stride)?
-                .unfold(3, k, stride)?; // [B, C, Ho, Wo, k, k]
-            let (ho, wo) = (cols.dim(2)?, cols.dim(3)?);
-            (y, cols.permute((0, 2, 3, 1, 4, 5))?.contiguous()?.reshape((b, ho * wo, ()))?)
-        };
+        let y = if spatial == 1 { x.conv1d(&w, padding, stride, 1, 1)? } else { x.conv2d(&w, padding, stride, 1, 1)? };
         let y = match &t.bias {
             Some(bias) => {
                 let mut dims = vec![1; y.rank()];
@@ -133,9 +126,44 @@ impl Module for DpConv {
             }
             None => y,
         };
-        let (y, slot) = tap(&y, &t.weight)?;
-        t.uses.push(unfolded, slot);
+        let Some(anchor) = self.trace.trained_parameter() else {
+            return Ok(y);
+        };
+        let unfolded = if t.training.is_trained(0) { Some(unfold(&x.detach(), k, t.geometry)?) } else { None };
+        let (y, slot) = tap(&y, anchor)?;
+        t.uses.push(LinearUse { x: unfolded, batch: x.dim(0)? }, slot);
         Ok(y)
+    }
+}
+
+/// The input unfolded (im2col) to `[B, T, C_in k^n]`, `T` the output
+/// positions. Only for detached inputs: `Tensor::unfold`'s backward is wrong.
+fn unfold(x: &Tensor, k: usize, geometry: Geometry) -> candle_core::Result<Tensor> {
+    let Geometry { padding, stride, spatial } = geometry;
+    let b = x.dim(0)?;
+    if spatial == 1 {
+        let cols = x.pad_with_zeros(2, padding, padding)?.unfold(2, k, stride)?; // [B, C, Lo, k]
+        let lo = cols.dim(2)?;
+        cols.permute((0, 2, 1, 3))?.contiguous()?.reshape((b, lo, ()))
+    } else {
+        let cols = x
+            .pad_with_zeros(2, padding, padding)?
+            .pad_with_zeros(3, padding, padding)?
+            .unfold(2, k, stride)?
+            .unfold(3, k, stride)?; // [B, C, Ho, Wo, k, k]
+        let (ho, wo) = (cols.dim(2)?, cols.dim(3)?);
+        cols.permute((0, 2, 3, 1, 4, 5))?.contiguous()?.reshape((b, ho * wo, ()))
+    }
+}
+
+impl ConvTrace {
+    /// A trained parameter to anchor the output tap on, if any is trained.
+    fn trained_parameter(&self) -> Option<&Tensor> {
+        std::iter::once(&self.weight)
+            .chain(&self.bias)
+            .enumerate()
+            .find(|(k, _)| self.training.is_trained(*k))
+            .map(|(_, p)| p)
     }
 }
 
@@ -148,19 +176,16 @@ impl LinearMap for ConvTrace {
         self.bias.as_ref()
     }
 
-    fn uses(&self) -> &Captures<Tensor> {
+    fn uses(&self) -> &Captures<LinearUse> {
         &self.uses
     }
 
-    /// Unfolded inputs `[B, T, d]` and output gradients `[B, T, C_out]`.
-    fn gathered(&self) -> candle_core::Result<Option<(Tensor, Tensor)>> {
-        let mut xs = Vec::new();
-        let mut gs = Vec::new();
-        for (x, g) in self.uses.with_grads() {
-            let (b, c_out) = (g.dim(0)?, g.dim(1)?);
-            gs.push(g.reshape((b, c_out, ()))?.transpose(1, 2)?.contiguous()?);
-            xs.push(x);
-        }
-        concat_uses(xs, gs)
+    fn training(&self) -> &Training {
+        &self.training
+    }
+
+    /// `[B, C_out, positions...]` to `[B, T, C_out]`.
+    fn output_grad(&self, grad: &Tensor, batch: usize) -> candle_core::Result<Tensor> {
+        grad.reshape((batch, self.weight.dim(0)?, ()))?.transpose(1, 2)?.contiguous()
     }
 }

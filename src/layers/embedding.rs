@@ -12,21 +12,25 @@
 //!
 //! * `||grad_i||^2 = sum_{t,s} [id_t = id_s] <g_t, g_s>` (`O(T^2 d)`);
 //! * `sum_i c_i grad_i = zeros(V, d).index_add(ids, c . G)`.
+//!
+//! Tied to an output projection, the cross term is
+//! `sum_{t,s} g'_s[id_t] <g_t, h_s>` ([`crate::grad_sample`]).
 
 use std::sync::Arc;
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use super::linear::concat_uses;
 use super::tap::{tap, Captures};
-use crate::grad_sample::registry::{self, GhostLayer};
+use crate::grad_sample::per_example::{Rows, UseGrad};
+use crate::grad_sample::registry::{self, GhostLayer, Training};
 
 #[derive(Debug)]
 struct EmbeddingTrace {
     weight: Tensor,
     /// Per use: the ids as `[B, T]` (u32).
     uses: Captures<Tensor>,
+    training: Training,
 }
 
 /// A DP embedding table. Construct it with [`embedding`].
@@ -46,14 +50,25 @@ pub fn embedding(in_size: usize, out_size: usize, vb: VarBuilder) -> candle_core
 }
 
 impl DpEmbedding {
-    /// A layer over an existing table `[V, d]` (the variable's own tensor).
+    /// A layer over an existing table `[V, d]` (the variable's own tensor;
+    /// a plain tensor, or a `Var` no optimizer trains, is frozen). The table
+    /// may also be the weight of other DP layers (tied, e.g. the output
+    /// projection `DpLinear::new(emb.embeddings().clone(), None)`).
     pub fn new(weight: Tensor) -> Self {
-        Self { trace: registry::registered(EmbeddingTrace { weight, uses: Captures::new() }) }
+        let training = Training::new(1);
+        Self { trace: registry::registered(EmbeddingTrace { weight, uses: Captures::new(), training }) }
     }
 
     /// The table, `[V, d]`.
     pub fn embeddings(&self) -> &Tensor {
         &self.trace.weight
+    }
+
+    /// How many forward uses the layer holds activations and gradients of
+    /// now (for memory diagnostics): 0 between steps, and always 0 for a
+    /// layer no live optimizer trains.
+    pub fn captured_uses(&self) -> usize {
+        self.trace.uses.len()
     }
 }
 
@@ -75,24 +90,12 @@ impl Module for DpEmbedding {
         dims.push(d);
         let flat = ids.flatten_all()?;
         let out = self.trace.weight.detach().index_select(&flat, 0)?.reshape(dims)?;
+        if !self.trace.training.is_trained(0) {
+            return Ok(out);
+        }
         let (out, slot) = tap(&out, &self.trace.weight)?;
         self.trace.uses.push(flat.to_dtype(DType::U32)?.reshape((b, t))?, slot);
         Ok(out)
-    }
-}
-
-impl EmbeddingTrace {
-    /// Ids `[B, T]` and gradients `[B, T, d]` of every use, along `T`.
-    fn gathered(&self) -> candle_core::Result<Option<(Tensor, Tensor)>> {
-        let d = self.weight.dim(1)?;
-        let mut ids = Vec::new();
-        let mut gs = Vec::new();
-        for (i, g) in self.uses.with_grads() {
-            let (b, t) = i.dims2()?;
-            gs.push(g.reshape((b, t, d))?);
-            ids.push(i);
-        }
-        concat_uses(ids, gs)
     }
 }
 
@@ -101,28 +104,15 @@ impl GhostLayer for EmbeddingTrace {
         vec![self.weight.clone()]
     }
 
-    fn squared_norms(&self) -> crate::Result<Option<Vec<Tensor>>> {
-        let Some((ids, g)) = self.gathered()? else {
-            return Ok(None);
-        };
-        let t = ids.dim(1)?;
-        let norms = if t == 1 {
-            crate::kernels::squared_norms(&g.squeeze(1)?)?
-        } else {
-            let same = ids.unsqueeze(2)?.broadcast_eq(&ids.unsqueeze(1)?)?.to_dtype(g.dtype())?;
-            (g.matmul(&g.t()?)? * same)?.sum((1, 2))?
-        };
-        Ok(Some(vec![norms]))
-    }
-
-    fn clipped_sums(&self, c: &Tensor) -> crate::Result<Option<Vec<Tensor>>> {
-        let Some((ids, g)) = self.gathered()? else {
-            return Ok(None);
-        };
-        let (b, t, d) = g.dims3()?;
-        let gc = g.broadcast_mul(&c.reshape((b, 1, 1))?)?.reshape((b * t, d))?;
-        let sum = self.weight.zeros_like()?.index_add(&ids.flatten_all()?, &gc, 0)?;
-        Ok(Some(vec![sum]))
+    /// Rows one-hot at the ids, columns the output gradients `[B, T, d]`.
+    fn per_example_grads(&self) -> crate::Result<Vec<Vec<UseGrad>>> {
+        let d = self.weight.dim(1)?;
+        let mut uses = Vec::new();
+        for (ids, g) in self.uses.with_grads() {
+            let (b, t) = ids.dims2()?;
+            uses.push(UseGrad::Outer { rows: Rows::OneHot(ids), cols: g.reshape((b, t, d))? });
+        }
+        Ok(vec![uses])
     }
 
     fn clear(&self) {
@@ -131,5 +121,9 @@ impl GhostLayer for EmbeddingTrace {
 
     fn reset_grads(&self) {
         self.uses.reset_grads();
+    }
+
+    fn training(&self) -> &Training {
+        &self.training
     }
 }

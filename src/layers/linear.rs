@@ -20,8 +20,12 @@
 //! * `||grad b_i||^2 = ||sum_t g_it||^2`.
 //! * `sum_i c_i grad W_i = (c . G)^T X`, one matmul (Bu et al. 2023).
 //!
-//! A layer applied several times in one step accounts all uses: they are
-//! concatenated along `T`, since the per-example gradient is the sum over uses.
+//! A layer applied several times in one step accounts all uses, and a
+//! weight shared with other DP layers (tied) is accounted over all of them
+//! by the ghost engine ([`crate::grad_sample`]). A layer whose parameters
+//! no live optimizer trains records nothing; its backward still gives the
+//! input gradient and never computes a weight gradient, so a frozen base
+//! weight may be a plain tensor (not a `Var`).
 
 use std::sync::{Arc, Mutex};
 
@@ -29,16 +33,25 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Module, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use super::tap::{lock, Captures, GradSlot};
-use crate::grad_sample::registry::{self, GhostLayer};
-use crate::kernels::{clip_accumulate, squared_norms};
+use super::tap::{lock, tap, Captures, GradSlot};
+use crate::grad_sample::per_example::{Rows, UseGrad};
+use crate::grad_sample::registry::{self, GhostLayer, Training};
 
 #[derive(Debug)]
 struct LinearTrace {
     weight: Tensor,
     bias: Option<Tensor>,
-    /// Per use: the detached input as `[B, T, d]`.
-    uses: Captures<Tensor>,
+    uses: Captures<LinearUse>,
+    training: Training,
+}
+
+/// What one use of a linear map saved for its per-example gradients.
+#[derive(Debug, Clone)]
+pub(crate) struct LinearUse {
+    /// The detached input `[B, T, d]`, kept only while the weight is trained.
+    pub(crate) x: Option<Tensor>,
+    /// The examples in the batch.
+    pub(crate) batch: usize,
 }
 
 /// A linear layer whose per-example gradients can be clipped without being
@@ -73,8 +86,14 @@ impl DpLinear {
     /// A layer over existing tensors: `weight [out, in]`, `bias [out]`.
     /// Pass the variables' own tensors (as a `VarBuilder` hands them out):
     /// the ghost engine finds a layer by its variables' ids.
+    ///
+    /// Several layers may share a weight (tying, e.g. an output projection
+    /// over an embedding table: `DpLinear::new(emb.embeddings().clone(), None)`);
+    /// the ghost engine clips the sum of all uses. A weight that is a plain
+    /// tensor, or a `Var` that no optimizer trains, is frozen.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { trace: registry::registered(LinearTrace { weight, bias, uses: Captures::new() }) }
+        let training = Training::new(1 + usize::from(bias.is_some()));
+        Self { trace: registry::registered(LinearTrace { weight, bias, uses: Captures::new(), training }) }
     }
 
     /// The weight, `[out, in]`.
@@ -85,6 +104,13 @@ impl DpLinear {
     /// The bias, `[out]`.
     pub fn bias(&self) -> Option<&Tensor> {
         self.trace.bias.as_ref()
+    }
+
+    /// How many forward uses the layer holds activations and gradients of
+    /// now (for memory diagnostics): 0 between steps, and always 0 for a
+    /// layer no live optimizer trains.
+    pub fn captured_uses(&self) -> usize {
+        self.trace.uses.len()
     }
 }
 
@@ -101,14 +127,27 @@ impl Module for DpLinear {
                 })
             }
         };
-        let p = self.trace.weight.dim(0)?;
-        let grad: GradSlot = Arc::new(Mutex::new(None));
-        self.trace.uses.push(x.detach().reshape((batch, time, d))?, grad.clone());
-        let y = x.reshape((batch * time, d))?.apply_op2(&self.trace.weight, LinearOp { grad })?;
-        let y = match &self.trace.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+        let t = &self.trace;
+        let p = t.weight.dim(0)?;
+        let flat = x.reshape((batch * time, d))?;
+        // Parameters enter detached (Candle computes no gradient for them);
+        // a trained weight is the op's second input so that the op is in
+        // the graph and its backward captures the output gradient.
+        let mut y = if t.training.is_trained(0) {
+            let grad: GradSlot = Arc::new(Mutex::new(None));
+            t.uses.push(LinearUse { x: Some(x.detach().reshape((batch, time, d))?), batch }, grad.clone());
+            flat.apply_op2(&t.weight, LinearOp { grad: Some(grad) })?
+        } else {
+            flat.apply_op2(&t.weight.detach(), LinearOp { grad: None })?
         };
+        if let Some(b) = &t.bias {
+            y = y.broadcast_add(&b.detach())?;
+            if t.training.is_trained(1) && !t.training.is_trained(0) {
+                let (tapped, slot) = tap(&y, b)?;
+                t.uses.push(LinearUse { x: None, batch }, slot);
+                y = tapped;
+            }
+        }
         if seq {
             y.reshape((batch, time, p))
         } else {
@@ -117,9 +156,10 @@ impl Module for DpLinear {
     }
 }
 
-/// `x W^T` that captures its output gradient and returns no weight gradient.
+/// `x W^T` that returns no weight gradient, and captures its output
+/// gradient when given a slot.
 struct LinearOp {
-    grad: GradSlot,
+    grad: Option<GradSlot>,
 }
 
 /// `x W^T` on any backend: one matmul against the transposed layout of `W`.
@@ -181,7 +221,9 @@ impl CustomOp2 for LinearOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        *lock(&self.grad) = Some(grad.clone());
+        if let Some(slot) = &self.grad {
+            *lock(slot) = Some(grad.clone());
+        }
         let grad_x = if x.track_op() { Some(grad.matmul(w)?) } else { None };
         Ok((grad_x, None))
     }
@@ -196,78 +238,30 @@ impl LinearMap for LinearTrace {
         self.bias.as_ref()
     }
 
-    fn uses(&self) -> &Captures<Tensor> {
+    fn uses(&self) -> &Captures<LinearUse> {
         &self.uses
     }
 
-    fn gathered(&self) -> candle_core::Result<Option<(Tensor, Tensor)>> {
-        let p = self.weight.dim(0)?;
-        let mut xs = Vec::new();
-        let mut gs = Vec::new();
-        for (x, g) in self.uses.with_grads() {
-            let (b, t, _) = x.dims3()?;
-            gs.push(g.reshape((b, t, p))?);
-            xs.push(x);
-        }
-        concat_uses(xs, gs)
+    fn training(&self) -> &Training {
+        &self.training
+    }
+
+    fn output_grad(&self, grad: &Tensor, batch: usize) -> candle_core::Result<Tensor> {
+        grad.reshape((batch, (), self.weight.dim(0)?))
     }
 }
 
-/// Concatenates the uses of a layer along `T` (dim 1): the per-example
-/// gradient of a layer used several times is the sum over its uses.
-pub(crate) fn concat_uses(mut xs: Vec<Tensor>, mut gs: Vec<Tensor>) -> candle_core::Result<Option<(Tensor, Tensor)>> {
-    match xs.len() {
-        0 => Ok(None),
-        1 => Ok(xs.pop().zip(gs.pop())),
-        _ => Ok(Some((Tensor::cat(&xs, 1)?, Tensor::cat(&gs, 1)?))),
-    }
-}
-
-/// Per-example squared norms of a linear map's gradients from its inputs
-/// `x [B, T, d]` and output gradients `g [B, T, p]`: `[weight, bias?]`.
-pub(crate) fn linear_squared_norms(x: &Tensor, g: &Tensor, bias: bool) -> candle_core::Result<Vec<Tensor>> {
-    let (_, t, d) = x.dims3()?;
-    let p = g.dim(2)?;
-    let weight = if t == 1 {
-        (squared_norms(&x.squeeze(1)?)? * squared_norms(&g.squeeze(1)?)?)?
-    } else if t * t <= d * p {
-        let xx = x.matmul(&x.t()?)?;
-        let gg = g.matmul(&g.t()?)?;
-        (xx * gg)?.sum((1, 2))?
-    } else {
-        let b = x.dim(0)?;
-        squared_norms(&g.t()?.matmul(x)?.reshape((b, p * d))?)?
-    };
-    let mut norms = vec![weight];
-    if bias {
-        norms.push(squared_norms(&g.sum(1)?)?);
-    }
-    Ok(norms)
-}
-
-/// `sum_i c_i grad_i` of a linear map's weight `[p, d]` (and bias `[p]`).
-pub(crate) fn linear_clipped_sums(x: &Tensor, g: &Tensor, c: &Tensor, bias: bool) -> candle_core::Result<Vec<Tensor>> {
-    let (b, t, d) = x.dims3()?;
-    let p = g.dim(2)?;
-    let gc = g.broadcast_mul(&c.reshape((b, 1, 1))?)?;
-    let weight = gc.reshape((b * t, p))?.t()?.matmul(&x.reshape((b * t, d))?)?;
-    let mut sums = vec![weight];
-    if bias {
-        sums.push(clip_accumulate(&g.sum(1)?, c)?);
-    }
-    Ok(sums)
-}
-
-/// A layer that is a linear map over per-example positions: it provides its
-/// inputs `X [B, T, d]` and output gradients `G [B, T, p]`, and gets the
-/// ghost norms and clipped sums of [`linear_squared_norms`] and
-/// [`linear_clipped_sums`] (the weight sum reshaped to the weight's shape).
+/// A layer that is a linear map over per-example positions: each use gives
+/// its inputs `X [B, T, d]` (while the weight is trained) and output
+/// gradients `G [B, T, p]`, and the weight's per-example gradient is
+/// `G_i^T X_i` (reshaped to the weight's shape), the bias's `sum_t g_it`.
 pub(crate) trait LinearMap: Send + Sync + std::fmt::Debug {
     fn weight(&self) -> &Tensor;
     fn bias(&self) -> Option<&Tensor>;
-    fn uses(&self) -> &Captures<Tensor>;
-    /// `X` and `G` of the uses that received a gradient, along `T`.
-    fn gathered(&self) -> candle_core::Result<Option<(Tensor, Tensor)>>;
+    fn uses(&self) -> &Captures<LinearUse>;
+    fn training(&self) -> &Training;
+    /// A use's captured output gradient as `G [B, T, p]`.
+    fn output_grad(&self, grad: &Tensor, batch: usize) -> candle_core::Result<Tensor>;
 }
 
 impl<L: LinearMap> GhostLayer for L {
@@ -275,20 +269,19 @@ impl<L: LinearMap> GhostLayer for L {
         std::iter::once(self.weight().clone()).chain(self.bias().cloned()).collect()
     }
 
-    fn squared_norms(&self) -> crate::Result<Option<Vec<Tensor>>> {
-        let Some((x, g)) = self.gathered()? else {
-            return Ok(None);
-        };
-        Ok(Some(linear_squared_norms(&x, &g, self.bias().is_some())?))
-    }
-
-    fn clipped_sums(&self, c: &Tensor) -> crate::Result<Option<Vec<Tensor>>> {
-        let Some((x, g)) = self.gathered()? else {
-            return Ok(None);
-        };
-        let mut sums = linear_clipped_sums(&x, &g, c, self.bias().is_some())?;
-        sums[0] = sums[0].reshape(self.weight().shape())?;
-        Ok(Some(sums))
+    fn per_example_grads(&self) -> crate::Result<Vec<Vec<UseGrad>>> {
+        let bias = self.bias().is_some() && self.training().is_trained(1);
+        let (mut weight_uses, mut bias_uses) = (Vec::new(), Vec::new());
+        for (saved, grad) in self.uses().with_grads() {
+            let g = self.output_grad(&grad, saved.batch)?;
+            if bias {
+                bias_uses.push(UseGrad::Materialized(g.sum(1)?));
+            }
+            if let Some(x) = saved.x {
+                weight_uses.push(UseGrad::Outer { rows: Rows::Dense(g), cols: x });
+            }
+        }
+        Ok(std::iter::once(weight_uses).chain(self.bias().map(|_| bias_uses)).collect())
     }
 
     fn clear(&self) {
@@ -297,5 +290,9 @@ impl<L: LinearMap> GhostLayer for L {
 
     fn reset_grads(&self) {
         self.uses().reset_grads();
+    }
+
+    fn training(&self) -> &Training {
+        LinearMap::training(self)
     }
 }

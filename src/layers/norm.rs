@@ -15,8 +15,8 @@ use candle_nn::{Init, LayerNormConfig, VarBuilder};
 
 use super::tap::{tap, Captures};
 use crate::error::Error;
-use crate::grad_sample::registry::{self, GhostLayer};
-use crate::kernels::{clip_accumulate, squared_norms};
+use crate::grad_sample::per_example::UseGrad;
+use crate::grad_sample::registry::{self, GhostLayer, Training};
 
 /// Which axis carries the affine parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +36,7 @@ struct NormTrace {
     eps: f64,
     /// Per use: the detached normalized input.
     uses: Captures<Tensor>,
+    training: Training,
 }
 
 /// A DP layer norm, RMS norm or group norm. Construct it with
@@ -101,7 +102,9 @@ pub fn batch_norm(_num_features: usize, _vb: VarBuilder) -> crate::Result<DpNorm
 
 impl DpNorm {
     fn new(weight: Tensor, bias: Option<Tensor>, axis: Axis, remove_mean: bool, eps: f64) -> Self {
-        Self { trace: registry::registered(NormTrace { weight, bias, axis, remove_mean, eps, uses: Captures::new() }) }
+        let training = Training::new(1 + usize::from(bias.is_some()));
+        let trace = NormTrace { weight, bias, axis, remove_mean, eps, uses: Captures::new(), training };
+        Self { trace: registry::registered(trace) }
     }
 
     /// The scale, one per feature or channel.
@@ -112,6 +115,13 @@ impl DpNorm {
     /// The shift, if any.
     pub fn bias(&self) -> Option<&Tensor> {
         self.trace.bias.as_ref()
+    }
+
+    /// How many forward uses the layer holds activations and gradients of
+    /// now (for memory diagnostics): 0 between steps, and always 0 for a
+    /// layer no live optimizer trains.
+    pub fn captured_uses(&self) -> usize {
+        self.trace.uses.len()
     }
 }
 
@@ -156,7 +166,13 @@ impl Module for DpNorm {
         if let Some(b) = &t.bias {
             y = y.broadcast_add(&param_shape(b)?)?;
         }
-        let (y, slot) = tap(&y, &t.weight)?;
+        // Anchor the tap on a trained parameter; nothing to capture if none is.
+        let anchor = match (&t.bias, t.training.is_trained(0)) {
+            (_, true) => &t.weight,
+            (Some(b), false) if t.training.is_trained(1) => b,
+            _ => return Ok(y),
+        };
+        let (y, slot) = tap(&y, anchor)?;
         t.uses.push(x_hat.detach(), slot);
         Ok(y)
     }
@@ -194,26 +210,16 @@ impl GhostLayer for NormTrace {
         std::iter::once(self.weight.clone()).chain(self.bias.clone()).collect()
     }
 
-    fn squared_norms(&self) -> crate::Result<Option<Vec<Tensor>>> {
-        let Some((gw, gb)) = self.per_example()? else {
-            return Ok(None);
-        };
-        let mut out = vec![squared_norms(&gw)?];
-        if self.bias.is_some() {
-            out.push(squared_norms(&gb)?);
+    fn per_example_grads(&self) -> crate::Result<Vec<Vec<UseGrad>>> {
+        let mut out = vec![Vec::new(); 1 + usize::from(self.bias.is_some())];
+        if let Some((gw, gb)) = self.per_example()? {
+            for (k, g) in [gw, gb].into_iter().enumerate().take(out.len()) {
+                if self.training.is_trained(k) {
+                    out[k].push(UseGrad::Materialized(g));
+                }
+            }
         }
-        Ok(Some(out))
-    }
-
-    fn clipped_sums(&self, c: &Tensor) -> crate::Result<Option<Vec<Tensor>>> {
-        let Some((gw, gb)) = self.per_example()? else {
-            return Ok(None);
-        };
-        let mut out = vec![clip_accumulate(&gw, c)?];
-        if self.bias.is_some() {
-            out.push(clip_accumulate(&gb, c)?);
-        }
-        Ok(Some(out))
+        Ok(out)
     }
 
     fn clear(&self) {
@@ -222,5 +228,9 @@ impl GhostLayer for NormTrace {
 
     fn reset_grads(&self) {
         self.uses.reset_grads();
+    }
+
+    fn training(&self) -> &Training {
+        &self.training
     }
 }

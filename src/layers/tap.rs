@@ -128,6 +128,11 @@ impl<S: Clone> Captures<S> {
         lock(&self.uses).clear();
     }
 
+    /// The uses held now.
+    pub(crate) fn len(&self) -> usize {
+        lock(&self.uses).len()
+    }
+
     /// Forgets the gradients received so far, keeping the uses.
     pub(crate) fn reset_grads(&self) {
         for (_, slot) in lock(&self.uses).iter() {

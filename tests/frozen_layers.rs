@@ -1,0 +1,209 @@
+//! Frozen DP layers: a layer none of whose parameters a live optimizer
+//! trains captures nothing, passes input gradients through correctly, and
+//! its parameters never change; a layer with some parameters trained
+//! (bias-only fine-tuning) clips exactly those.
+
+mod common;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_dp::grad_sample::ghost::GhostEngine;
+use candle_dp::grad_sample::microbatch::clip_microbatch;
+use candle_dp::{loss, ClipMode, DpLinear, DpOptimizer, GaussianNoise, PoissonSampler};
+use candle_nn::{Conv2dConfig, VarBuilder, VarMap, SGD};
+use common::{rel_diff, set_deterministic, take, tensor, vars_by_name};
+
+/// x -> trained (6->6) -> frozen over plain tensors -> frozen over Vars no
+/// optimizer is given -> trained (6->3), with tanh between.
+struct Model<L> {
+    first: L,
+    frozen_plain: L,
+    frozen_var: L,
+    last: L,
+}
+
+impl<L: Module> Module for Model<L> {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.first.forward(x)?.tanh()?;
+        let h = self.frozen_plain.forward(&h)?.tanh()?;
+        let h = self.frozen_var.forward(&h)?.tanh()?;
+        self.last.forward(&h)
+    }
+}
+
+/// The DP model and its plain twin over the same tensors; `trained` holds
+/// the variables an optimizer gets, `frozen` the other variables.
+fn models(dtype: DType) -> (VarMap, VarMap, Model<DpLinear>, Model<candle_nn::Linear>) {
+    let trained = VarMap::new();
+    let frozen = VarMap::new();
+    let vt = VarBuilder::from_varmap(&trained, dtype, &Device::Cpu);
+    let vf = VarBuilder::from_varmap(&frozen, dtype, &Device::Cpu);
+    let plain_w = tensor(&[6, 6], 91, 0.5, dtype).unwrap();
+    let plain_b = tensor(&[6], 92, 0.5, dtype).unwrap();
+    let dp = Model {
+        first: candle_dp::linear(6, 6, vt.pp("first")).unwrap(),
+        frozen_plain: DpLinear::new(plain_w.clone(), Some(plain_b.clone())),
+        frozen_var: candle_dp::linear(6, 6, vf.pp("frozen")).unwrap(),
+        last: candle_dp::linear(6, 3, vt.pp("last")).unwrap(),
+    };
+    let plain = Model {
+        first: candle_nn::linear(6, 6, vt.pp("first")).unwrap(),
+        frozen_plain: candle_nn::Linear::new(plain_w, Some(plain_b)),
+        frozen_var: candle_nn::linear(6, 6, vf.pp("frozen")).unwrap(),
+        last: candle_nn::linear(6, 3, vt.pp("last")).unwrap(),
+    };
+    set_deterministic(&trained, 93).unwrap();
+    set_deterministic(&frozen, 94).unwrap();
+    (trained, frozen, dp, plain)
+}
+
+fn values(varmap: &VarMap) -> Vec<f64> {
+    vars_by_name(varmap)
+        .iter()
+        .flat_map(|v| v.as_tensor().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap())
+        .collect()
+}
+
+#[test]
+fn frozen_layers_capture_nothing_over_100_steps() {
+    let (trained, frozen, dp, _) = models(DType::F32);
+    let x = tensor(&[40, 6], 95, 1.0, DType::F32).unwrap();
+    let y = Tensor::from_vec((0..40u32).map(|i| i % 3).collect(), 40, &Device::Cpu).unwrap();
+    let mut sampler = PoissonSampler::seeded(40, 0.25, 1).unwrap();
+    let mut opt = DpOptimizer::<SGD>::builder(vars_by_name(&trained), sampler.description())
+        .noise_multiplier(1.0)
+        .noise(GaussianNoise::from_seed(2))
+        .build(0.05)
+        .unwrap();
+    let frozen_before = values(&frozen);
+    let plain_before = dp.frozen_plain.weight().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let trained_before = values(&trained);
+    for step in 0..100 {
+        let idx = sampler.sample();
+        if idx.is_empty() {
+            opt.accumulate_empty();
+        } else {
+            let logits = dp.forward(&take(&x, &idx)).unwrap();
+            assert_eq!(dp.frozen_plain.captured_uses(), 0, "step {step}: frozen (plain tensors) captured");
+            assert_eq!(dp.frozen_var.captured_uses(), 0, "step {step}: frozen (untrained Vars) captured");
+            assert_eq!(dp.first.captured_uses(), 1, "step {step}: a trained layer captures its use");
+            opt.accumulate(&loss::cross_entropy(&logits, &take(&y, &idx)).unwrap()).unwrap();
+        }
+        opt.step().unwrap();
+        for (name, layer) in [("first", &dp.first), ("frozen_plain", &dp.frozen_plain), ("frozen_var", &dp.frozen_var)]
+        {
+            assert_eq!(layer.captured_uses(), 0, "step {step}: {name} holds captures after the step");
+        }
+    }
+    assert_eq!(values(&frozen), frozen_before, "untrained Vars changed");
+    assert_eq!(dp.frozen_plain.weight().flatten_all().unwrap().to_vec1::<f32>().unwrap(), plain_before);
+    assert_ne!(values(&trained), trained_before, "the trained layers trained");
+}
+
+#[test]
+fn gradients_pass_through_frozen_layers_as_the_oracle_says() {
+    let (trained, _frozen, dp, plain) = models(DType::F64);
+    let vars = vars_by_name(&trained);
+    let engine = GhostEngine::new(&vars).unwrap();
+    let b = 7;
+    let x = tensor(&[b, 6], 96, 2.0, DType::F64).unwrap();
+    let y = Tensor::from_vec((0..b as u32).map(|i| i % 3).collect(), b, &Device::Cpu).unwrap();
+    let losses = loss::cross_entropy(&dp.forward(&x).unwrap(), &y).unwrap();
+    let ghost = engine.clip(&losses, &ClipMode::Flat, 0.3).unwrap();
+    let oracle = clip_microbatch(
+        &vars,
+        b,
+        |i| loss::cross_entropy(&plain.forward(&x.narrow(0, i, 1)?)?, &y.narrow(0, i, 1)?).unwrap().tensor().sum_all(),
+        0.3,
+    )
+    .unwrap();
+    for (g, o) in ghost.norms.iter().zip(&oracle.norms) {
+        assert!(((g - o) / o).abs() < 1e-9, "norm {g} vs oracle {o}");
+    }
+    assert!(ghost.norms.iter().any(|n| *n > 0.3));
+    for (k, (g, o)) in ghost.clipped_sums.iter().zip(&oracle.clipped_sums).enumerate() {
+        assert!(rel_diff(g, o) < 1e-9, "variable {k}");
+    }
+}
+
+#[test]
+fn bias_only_training_matches_the_oracle() {
+    // BitFit-style: the optimizer trains the biases only; the weights are
+    // Vars it is not given, so they are frozen.
+    let (trained, _frozen, dp, plain) = models(DType::F64);
+    let biases: Vec<_> = vars_by_name(&trained).into_iter().filter(|v| v.rank() == 1).collect();
+    assert_eq!(biases.len(), 2);
+    let engine = GhostEngine::new(&biases).unwrap();
+    let b = 6;
+    let x = tensor(&[b, 6], 97, 2.0, DType::F64).unwrap();
+    let y = Tensor::from_vec((0..b as u32).map(|i| i % 3).collect(), b, &Device::Cpu).unwrap();
+    let losses = loss::cross_entropy(&dp.forward(&x).unwrap(), &y).unwrap();
+    let ghost = engine.clip(&losses, &ClipMode::Flat, 0.1).unwrap();
+    let oracle = clip_microbatch(
+        &biases,
+        b,
+        |i| loss::cross_entropy(&plain.forward(&x.narrow(0, i, 1)?)?, &y.narrow(0, i, 1)?).unwrap().tensor().sum_all(),
+        0.1,
+    )
+    .unwrap();
+    for (g, o) in ghost.norms.iter().zip(&oracle.norms) {
+        assert!(((g - o) / o).abs() < 1e-9, "norm {g} vs oracle {o}");
+    }
+    assert!(ghost.norms.iter().any(|n| *n > 0.1));
+    for (g, o) in ghost.clipped_sums.iter().zip(&oracle.clipped_sums) {
+        assert!(rel_diff(g, o) < 1e-9);
+    }
+}
+
+#[test]
+fn a_layer_captures_only_while_an_optimizer_trains_it() {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let fc = candle_dp::linear(4, 2, vb.pp("fc")).unwrap();
+    let x = tensor(&[3, 4], 98, 1.0, DType::F32).unwrap();
+    let _ = fc.forward(&x).unwrap();
+    assert_eq!(fc.captured_uses(), 0, "no optimizer yet");
+    let engine = GhostEngine::new(&vars_by_name(&varmap)).unwrap();
+    let out = fc.forward(&x).unwrap();
+    assert_eq!(fc.captured_uses(), 1);
+    let clone = engine.clone();
+    drop(engine);
+    let _ = fc.forward(&x).unwrap();
+    assert_eq!(fc.captured_uses(), 2, "a clone keeps the claim");
+    drop(clone);
+    assert_eq!(fc.captured_uses(), 0, "the last engine gone, the layer drops what it held");
+    drop(out);
+    let _ = fc.forward(&x).unwrap();
+    assert_eq!(fc.captured_uses(), 0);
+}
+
+#[test]
+fn every_frozen_layer_kind_captures_nothing() {
+    // Frozen embedding, norm and convolution feeding one trained linear.
+    let trained = VarMap::new();
+    let frozen = VarMap::new();
+    let vt = VarBuilder::from_varmap(&trained, DType::F32, &Device::Cpu);
+    let vf = VarBuilder::from_varmap(&frozen, DType::F32, &Device::Cpu);
+    let emb = candle_dp::embedding(10, 4, vf.pp("emb")).unwrap();
+    let norm = candle_dp::layer_norm(4, 1e-5, vf.pp("norm")).unwrap();
+    let conv = candle_dp::conv2d(1, 2, 3, Conv2dConfig { padding: 1, ..Default::default() }, vf.pp("conv")).unwrap();
+    let head = candle_dp::linear(4 + 2 * 16, 3, vt.pp("head")).unwrap();
+    let mut opt =
+        DpOptimizer::<SGD>::builder(vars_by_name(&trained), PoissonSampler::seeded(10, 0.5, 1).unwrap().description())
+            .noise_multiplier(1.0)
+            .noise(GaussianNoise::from_seed(3))
+            .build(0.1)
+            .unwrap();
+    let ids = Tensor::from_vec(vec![1u32, 2, 3], 3, &Device::Cpu).unwrap();
+    let img = tensor(&[3, 1, 4, 4], 99, 1.0, DType::F32).unwrap();
+    for _ in 0..3 {
+        let a = norm.forward(&emb.forward(&ids).unwrap()).unwrap();
+        let c = conv.forward(&img).unwrap().flatten_from(1).unwrap();
+        let logits = head.forward(&Tensor::cat(&[&a, &c], 1).unwrap()).unwrap();
+        assert_eq!((emb.captured_uses(), norm.captured_uses(), conv.captured_uses()), (0, 0, 0));
+        opt.accumulate(
+            &loss::cross_entropy(&logits, &Tensor::from_vec(vec![0u32, 1, 2], 3, &Device::Cpu).unwrap()).unwrap(),
+        )
+        .unwrap();
+        opt.step().unwrap();
+    }
+}
