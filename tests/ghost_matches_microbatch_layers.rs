@@ -211,6 +211,94 @@ fn conv1d_matches_microbatch() {
     }
 }
 
+/// Two convolutions in a row: the second one's input needs its gradient,
+/// which the DP convolution gives through its own transposed convolution
+/// (stride 2, padding 1, a non-square image).
+#[test]
+fn stacked_convolutions_match_microbatch() {
+    let dtype = DType::F64;
+    let varmap = VarMap::new();
+    let v = vb(&varmap, dtype);
+    let c1 = Conv2dConfig { padding: 1, ..Default::default() };
+    let c2 = Conv2dConfig { padding: 1, stride: 2, ..Default::default() };
+    let (a, b2) =
+        (candle_dp::conv2d(2, 3, 3, c1, v.pp("a")).unwrap(), candle_dp::conv2d(3, 4, 3, c2, v.pp("b")).unwrap());
+    let head = candle_dp::linear(4 * 4 * 5, 3, v.pp("head")).unwrap();
+    let (pa, pb) =
+        (candle_nn::conv2d(2, 3, 3, c1, v.pp("a")).unwrap(), candle_nn::conv2d(3, 4, 3, c2, v.pp("b")).unwrap());
+    let phead = candle_nn::linear(4 * 4 * 5, 3, v.pp("head")).unwrap();
+    set_deterministic(&varmap, 65).unwrap();
+    let b = 4;
+    let x = tensor(&[b, 2, 7, 9], 66, 1.5, dtype).unwrap();
+    let y = Tensor::from_vec((0..b as u32).map(|i| i % 3).collect(), b, &Device::Cpu).unwrap();
+    let forward = |c1: &dyn Module, c2: &dyn Module, h: &dyn Module, x: &Tensor| -> candle_core::Result<Tensor> {
+        h.forward(&c2.forward(&c1.forward(x)?.tanh()?)?.relu()?.flatten_from(1)?)
+    };
+    compare(
+        &varmap,
+        b,
+        || Ok(loss::cross_entropy(&forward(&a, &b2, &head, &x)?, &y).unwrap().tensor().clone()),
+        |i| {
+            loss::cross_entropy(&forward(&pa, &pb, &phead, &x.narrow(0, i, 1)?)?, &y.narrow(0, i, 1)?)
+                .unwrap()
+                .tensor()
+                .sum_all()
+        },
+        1e-9,
+        "conv2d -> conv2d",
+    );
+}
+
+/// The DP convolution's input gradient equals Candle's, frozen or trained,
+/// for strides whose last window leaves input positions unread; where the
+/// two spatial remainders differ (Candle's own backward cannot take that
+/// case), against Candle on the input extended by a zero column, which
+/// leaves the output unchanged.
+#[test]
+fn convolution_input_gradients_match_candle() {
+    let grad_of = |layer: &dyn Module, x: &Tensor, r: &Tensor| -> Tensor {
+        let xv = candle_core::Var::from_tensor(x).unwrap();
+        let y = layer.forward(xv.as_tensor()).unwrap();
+        (y * r).unwrap().sum_all().unwrap().backward().unwrap().get(xv.as_tensor()).unwrap().clone()
+    };
+    // 2-d: (H, W, stride, padding); H = 8, W = 9 at stride 2 has remainders 1 and 0.
+    for (h, w, stride, padding) in [(7, 7, 2, 1), (8, 9, 2, 1), (9, 8, 2, 0), (8, 8, 3, 1), (6, 7, 1, 1)] {
+        let kernel = tensor(&[4, 2, 3, 3], 67, 0.5, DType::F64).unwrap();
+        let x = tensor(&[2, 2, h, w], 68, 1.0, DType::F64).unwrap();
+        let cfg = Conv2dConfig { padding, stride, ..Default::default() };
+        let frozen = candle_dp::DpConv::new2d(kernel.clone(), None, cfg).unwrap();
+        let plain = candle_nn::Conv2d::new(kernel.clone(), None, cfg);
+        let out = plain.forward(&x).unwrap();
+        let r = tensor(out.dims(), 69, 1.0, DType::F64).unwrap();
+        let ours = grad_of(&frozen, &x, &r);
+        // Candle, on the input zero-extended until both remainders agree.
+        let rem = |n: usize| (n + 2 * padding - 3) % stride;
+        let (mut hx, mut wx) = (h, w);
+        while rem(hx) != rem(wx) || rem(hx) < rem(h).max(rem(w)) {
+            if rem(hx) < rem(wx) {
+                hx += 1
+            } else {
+                wx += 1
+            }
+        }
+        let ext = x.pad_with_zeros(2, 0, hx - h).unwrap().pad_with_zeros(3, 0, wx - w).unwrap();
+        assert_eq!(plain.forward(&ext).unwrap().dims(), out.dims(), "the extension must not change the output");
+        let theirs = grad_of(&plain, &ext, &r).narrow(2, 0, h).unwrap().narrow(3, 0, w).unwrap();
+        let d = rel_diff(&ours, &theirs);
+        assert!(d < 1e-12, "2-d {h}x{w} stride {stride} padding {padding}: {d:e}");
+    }
+    for (l, stride, padding) in [(9, 2, 1), (10, 2, 1), (11, 3, 0)] {
+        let kernel = tensor(&[3, 2, 3], 70, 0.5, DType::F64).unwrap();
+        let x = tensor(&[2, 2, l], 71, 1.0, DType::F64).unwrap();
+        let cfg = Conv1dConfig { padding, stride, ..Default::default() };
+        let frozen = candle_dp::DpConv::new1d(kernel.clone(), None, cfg).unwrap();
+        let plain = candle_nn::Conv1d::new(kernel, None, cfg);
+        let r = tensor(plain.forward(&x).unwrap().dims(), 72, 1.0, DType::F64).unwrap();
+        let d = rel_diff(&grad_of(&frozen, &x, &r), &grad_of(&plain, &x, &r));
+        assert!(d < 1e-12, "1-d {l} stride {stride} padding {padding}: {d:e}");
+    }
+}
+
 #[test]
 fn batch_norm_is_refused_with_a_replacement() {
     let varmap = VarMap::new();

@@ -3,20 +3,24 @@
 //!
 //! Variables `weight` (`[C_out, C_in, k]` or `[C_out, C_in, k, k]`) and `bias`
 //! (`[C_out]`), initialized as candle-nn's. The forward is Candle's
-//! convolution with a detached kernel, its output tapped for `G`; the
+//! convolution on detached tensors; the output enters the autograd graph
+//! through a pass-through op that captures `G` and whose backward gives the
+//! input its gradient (the transposed convolution) and nothing else, since
+//! Candle's own convolution backward would also compute the kernel gradient
+//! (recomputed as a clipped sum when trained, not needed when frozen). The
 //! detached input is unfolded (im2col) into `X [B, T, C_in k^n]`, `T` the
 //! output positions, and the layer is then a linear map with `T` positions
 //! per example (see [`mod@super::linear`]): ghost or materialized norms by cost,
 //! the clipped sum as one matmul. Groups and dilation other than 1 are
 //! refused (Candle's `unfold` cannot express them here yet).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{Module, Tensor};
 use candle_nn::{Conv1dConfig, Conv2dConfig, Init, VarBuilder};
 
 use super::linear::{LinearMap, LinearUse};
-use super::tap::{tap, Captures};
+use super::tap::{tap, with_input_grad, Captures, GradSlot, InputGrad};
 use crate::error::Error;
 use crate::grad_sample::registry::{self, Training};
 
@@ -45,15 +49,14 @@ pub struct DpConv {
     trace: Arc<ConvTrace>,
 }
 
-fn check_config(groups: usize, dilation: usize) -> candle_core::Result<()> {
+fn check_config(groups: usize, dilation: usize) -> crate::Result<()> {
     for (field, value) in [("groups", groups), ("dilation", dilation)] {
         if value != 1 {
             return Err(Error::InvalidConfig {
                 field,
                 value: value as f64,
                 valid: "1 (candle-dp cannot unfold grouped or dilated convolutions yet; use the microbatch engine)",
-            }
-            .into());
+            });
         }
     }
     Ok(())
@@ -81,6 +84,15 @@ pub fn conv2d(in_c: usize, out_c: usize, k: usize, cfg: Conv2dConfig, vb: VarBui
     Ok(DpConv::new(weight, Some(bias), Geometry { padding: cfg.padding, stride: cfg.stride, spatial: 2 }))
 }
 
+fn check_bias(weight: &Tensor, bias: Option<&Tensor>) -> crate::Result<()> {
+    match bias {
+        Some(b) if b.dims() != [weight.dims()[0]] => {
+            Err(Error::Shape { what: "convolution bias", expected: "[C_out]", got: b.dims().to_vec() })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// candle-nn's bias initialization: uniform in `+-1/sqrt(fan_in)`.
 fn conv_bias(fan_in: usize, out_c: usize, vb: &VarBuilder) -> candle_core::Result<Tensor> {
     let bound = 1.0 / (fan_in as f64).sqrt();
@@ -88,6 +100,47 @@ fn conv_bias(fan_in: usize, out_c: usize, vb: &VarBuilder) -> candle_core::Resul
 }
 
 impl DpConv {
+    /// A 2-d convolution over existing tensors: `weight [C_out, C_in, k, k]`,
+    /// `bias [C_out]` (the variables' own tensors; plain tensors, or `Var`s
+    /// no optimizer trains, are frozen).
+    ///
+    /// # Errors
+    /// [`Error::Shape`] for a kernel that is not `[C_out, C_in, k, k]` or a
+    /// bias that is not `[C_out]`; an error for groups or dilation other than 1.
+    pub fn new2d(weight: Tensor, bias: Option<Tensor>, cfg: Conv2dConfig) -> crate::Result<Self> {
+        check_config(cfg.groups, cfg.dilation)?;
+        match *weight.dims() {
+            [_, _, kh, kw] if kh == kw => {}
+            _ => {
+                return Err(Error::Shape {
+                    what: "conv2d weight",
+                    expected: "[C_out, C_in, k, k]",
+                    got: weight.dims().to_vec(),
+                })
+            }
+        }
+        check_bias(&weight, bias.as_ref())?;
+        Ok(Self::new(weight, bias, Geometry { padding: cfg.padding, stride: cfg.stride, spatial: 2 }))
+    }
+
+    /// A 1-d convolution over existing tensors: `weight [C_out, C_in, k]`,
+    /// `bias [C_out]`.
+    ///
+    /// # Errors
+    /// As [`DpConv::new2d`], for a kernel that is not `[C_out, C_in, k]`.
+    pub fn new1d(weight: Tensor, bias: Option<Tensor>, cfg: Conv1dConfig) -> crate::Result<Self> {
+        check_config(cfg.groups, cfg.dilation)?;
+        if weight.rank() != 3 {
+            return Err(Error::Shape {
+                what: "conv1d weight",
+                expected: "[C_out, C_in, k]",
+                got: weight.dims().to_vec(),
+            });
+        }
+        check_bias(&weight, bias.as_ref())?;
+        Ok(Self::new(weight, bias, Geometry { padding: cfg.padding, stride: cfg.stride, spatial: 1 }))
+    }
+
     fn new(weight: Tensor, bias: Option<Tensor>, geometry: Geometry) -> Self {
         let training = Training::new(1 + usize::from(bias.is_some()));
         Self { trace: registry::registered(ConvTrace { weight, bias, geometry, uses: Captures::new(), training }) }
@@ -117,7 +170,12 @@ impl Module for DpConv {
         let Geometry { padding, stride, spatial } = t.geometry;
         let k = t.weight.dim(2)?;
         let w = t.weight.detach();
-        let y = if spatial == 1 { x.conv1d(&w, padding, stride, 1, 1)? } else { x.conv2d(&w, padding, stride, 1, 1)? };
+        let input = x.detach();
+        let y = if spatial == 1 {
+            input.conv1d(&w, padding, stride, 1, 1)?
+        } else {
+            input.conv2d(&w, padding, stride, 1, 1)?
+        };
         let y = match &t.bias {
             Some(bias) => {
                 let mut dims = vec![1; y.rank()];
@@ -126,14 +184,49 @@ impl Module for DpConv {
             }
             None => y,
         };
-        let Some(anchor) = self.trace.trained_parameter() else {
-            return Ok(y);
+        // The output enters the graph through our own op, never Candle's
+        // convolution, whose backward would also compute the kernel
+        // gradient (recomputed as a clipped sum, or not needed when frozen).
+        let anchor = t.trained_parameter();
+        let (y, slot) = if x.track_op() {
+            let slot: Option<GradSlot> = anchor.map(|_| Arc::new(Mutex::new(None)));
+            (with_input_grad(&y, x, slot.clone(), conv_input_grad(w, t.geometry, x.dims().to_vec()))?, slot)
+        } else if let Some(anchor) = anchor {
+            let (y, slot) = tap(&y, anchor)?;
+            (y, Some(slot))
+        } else {
+            (y, None)
         };
-        let unfolded = if t.training.is_trained(0) { Some(unfold(&x.detach(), k, t.geometry)?) } else { None };
-        let (y, slot) = tap(&y, anchor)?;
-        t.uses.push(LinearUse { x: unfolded, batch: x.dim(0)? }, slot);
+        if let Some(slot) = slot {
+            let unfolded = if t.training.is_trained(0) { Some(unfold(&input, k, t.geometry)?) } else { None };
+            t.uses.push(LinearUse { x: unfolded, batch: x.dim(0)? }, slot);
+        }
         Ok(y)
     }
+}
+
+/// The gradient of a convolution's input `[B, C_in, ...]` (of size
+/// `input_dims`) from its output's: the transposed convolution with the
+/// kernel, as Candle's own backward computes it. `output_padding` restores
+/// the input positions past the last window; with different remainders per
+/// spatial dimension the larger is used and the result cut to the input
+/// size (the transposed convolution's output is then a prefix-preserving
+/// extension).
+fn conv_input_grad(kernel: Tensor, geometry: Geometry, input_dims: Vec<usize>) -> InputGrad {
+    Box::new(move |grad: &Tensor| {
+        let Geometry { padding, stride, spatial } = geometry;
+        let k = kernel.dim(2)?;
+        let covered = |out: usize| (out - 1) * stride + k - 2 * padding;
+        if spatial == 1 {
+            let output_padding = input_dims[2] - covered(grad.dim(2)?);
+            grad.conv_transpose1d(&kernel, padding, output_padding, stride, 1, 1)
+        } else {
+            let rest_h = input_dims[2] - covered(grad.dim(2)?);
+            let rest_w = input_dims[3] - covered(grad.dim(3)?);
+            let g = grad.conv_transpose2d(&kernel, padding, rest_h.max(rest_w), stride, 1)?;
+            g.narrow(2, 0, input_dims[2])?.narrow(3, 0, input_dims[3])
+        }
+    })
 }
 
 /// The input unfolded (im2col) to `[B, T, C_in k^n]`, `T` the output

@@ -6,6 +6,11 @@
 //! even when the layer computed it from detached parameters (so Candle
 //! computes no parameter gradient), and its backward stores the incoming
 //! gradient and passes it through unchanged.
+//!
+//! [`with_input_grad`] is the same op over an output computed without any
+//! graph and the layer's input: its backward hands the input the gradient a
+//! closure computes (a convolution's transpose), so Candle's own backward,
+//! which would also compute the kernel gradient, never runs.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -24,8 +29,23 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// of the layer (passed as the variable's own tensor).
 pub(crate) fn tap(x: &Tensor, anchor: &Tensor) -> candle_core::Result<(Tensor, GradSlot)> {
     let slot: GradSlot = Arc::new(Mutex::new(None));
-    let y = x.apply_op2(anchor, TapOp { slot: slot.clone() })?;
+    let y = x.apply_op2(anchor, TapOp { slot: Some(slot.clone()), input_grad: None })?;
     Ok((y, slot))
+}
+
+/// The gradient of a layer's input from the gradient of its output.
+pub(crate) type InputGrad = Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
+
+/// `y` (computed from detached tensors), in the graph through the layer's
+/// input `x`: backward gives `x` the gradient `input_grad(grad)` and, with
+/// a slot, captures `grad`.
+pub(crate) fn with_input_grad(
+    y: &Tensor,
+    x: &Tensor,
+    slot: Option<GradSlot>,
+    input_grad: InputGrad,
+) -> candle_core::Result<Tensor> {
+    y.apply_op2(x, TapOp { slot, input_grad: Some(input_grad) })
 }
 
 /// A contiguous copy of `x` read through its layout, on a device backend.
@@ -43,7 +63,9 @@ where
 }
 
 struct TapOp {
-    slot: GradSlot,
+    slot: Option<GradSlot>,
+    /// `None`: the second input only anchors the graph and gets no gradient.
+    input_grad: Option<InputGrad>,
 }
 
 impl CustomOp2 for TapOp {
@@ -91,12 +113,18 @@ impl CustomOp2 for TapOp {
     fn bwd(
         &self,
         x: &Tensor,
-        _: &Tensor,
+        second: &Tensor,
         _: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        *lock(&self.slot) = Some(grad.clone());
-        Ok((x.track_op().then(|| grad.clone()), None))
+        if let Some(slot) = &self.slot {
+            *lock(slot) = Some(grad.clone());
+        }
+        let second_grad = match &self.input_grad {
+            Some(f) if second.track_op() => Some(f(grad)?),
+            _ => None,
+        };
+        Ok((x.track_op().then(|| grad.clone()), second_grad))
     }
 }
 
