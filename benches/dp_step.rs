@@ -108,7 +108,10 @@ fn dp_step(c: &mut Criterion) {
             bench.iter(|| noise.add_to_f64(&mut buf, 1.0))
         });
 
-        let mut micro = DpOptimizer::<SGD>::builder(varmap.all_vars(), sampler)
+        // The microbatch engine takes a plain model: the same one over its own variables.
+        let plain_map = VarMap::new();
+        let (_, plain) = build(cnn, VarBuilder::from_varmap(&plain_map, DType::F32, &dev)).unwrap();
+        let mut micro = DpOptimizer::<SGD>::builder(plain_map.all_vars(), sampler)
             .noise_multiplier(1.0)
             .engine(Engine::Microbatch)
             .noise(GaussianNoise::from_seed(0))

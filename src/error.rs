@@ -54,9 +54,56 @@ pub enum Error {
         "trainable variable #{index} (shape {shape:?}) reached the loss through a plain Candle op, not only through \
          DP layers: its per-example gradient cannot be clipped. Use it through candle_dp layers only (for a tied \
          weight, build a second DP layer over the same tensor, e.g. DpLinear::new(embedding.embeddings().clone(), \
-         None)), or use the microbatch engine"
+         None)), or train a model of plain candle-nn layers with the microbatch engine"
     )]
     NonDpUse {
+        /// Its position in the optimizer's variable list.
+        index: usize,
+        /// Its shape.
+        shape: Vec<usize>,
+    },
+    /// A DP layer whose variables are trained by another live optimizer:
+    /// captures belong to the layer, and each optimizer clears them.
+    #[error(
+        "trainable variable #{index} (shape {shape:?}) belongs to a DP layer another live optimizer already trains: \
+         give all of a layer's trained variables to one optimizer (drop the other one first)"
+    )]
+    LayerTrainedTwice {
+        /// Its position in the optimizer's variable list.
+        index: usize,
+        /// Its shape.
+        shape: Vec<usize>,
+    },
+    /// A DP layer's parameter that is computed from a variable (a transpose,
+    /// a cast) instead of being the variable's own tensor: its gradient
+    /// would not reach the variable.
+    #[error(
+        "a DP layer's {what} (shape {shape:?}) is computed from another tensor: pass the variable's own tensor (a \
+         transposed or converted copy is not trained and would silently freeze the layer)"
+    )]
+    DerivedParameter {
+        /// Which parameter.
+        what: &'static str,
+        /// Its shape.
+        shape: Vec<usize>,
+    },
+    /// A DP layer whose uses in one batch were captured before one of its
+    /// parameters was trained (an optimizer built during the forward pass).
+    #[error(
+        "a DP layer's {what} became trained after its forward pass captured this batch (an optimizer was built \
+         between forward and accumulate): run the forward pass again"
+    )]
+    CaptureMismatch {
+        /// Which parameter.
+        what: &'static str,
+    },
+    /// A DP layer given to the microbatch engine, which never sees its
+    /// parameters' gradients (DP layers compute them themselves).
+    #[error(
+        "trainable variable #{index} (shape {shape:?}) belongs to a DP layer: the microbatch engine needs a model of \
+         plain candle-nn layers (use the ghost engine for DP layers)"
+    )]
+    DpLayerInMicrobatch {
         /// Its position in the optimizer's variable list.
         index: usize,
         /// Its shape.
@@ -73,7 +120,7 @@ pub enum Error {
     /// A trainable variable that received no gradient in a step.
     #[error(
         "trainable variable #{index} (shape {shape:?}) received no gradient: is it used by the model (after the \
-         optimizer was built; DP layers capture only for a live optimizer)?"
+         optimizer was built; DP layers capture only while an optimizer trains them)?"
     )]
     MissingGradient {
         /// Its position in the optimizer's variable list.
@@ -141,7 +188,8 @@ pub enum Error {
 }
 
 /// Lets the layer constructors, which keep candle-nn's `candle_core::Result`
-/// signatures, return this crate's typed errors (wrapped, downcastable).
+/// signatures, return this crate's typed errors (wrapped: Candle keeps the
+/// message, not the type).
 impl From<Error> for candle_core::Error {
     fn from(e: Error) -> Self {
         candle_core::Error::wrap(e)

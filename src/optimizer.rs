@@ -153,7 +153,10 @@ impl<O: Optimizer> DpOptimizerBuilder<O> {
     /// # Errors
     /// [`Error::InvalidConfig`] naming the field and its range;
     /// [`Error::UnownedVariable`] (ghost engine) for a variable no DP layer
-    /// owns; the accountant's and Candle's errors.
+    /// uses; [`Error::DuplicateVariable`]; [`Error::LayerTrainedTwice`] for a
+    /// DP layer another live optimizer trains; [`Error::DpLayerInMicrobatch`]
+    /// for a DP layer's variable with the microbatch engine; the
+    /// accountant's and Candle's errors.
     pub fn build(self, config: O::Config) -> Result<DpOptimizer<O>> {
         self.sampler.validate()?;
         let c = ensure(
@@ -188,10 +191,11 @@ impl<O: Optimizer> DpOptimizerBuilder<O> {
         let ghost = match self.engine {
             Engine::Ghost => {
                 let g = GhostEngine::new(&self.vars)?;
-                self.clipping.validate(c, g.num_layers())?;
+                self.clipping.validate(c, g.num_layers()?)?;
                 Some(g)
             }
             Engine::Microbatch => {
+                crate::grad_sample::microbatch::check_plain(&self.vars)?;
                 if matches!(self.clipping, ClipMode::PerLayer(_)) {
                     return Err(Error::InvalidConfig {
                         field: "clipping",
@@ -202,6 +206,15 @@ impl<O: Optimizer> DpOptimizerBuilder<O> {
                 None
             }
         };
+        // The noise reaches the weights as sigma C z / (q N), |z| < 10: it
+        // must stay finite (a NaN or inf update is never silent).
+        let noise_scale = noise_multiplier * c / sampler.expected_batch_size();
+        ensure(
+            "noise_multiplier * max_grad_norm / expected_batch_size",
+            noise_scale,
+            "at most 1e300 (the noisy gradient must stay finite)",
+            noise_scale <= 1e300,
+        )?;
         let max_steps = match self.budget {
             Some(b) => Some(max_steps_within(&sampler, noise_multiplier, b, self.accountant)?),
             None => None,
@@ -320,7 +333,10 @@ impl<O: Optimizer> DpOptimizer<O> {
     /// your own left in the DP layers are discarded first.
     ///
     /// # Errors
-    /// [`Error::NonFinite`] (nothing accumulated), [`Error::MissingGradient`],
+    /// Nothing is accumulated on error: [`Error::NonFinite`],
+    /// [`Error::MissingGradient`], [`Error::NonDpUse`] (a trained variable
+    /// also used by a plain Candle op), [`Error::Shape`] (uses of another
+    /// batch reached the loss), [`Error::CaptureMismatch`];
     /// [`Error::InvalidConfig`] if the optimizer uses the microbatch engine.
     pub fn accumulate(&mut self, losses: &PerSampleLoss) -> Result<()> {
         let Some(ghost) = &self.ghost else {
@@ -407,7 +423,7 @@ impl<O: Optimizer> DpOptimizer<O> {
         let mut noise = self.noise.clone();
         let mut grads = GradStore::default();
         for (var, sum) in self.vars.iter().zip(&sums) {
-            grads.insert(var.as_tensor(), noisy_mean(sum, &mut noise, std, scale)?);
+            grads.insert(var.as_tensor(), noisy_mean(sum, &mut noise, std, scale)?.to_dtype(var.dtype())?);
         }
         self.inner.step(&grads)?;
         self.noise = noise;

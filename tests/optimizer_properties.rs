@@ -361,25 +361,29 @@ fn unowned_variables_and_bad_config_are_refused() {
 }
 
 #[test]
-fn microbatch_engine_refuses_variables_no_loss_reaches() {
+fn microbatch_engine_refuses_dp_layers() {
     // DP layers give Candle no weight gradient: with the microbatch engine the
-    // variables would train on noise alone. That is an error, not a silent no-op.
+    // variables would train on noise alone (or, used by a plain op too, lose
+    // the DP layer's part). The builder refuses them.
     let varmap = VarMap::new();
-    let (dp, _) = mlp_pair(&varmap, &[4, 2], DType::F32).unwrap();
-    let (x, y) = toy_data(10);
+    let (_dp, _) = mlp_pair(&varmap, &[4, 2], DType::F32).unwrap();
     let sampler = PoissonSampler::seeded(10, 0.5, 1).unwrap();
-    let mut opt = DpOptimizer::<SGD>::builder(varmap.all_vars(), sampler.description())
+    let err = DpOptimizer::<SGD>::builder(varmap.all_vars(), sampler.description())
         .noise_multiplier(1.0)
         .engine(Engine::Microbatch)
         .noise(GaussianNoise::from_seed(1))
         .build(0.1)
-        .unwrap();
-    let err = opt
-        .accumulate_microbatch(3, |i| {
-            loss::cross_entropy(&dp.forward(&x.narrow(0, i, 1)?)?, &y.narrow(0, i, 1)?).unwrap().tensor().sum_all()
-        })
         .unwrap_err();
-    assert!(matches!(err, Error::MissingGradient { .. }), "{err}");
+    assert!(matches!(err, Error::DpLayerInMicrobatch { .. }), "{err}");
+}
+
+#[test]
+fn a_noise_scale_that_overflows_is_refused() {
+    let varmap = VarMap::new();
+    let (_dp, _) = mlp_pair(&varmap, &[4, 2], DType::F32).unwrap();
+    let d = SamplerDescription::poisson(10, f64::MIN_POSITIVE, Seeding::Fixed).unwrap();
+    let err = DpOptimizer::<SGD>::builder(varmap.all_vars(), d).noise_multiplier(1.0).build(0.1).unwrap_err();
+    assert!(err.to_string().starts_with("noise_multiplier * max_grad_norm / expected_batch_size = "), "{err}");
 }
 
 #[test]

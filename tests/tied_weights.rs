@@ -159,7 +159,7 @@ fn tied_layers_form_one_clipping_group() {
     let _head = DpLinear::new(wte.embeddings().clone(), None);
     let _other = candle_dp::linear(4, 4, vb.pp("other")).unwrap();
     let engine = GhostEngine::new(&vars_by_name(&varmap)).unwrap();
-    assert_eq!(engine.num_layers(), 2);
+    assert_eq!(engine.num_layers().unwrap(), 2);
 }
 
 #[test]
@@ -188,4 +188,87 @@ fn a_variable_listed_twice_is_refused() {
     let vars = vars_by_name(&varmap);
     let err = GhostEngine::new(&[vars[0].clone(), vars[0].clone()]).unwrap_err();
     assert!(matches!(err, Error::DuplicateVariable { first: 0, second: 1 }), "{err}");
+}
+
+#[test]
+fn a_tied_projection_built_after_the_optimizer_counts() {
+    // The natural way to write tying inside `forward`: a new DP layer over
+    // the table on every call, after the engine exists.
+    let dtype = DType::F64;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
+    let wte = candle_dp::embedding(13, 6, vb.pp("wte")).unwrap();
+    set_deterministic(&varmap, 75).unwrap();
+    let table = wte.embeddings().clone();
+    let p_wte = candle_nn::Embedding::new(table.clone(), 6);
+    let p_head = candle_nn::Linear::new(table, None);
+    let vars = vars_by_name(&varmap);
+    let engine = GhostEngine::new(&vars).unwrap();
+    let b = 4;
+    let ids: Vec<u32> = (0..b * 3).map(|k| ((k * 5) % 13) as u32).collect();
+    let ids = Tensor::from_vec(ids, (b, 3), &Device::Cpu).unwrap();
+    let target = tensor(&[b, 3, 13], 76, 1.0, dtype).unwrap();
+    let logits = DpLinear::new(wte.embeddings().clone(), None).forward(&wte.forward(&ids).unwrap().tanh().unwrap());
+    let losses = candle_dp::PerSampleLoss::new(loss::mse(&logits.unwrap(), &target).unwrap().tensor().clone()).unwrap();
+    let ghost = engine.clip(&losses, &ClipMode::Flat, 0.05).unwrap();
+    let oracle = clip_microbatch(
+        &vars,
+        b,
+        |i| {
+            let logits = p_head.forward(&p_wte.forward(&ids.narrow(0, i, 1)?)?.tanh()?)?;
+            loss::mse(&logits, &target.narrow(0, i, 1)?).unwrap().tensor().sum_all()
+        },
+        0.05,
+    )
+    .unwrap();
+    for (g, o) in ghost.norms.iter().zip(&oracle.norms) {
+        assert!(((g - o) / o).abs() < TOL, "norm {g} vs oracle {o}");
+    }
+    assert!(rel_diff(&ghost.clipped_sums[0], &oracle.clipped_sums[0]) < TOL);
+}
+
+#[test]
+fn a_weight_computed_from_a_variable_is_refused() {
+    // A transposed copy (a tied autoencoder's decoder) would get no gradient
+    // and silently freeze: pass the variable's own tensor instead.
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let enc = candle_dp::linear_no_bias(4, 3, vb.pp("enc")).unwrap();
+    let dec = DpLinear::new(enc.weight().t().unwrap(), None);
+    let _engine = GhostEngine::new(&vars_by_name(&varmap)).unwrap();
+    let x = tensor(&[2, 4], 77, 1.0, DType::F32).unwrap();
+    // Module::forward returns Candle's error, which keeps our message.
+    let err = dec.forward(&enc.forward(&x).unwrap()).unwrap_err().to_string();
+    let expected = Error::DerivedParameter { what: "weight", shape: vec![4, 3] }.to_string();
+    assert!(err.contains(&expected), "{err}");
+}
+
+#[test]
+fn uses_from_another_batch_are_refused() {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let fc = candle_dp::linear(4, 2, vb.pp("fc")).unwrap();
+    let engine = GhostEngine::new(&vars_by_name(&varmap)).unwrap();
+    let a = fc.forward(&tensor(&[3, 4], 78, 1.0, DType::F32).unwrap()).unwrap();
+    let b = fc.forward(&tensor(&[5, 4], 79, 1.0, DType::F32).unwrap()).unwrap();
+    // Per-example losses of batch b, plus a term from batch a.
+    let losses = b.sqr().unwrap().sum(1).unwrap().broadcast_add(&a.sum_all().unwrap()).unwrap();
+    let err = engine.clip(&candle_dp::PerSampleLoss::new(losses).unwrap(), &ClipMode::Flat, 1.0).unwrap_err();
+    assert!(matches!(err, Error::Shape { got, .. } if got == vec![3]), "another batch's use is refused");
+    assert_eq!(fc.captured_uses(), 0, "and cleared");
+}
+
+#[test]
+fn a_layer_trained_by_two_optimizers_is_refused() {
+    // Captures belong to the layer and each engine clears them: one
+    // optimizer for the weight and another for the bias would starve one.
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let _fc = candle_dp::linear(4, 2, vb.pp("fc")).unwrap();
+    let vars = vars_by_name(&varmap); // fc.bias, fc.weight
+    let first = GhostEngine::new(&vars[..1]).unwrap();
+    let err = GhostEngine::new(&vars[1..]).unwrap_err();
+    assert!(matches!(err, Error::LayerTrainedTwice { index: 0, .. }), "{err}");
+    drop(first);
+    GhostEngine::new(&vars[1..]).unwrap();
 }

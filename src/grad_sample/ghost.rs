@@ -5,86 +5,95 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor, Var};
 
-use super::per_example::{ParamGrads, UseGrad};
-use super::registry::{self, Claim, GhostLayer};
+use super::per_example::ParamGrads;
+use super::registry::{self, Claims, GhostLayer};
 use crate::clip::{clip_factor, ClipMode};
-use crate::error::{Error, Result};
+use crate::error::{ensure, Error, Result};
 use crate::loss::PerSampleLoss;
 
 /// The result of one physical batch: what the optimizer accumulates.
 #[derive(Debug, Clone)]
 pub struct ClippedBatch {
-    /// `sum_i c_i g_i` for each variable, in the variables' order.
+    /// `sum_i c_i g_i` for each variable, in the variables' order, in `f32`
+    /// for `f32` and half-precision variables and `f64` for `f64` ones (never
+    /// rounded to half precision before the noise is added).
     pub clipped_sums: Vec<Tensor>,
-    /// Each example's gradient norm before clipping (over all variables).
+    /// Each example's gradient norm before clipping (over all variables):
+    /// an upper bound, above the exact norm by at most the rounding error of
+    /// its computation (see [`super`]).
     pub norms: Vec<f64>,
 }
 
-/// One trainable variable: the (layer, parameter) pairs that use it, and
-/// its clipping group.
-#[derive(Debug, Clone)]
-struct TrainedVar {
-    users: Vec<(usize, usize)>,
-    group: usize,
-}
-
-/// The DP layers that use a list of variables, with where each use goes.
+/// The DP layers that use a list of variables, found again on every batch.
 ///
-/// Building an engine claims every (layer, parameter) it trains: those
-/// layers capture what the per-example gradients need while the engine
-/// lives, and nothing else does (see [`super`]).
+/// Building an engine claims its variables: the DP layers that use them
+/// capture what the per-example gradients need while the engine (or a
+/// clone) lives, and nothing else does (see [`super`]).
 #[derive(Debug, Clone)]
 pub struct GhostEngine {
-    layers: Vec<Arc<dyn GhostLayer>>,
-    trained: Vec<TrainedVar>,
-    groups: usize,
     vars: Vec<Var>,
     /// Shared by clones; released when the last clone goes.
-    _claims: Arc<[Claim]>,
+    _claims: Arc<Claims>,
+}
+
+/// The layers in use for one batch: each variable's (layer, parameter)
+/// users and clipping group.
+struct Users {
+    layers: Vec<Arc<dyn GhostLayer>>,
+    of_var: Vec<Vec<(usize, usize)>>,
+    group_of_var: Vec<usize>,
+    groups: usize,
 }
 
 impl GhostEngine {
-    /// Finds the DP layers that use every variable and claims them.
+    /// Finds the DP layers that use every variable and claims the variables.
     ///
     /// # Errors
     /// [`Error::UnownedVariable`] for a variable no live DP layer uses;
-    /// [`Error::DuplicateVariable`] for a variable listed twice.
+    /// [`Error::DuplicateVariable`] for a variable listed twice;
+    /// [`Error::LayerTrainedTwice`] for a layer another live engine trains.
     pub fn new(vars: &[Var]) -> Result<Self> {
-        let mut layers: Vec<Arc<dyn GhostLayer>> = Vec::new();
-        let mut trained = Vec::with_capacity(vars.len());
-        let mut claims = Vec::new();
         for (index, var) in vars.iter().enumerate() {
             if let Some(first) = vars[..index].iter().position(|v| v.id() == var.id()) {
                 return Err(Error::DuplicateVariable { first, second: index });
             }
-            let owners = registry::users(var.id());
-            if owners.is_empty() {
-                return Err(Error::UnownedVariable { index, shape: var.dims().to_vec() });
-            }
-            let mut users = Vec::new();
-            for owner in owners {
+        }
+        let claims = Claims::new(vars)?;
+        Ok(Self { vars: vars.to_vec(), _claims: Arc::new(claims) })
+    }
+
+    /// The number of clipping groups (for per-layer clipping): DP layers,
+    /// with layers that share a variable counted as one.
+    ///
+    /// # Errors
+    /// [`Error::UnownedVariable`] if a variable's DP layers are all gone.
+    pub fn num_layers(&self) -> Result<usize> {
+        Ok(self.users()?.groups)
+    }
+
+    fn users(&self) -> Result<Users> {
+        let mut layers: Vec<Arc<dyn GhostLayer>> = Vec::new();
+        let mut of_var = Vec::with_capacity(self.vars.len());
+        for (index, var) in self.vars.iter().enumerate() {
+            let mut uses = Vec::new();
+            for owner in registry::users(var.id()) {
                 let slot = layers.iter().position(|l| Arc::ptr_eq(l, &owner)).unwrap_or_else(|| {
                     layers.push(owner.clone());
                     layers.len() - 1
                 });
                 for (k, p) in owner.parameters().iter().enumerate() {
                     if p.id() == var.id() {
-                        users.push((slot, k));
-                        claims.push(Claim::new(owner.clone(), k));
+                        uses.push((slot, k));
                     }
                 }
             }
-            trained.push(users);
+            if uses.is_empty() {
+                return Err(Error::UnownedVariable { index, shape: var.dims().to_vec() });
+            }
+            of_var.push(uses);
         }
-        let (groups, of_var) = clipping_groups(layers.len(), &trained);
-        let trained = trained.into_iter().zip(of_var).map(|(users, group)| TrainedVar { users, group }).collect();
-        Ok(Self { layers, trained, groups, vars: vars.to_vec(), _claims: claims.into() })
-    }
-
-    /// The number of clipping groups (for per-layer clipping): DP layers,
-    /// with layers that share a variable counted as one.
-    pub fn num_layers(&self) -> usize {
-        self.groups
+        let (groups, group_of_var) = clipping_groups(layers.len(), &of_var);
+        Ok(Users { layers, of_var, group_of_var, groups })
     }
 
     /// Backward of the summed per-example losses, then per-example norms and
@@ -92,19 +101,31 @@ impl GhostEngine {
     /// variables are cleared whatever happens.
     ///
     /// # Errors
-    /// [`Error::NonFinite`] for a NaN or infinite loss or gradient norm;
-    /// [`Error::MissingGradient`] for a variable none of whose layers was
-    /// used; [`Error::NonDpUse`] for a variable that also reached the loss
-    /// through a plain Candle op; [`Error::Shape`] for uses of another batch.
+    /// [`Error::InvalidConfig`] for a bad `max_grad_norm` or per-layer
+    /// thresholds; [`Error::NonFinite`] for a NaN or infinite loss or
+    /// gradient norm; [`Error::MissingGradient`] for a variable none of whose
+    /// layers was used; [`Error::NonDpUse`] for a variable that also reached
+    /// the loss through a plain Candle op; [`Error::Shape`] for uses of
+    /// another batch; [`Error::CaptureMismatch`] for a layer whose uses were
+    /// captured before its parameter was claimed.
     pub fn clip(&self, losses: &PerSampleLoss, clipping: &ClipMode, max_grad_norm: f64) -> Result<ClippedBatch> {
-        let result = self.clip_inner(losses, clipping, max_grad_norm);
-        for layer in &self.layers {
+        let users = self.users()?;
+        let result = self.clip_inner(&users, losses, clipping, max_grad_norm);
+        for layer in &users.layers {
             layer.clear();
         }
         result
     }
 
-    fn clip_inner(&self, losses: &PerSampleLoss, clipping: &ClipMode, max_grad_norm: f64) -> Result<ClippedBatch> {
+    fn clip_inner(
+        &self,
+        users: &Users,
+        losses: &PerSampleLoss,
+        clipping: &ClipMode,
+        max_grad_norm: f64,
+    ) -> Result<ClippedBatch> {
+        ensure("max_grad_norm", max_grad_norm, "finite and > 0", max_grad_norm > 0.0 && max_grad_norm.is_finite())?;
+        clipping.validate(max_grad_norm, users.groups)?;
         let b = losses.len();
         if b == 0 {
             return Err(Error::Shape {
@@ -120,45 +141,49 @@ impl GhostEngine {
         // Only this backward counts: drop anything a backward of the caller's
         // own left in the layers. The per-example gradients of the sum are the
         // per-example gradients.
-        for layer in &self.layers {
+        for layer in &users.layers {
             layer.reset_grads();
         }
-        let candle_grads = losses.tensor().sum_all()?.backward()?;
-        // DP layers give Candle no gradient of their parameters; one found
-        // here came through a plain op, whose per-example part is unknown.
-        if let Some(index) = self.vars.iter().position(|v| candle_grads.get(v.as_tensor()).is_some()) {
-            return Err(Error::NonDpUse { index, shape: self.vars[index].dims().to_vec() });
+        {
+            let candle_grads = losses.tensor().sum_all()?.backward()?;
+            // DP layers give Candle no gradient of their parameters; one found
+            // here came through a plain op, whose per-example part is unknown.
+            if let Some(index) = self.vars.iter().position(|v| candle_grads.get(v.as_tensor()).is_some()) {
+                return Err(Error::NonDpUse { index, shape: self.vars[index].dims().to_vec() });
+            }
         }
 
-        let mut per_layer = Vec::with_capacity(self.layers.len());
-        for layer in &self.layers {
+        let mut per_layer = Vec::with_capacity(users.layers.len());
+        for layer in &users.layers {
             per_layer.push(layer.per_example_grads()?);
         }
-        let mut params = Vec::with_capacity(self.trained.len());
-        for (index, (var, v)) in self.trained.iter().zip(&self.vars).enumerate() {
+        let mut params = Vec::with_capacity(self.vars.len());
+        for (index, (of_var, v)) in users.of_var.iter().zip(&self.vars).enumerate() {
             let mut uses = Vec::new();
-            for &(slot, k) in &var.users {
+            for &(slot, k) in of_var {
                 uses.extend(per_layer[slot].get(k).into_iter().flatten().cloned());
             }
-            if let Some(bad) = uses.iter().map(UseGrad::batch).find(|n| !matches!(n, Ok(n) if *n == b)) {
-                return Err(Error::Shape {
-                    what: "a DP layer's captured use",
-                    expected: "the batch of the per-sample losses (a forward on another batch reached this loss)",
-                    got: vec![bad?],
-                });
+            for u in &uses {
+                let n = u.batch()?;
+                if n != b {
+                    return Err(Error::Shape {
+                        what: "a DP layer's captured use",
+                        expected: "the batch of the per-sample losses (a forward on another batch reached this loss)",
+                        got: vec![n],
+                    });
+                }
             }
-            let grads = ParamGrads::new(uses, v.dims())?;
+            let grads = ParamGrads::new(uses, v.dims(), v.dtype())?;
             if grads.is_empty() {
-                return Err(Error::MissingGradient { index, shape: self.vars[index].dims().to_vec() });
+                return Err(Error::MissingGradient { index, shape: v.dims().to_vec() });
             }
             params.push(grads);
         }
 
         // Squared norms per clipping group.
-        let mut group_sq = vec![vec![0.0; b]; self.groups];
-        for (var, grads) in self.trained.iter().zip(&params) {
-            let sq = grads.squared_norms()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-            for (acc, v) in group_sq[var.group].iter_mut().zip(sq) {
+        let mut group_sq = vec![vec![0.0; b]; users.groups];
+        for (group, grads) in users.group_of_var.iter().zip(&params) {
+            for (acc, v) in group_sq[*group].iter_mut().zip(grads.squared_norm_bounds(b)?) {
                 *acc += v;
             }
         }
@@ -166,7 +191,7 @@ impl GhostEngine {
         if let Some(i) = norms.iter().position(|n| !n.is_finite()) {
             return Err(Error::NonFinite { what: "gradient norm", sample: i });
         }
-        let factors: Vec<Vec<f64>> = (0..self.groups)
+        let factors: Vec<Vec<f64>> = (0..users.groups)
             .map(|g| match clipping {
                 ClipMode::Flat => norms.iter().map(|n| clip_factor(*n, max_grad_norm)).collect(),
                 ClipMode::PerLayer(t) => group_sq[g].iter().map(|s| clip_factor(s.sqrt(), t[g])).collect(),
@@ -174,8 +199,8 @@ impl GhostEngine {
             .collect();
 
         let mut clipped_sums = Vec::with_capacity(params.len());
-        for ((var, grads), v) in self.trained.iter().zip(&params).zip(&self.vars) {
-            let c = Tensor::from_vec(factors[var.group].clone(), b, v.device())?.to_dtype(v.dtype())?;
+        for ((group, grads), v) in users.group_of_var.iter().zip(&params).zip(&self.vars) {
+            let c = Tensor::from_vec(factors[*group].clone(), b, v.device())?;
             clipped_sums.push(grads.clipped_sum(&c)?);
         }
         Ok(ClippedBatch { clipped_sums, norms })
@@ -184,7 +209,8 @@ impl GhostEngine {
 
 /// Layers that share a variable form one clipping group (their norms
 /// cannot be split). Groups are numbered in the order their variables
-/// first appear; returns the count and each variable's group.
+/// first appear; returns the count and each variable's group. Every
+/// variable has at least one user (checked by the caller).
 fn clipping_groups(layers: usize, users: &[Vec<(usize, usize)>]) -> (usize, Vec<usize>) {
     // Union-find over layers.
     let mut parent: Vec<usize> = (0..layers).collect();
@@ -206,7 +232,8 @@ fn clipping_groups(layers: usize, users: &[Vec<(usize, usize)>]) -> (usize, Vec<
     let of_var = users
         .iter()
         .map(|u| {
-            let r = root(&mut parent, u[0].0);
+            let first = u.first().map_or(0, |&(slot, _)| slot);
+            let r = root(&mut parent, first);
             *number[r].get_or_insert_with(|| {
                 count += 1;
                 count - 1

@@ -3,14 +3,30 @@
 //! It needs no DP layer: each example's loss is differentiated on its own,
 //! its gradient read, clipped and added. `B` backward passes make it slow;
 //! it is the universal fallback, and the oracle the ghost engine is tested
-//! against. Use plain candle-nn layers with it (DP layers deliberately give
-//! Candle no weight gradient).
+//! against. Use plain candle-nn layers with it: DP layers deliberately give
+//! Candle no weight gradient, so the optimizer refuses variables that a DP
+//! layer uses ([`check_plain`]).
 
 use candle_core::{DType, Tensor, Var};
 
 use super::ghost::ClippedBatch;
+use super::per_example::work_dtype;
 use crate::clip::clip_factor;
-use crate::error::{Error, Result};
+use crate::error::{ensure, Error, Result};
+
+/// Checks that no live DP layer uses any of `vars`: the microbatch engine
+/// reads Candle's gradients, which DP layers never produce for their
+/// parameters (a DP use of a variable that a plain op also uses would be
+/// dropped).
+///
+/// # Errors
+/// [`Error::DpLayerInMicrobatch`] naming the first such variable.
+pub fn check_plain(vars: &[Var]) -> Result<()> {
+    match vars.iter().position(|v| !super::registry::users(v.id()).is_empty()) {
+        Some(index) => Err(Error::DpLayerInMicrobatch { index, shape: vars[index].dims().to_vec() }),
+        None => Ok(()),
+    }
+}
 
 /// Clips each of `batch_size` examples' gradients (of `loss_of(i)`, a scalar)
 /// with respect to `vars` to norm `max_grad_norm`, and sums them.
@@ -24,7 +40,10 @@ pub fn clip_microbatch(
     mut loss_of: impl FnMut(usize) -> candle_core::Result<Tensor>,
     max_grad_norm: f64,
 ) -> Result<ClippedBatch> {
-    let mut sums: Vec<Tensor> = vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<_>>()?;
+    ensure("max_grad_norm", max_grad_norm, "finite and > 0", max_grad_norm > 0.0 && max_grad_norm.is_finite())?;
+    // Sums in at least f32, as the ghost engine's.
+    let mut sums: Vec<Tensor> =
+        vars.iter().map(|v| v.zeros_like()?.to_dtype(work_dtype(v.dtype()))).collect::<candle_core::Result<_>>()?;
     let mut norms = Vec::with_capacity(batch_size);
     let mut received = vec![false; vars.len()];
     for i in 0..batch_size {
@@ -48,7 +67,7 @@ pub fn clip_microbatch(
         }
         let mut sq = 0.0;
         for g in &per_var {
-            sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
         }
         let norm = sq.sqrt();
         if !norm.is_finite() {
@@ -56,7 +75,7 @@ pub fn clip_microbatch(
         }
         let c = clip_factor(norm, max_grad_norm);
         for (s, g) in sums.iter_mut().zip(&per_var) {
-            *s = (&*s + g.affine(c, 0.0)?)?;
+            *s = (&*s + g.to_dtype(s.dtype())?.affine(c, 0.0)?)?;
         }
         norms.push(norm);
     }

@@ -20,9 +20,9 @@ use candle_core::{Module, Tensor};
 use candle_nn::{Conv1dConfig, Conv2dConfig, Init, VarBuilder};
 
 use super::linear::{LinearMap, LinearUse};
-use super::tap::{tap, with_input_grad, Captures, GradSlot, InputGrad};
+use super::tap::{tap, with_input_grad, Captures, GradSlot, InputGrad, Owner};
 use crate::error::Error;
-use crate::grad_sample::registry::{self, Training};
+use crate::grad_sample::registry;
 
 /// Padding and stride of a convolution, per spatial dimension (equal).
 #[derive(Debug, Clone, Copy)]
@@ -40,7 +40,6 @@ struct ConvTrace {
     /// Per use: the unfolded detached input `[B, T, C_in k^n]` while the
     /// kernel is trained.
     uses: Captures<LinearUse>,
-    training: Training,
 }
 
 /// A DP convolution. Construct it with [`conv1d`] or [`conv2d`].
@@ -141,9 +140,12 @@ impl DpConv {
         Ok(Self::new(weight, bias, Geometry { padding: cfg.padding, stride: cfg.stride, spatial: 1 }))
     }
 
+    fn owner(&self) -> Owner {
+        self.trace.clone()
+    }
+
     fn new(weight: Tensor, bias: Option<Tensor>, geometry: Geometry) -> Self {
-        let training = Training::new(1 + usize::from(bias.is_some()));
-        Self { trace: registry::registered(ConvTrace { weight, bias, geometry, uses: Captures::new(), training }) }
+        Self { trace: registry::registered(ConvTrace { weight, bias, geometry, uses: Captures::new() }) }
     }
 
     /// The kernel.
@@ -167,6 +169,10 @@ impl DpConv {
 impl Module for DpConv {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let t = &self.trace;
+        registry::check_parameter(&t.weight, "weight")?;
+        if let Some(b) = &t.bias {
+            registry::check_parameter(b, "bias")?;
+        }
         let Geometry { padding, stride, spatial } = t.geometry;
         let k = t.weight.dim(2)?;
         let w = t.weight.detach();
@@ -190,15 +196,16 @@ impl Module for DpConv {
         let anchor = t.trained_parameter();
         let (y, slot) = if x.track_op() {
             let slot: Option<GradSlot> = anchor.map(|_| Arc::new(Mutex::new(None)));
-            (with_input_grad(&y, x, slot.clone(), conv_input_grad(w, t.geometry, x.dims().to_vec()))?, slot)
+            let capture = slot.clone().map(|s| (s, self.owner()));
+            (with_input_grad(&y, x, capture, conv_input_grad(w, t.geometry, x.dims().to_vec()))?, slot)
         } else if let Some(anchor) = anchor {
-            let (y, slot) = tap(&y, anchor)?;
+            let (y, slot) = tap(&y, anchor, self.owner())?;
             (y, Some(slot))
         } else {
             (y, None)
         };
         if let Some(slot) = slot {
-            let unfolded = if t.training.is_trained(0) { Some(unfold(&input, k, t.geometry)?) } else { None };
+            let unfolded = if registry::is_trained(&t.weight) { Some(unfold(&input, k, t.geometry)?) } else { None };
             t.uses.push(LinearUse { x: unfolded, batch: x.dim(0)? }, slot);
         }
         Ok(y)
@@ -255,7 +262,7 @@ impl ConvTrace {
         std::iter::once(&self.weight)
             .chain(&self.bias)
             .enumerate()
-            .find(|(k, _)| self.training.is_trained(*k))
+            .find(|(_, p)| registry::is_trained(p))
             .map(|(_, p)| p)
     }
 }
@@ -271,10 +278,6 @@ impl LinearMap for ConvTrace {
 
     fn uses(&self) -> &Captures<LinearUse> {
         &self.uses
-    }
-
-    fn training(&self) -> &Training {
-        &self.training
     }
 
     /// `[B, C_out, positions...]` to `[B, T, C_out]`.

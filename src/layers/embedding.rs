@@ -13,7 +13,8 @@
 //! * `||grad_i||^2 = sum_{t,s} [id_t = id_s] <g_t, g_s>` (`O(T^2 d)`);
 //! * `sum_i c_i grad_i = zeros(V, d).index_add(ids, c . G)`.
 //!
-//! Tied to an output projection, the cross term is
+//! Tied to an output projection `logits = h W^T` with output gradient `g'`,
+//! the squared norm of the summed gradient adds twice the cross term
 //! `sum_{t,s} g'_s[id_t] <g_t, h_s>` ([`crate::grad_sample`]).
 
 use std::sync::Arc;
@@ -23,14 +24,13 @@ use candle_nn::{Init, VarBuilder};
 
 use super::tap::{tap, Captures};
 use crate::grad_sample::per_example::{Rows, UseGrad};
-use crate::grad_sample::registry::{self, GhostLayer, Training};
+use crate::grad_sample::registry::{self, GhostLayer};
 
 #[derive(Debug)]
 struct EmbeddingTrace {
     weight: Tensor,
     /// Per use: the ids as `[B, T]` (u32).
     uses: Captures<Tensor>,
-    training: Training,
 }
 
 /// A DP embedding table. Construct it with [`embedding`].
@@ -55,8 +55,7 @@ impl DpEmbedding {
     /// may also be the weight of other DP layers (tied, e.g. the output
     /// projection `DpLinear::new(emb.embeddings().clone(), None)`).
     pub fn new(weight: Tensor) -> Self {
-        let training = Training::new(1);
-        Self { trace: registry::registered(EmbeddingTrace { weight, uses: Captures::new(), training }) }
+        Self { trace: registry::registered(EmbeddingTrace { weight, uses: Captures::new() }) }
     }
 
     /// The table, `[V, d]`.
@@ -74,6 +73,7 @@ impl DpEmbedding {
 
 impl Module for DpEmbedding {
     fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        registry::check_parameter(&self.trace.weight, "embedding table")?;
         let (b, t) = match *ids.dims() {
             [b] => (b, 1),
             [b, t] => (b, t),
@@ -90,10 +90,10 @@ impl Module for DpEmbedding {
         dims.push(d);
         let flat = ids.flatten_all()?;
         let out = self.trace.weight.detach().index_select(&flat, 0)?.reshape(dims)?;
-        if !self.trace.training.is_trained(0) {
+        if !registry::is_trained(&self.trace.weight) {
             return Ok(out);
         }
-        let (out, slot) = tap(&out, &self.trace.weight)?;
+        let (out, slot) = tap(&out, &self.trace.weight, self.trace.clone())?;
         self.trace.uses.push(flat.to_dtype(DType::U32)?.reshape((b, t))?, slot);
         Ok(out)
     }
@@ -121,9 +121,5 @@ impl GhostLayer for EmbeddingTrace {
 
     fn reset_grads(&self) {
         self.uses.reset_grads();
-    }
-
-    fn training(&self) -> &Training {
-        &self.training
     }
 }

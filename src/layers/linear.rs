@@ -8,14 +8,15 @@
 //!
 //! # How
 //! The product `x W^T` is a fused Candle op over `(x, W)`: its forward is one
-//! matmul; its backward stores the output gradient `G` and returns the input
-//! gradient only. It returns no weight gradient at all, so Candle does not
-//! spend a GEMM on a gradient that DP-SGD recomputes as a clipped sum anyway
-//! (measured 4x on forward+backward of a 784x512 layer, `../shared/CANDLE.md`).
-//! With `X` the detached input:
+//! matmul; its backward returns the input gradient only (and, while the
+//! weight is trained, stores the output gradient `G`). It returns no weight
+//! gradient at all, so Candle does not spend a GEMM on a gradient that DP-SGD
+//! recomputes as a clipped sum anyway (measured 4x on forward+backward of a
+//! 784x512 layer, `../shared/CANDLE.md`). With `X` the detached input:
 //!
 //! * `||grad W_i||^2 = <X_i X_i^T, G_i G_i^T>` (Gram form, `O(T^2 (d + p))`),
-//!   or `||G_i^T X_i||^2` materialized when `T^2 > d p`; for `T = 1` it is
+//!   or `||G_i^T X_i||^2` materialized when `T^2 > d p`, `T` counting the
+//!   positions of every use of the weight; for `T = 1` it is
 //!   `||x_i||^2 ||g_i||^2` (Goodfellow 2015; Li et al. 2021, ghost clipping).
 //! * `||grad b_i||^2 = ||sum_t g_it||^2`.
 //! * `sum_i c_i grad W_i = (c . G)^T X`, one matmul (Bu et al. 2023).
@@ -25,24 +26,25 @@
 //! by the ghost engine ([`crate::grad_sample`]). A layer whose parameters
 //! no live optimizer trains records nothing; its backward still gives the
 //! input gradient and never computes a weight gradient, so a frozen base
-//! weight may be a plain tensor (not a `Var`).
+//! weight may be a plain tensor (not a `Var`). With only the bias trained,
+//! the layer keeps `G` (through a tap on its output) but not `X`.
 
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Module, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use super::tap::{lock, tap, Captures, GradSlot};
+use super::tap::{lock, tap, Captures, GradSlot, Owner};
+use crate::error::Error;
 use crate::grad_sample::per_example::{Rows, UseGrad};
-use crate::grad_sample::registry::{self, GhostLayer, Training};
+use crate::grad_sample::registry::{self, GhostLayer};
 
 #[derive(Debug)]
 struct LinearTrace {
     weight: Tensor,
     bias: Option<Tensor>,
     uses: Captures<LinearUse>,
-    training: Training,
 }
 
 /// What one use of a linear map saved for its per-example gradients.
@@ -92,8 +94,7 @@ impl DpLinear {
     /// the ghost engine clips the sum of all uses. A weight that is a plain
     /// tensor, or a `Var` that no optimizer trains, is frozen.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        let training = Training::new(1 + usize::from(bias.is_some()));
-        Self { trace: registry::registered(LinearTrace { weight, bias, uses: Captures::new(), training }) }
+        Self { trace: registry::registered(LinearTrace { weight, bias, uses: Captures::new() }) }
     }
 
     /// The weight, `[out, in]`.
@@ -128,22 +129,27 @@ impl Module for DpLinear {
             }
         };
         let t = &self.trace;
+        registry::check_parameter(&t.weight, "weight")?;
+        if let Some(b) = &t.bias {
+            registry::check_parameter(b, "bias")?;
+        }
         let p = t.weight.dim(0)?;
         let flat = x.reshape((batch * time, d))?;
+        let weight_trained = registry::is_trained(&t.weight);
         // Parameters enter detached (Candle computes no gradient for them);
         // a trained weight is the op's second input so that the op is in
         // the graph and its backward captures the output gradient.
-        let mut y = if t.training.is_trained(0) {
+        let mut y = if weight_trained {
             let grad: GradSlot = Arc::new(Mutex::new(None));
             t.uses.push(LinearUse { x: Some(x.detach().reshape((batch, time, d))?), batch }, grad.clone());
-            flat.apply_op2(&t.weight, LinearOp { grad: Some(grad) })?
+            flat.apply_op2(&t.weight, LinearOp { grad: Some(grad), _owner: Some(self.trace.clone()) })?
         } else {
-            flat.apply_op2(&t.weight.detach(), LinearOp { grad: None })?
+            flat.apply_op2(&t.weight.detach(), LinearOp { grad: None, _owner: None })?
         };
         if let Some(b) = &t.bias {
             y = y.broadcast_add(&b.detach())?;
-            if t.training.is_trained(1) && !t.training.is_trained(0) {
-                let (tapped, slot) = tap(&y, b)?;
+            if !weight_trained && registry::is_trained(b) {
+                let (tapped, slot) = tap(&y, b, self.trace.clone())?;
                 t.uses.push(LinearUse { x: None, batch }, slot);
                 y = tapped;
             }
@@ -160,6 +166,7 @@ impl Module for DpLinear {
 /// gradient when given a slot.
 struct LinearOp {
     grad: Option<GradSlot>,
+    _owner: Option<Owner>,
 }
 
 /// `x W^T` on any backend: one matmul against the transposed layout of `W`.
@@ -242,10 +249,6 @@ impl LinearMap for LinearTrace {
         &self.uses
     }
 
-    fn training(&self) -> &Training {
-        &self.training
-    }
-
     fn output_grad(&self, grad: &Tensor, batch: usize) -> candle_core::Result<Tensor> {
         grad.reshape((batch, (), self.weight.dim(0)?))
     }
@@ -259,7 +262,6 @@ pub(crate) trait LinearMap: Send + Sync + std::fmt::Debug {
     fn weight(&self) -> &Tensor;
     fn bias(&self) -> Option<&Tensor>;
     fn uses(&self) -> &Captures<LinearUse>;
-    fn training(&self) -> &Training;
     /// A use's captured output gradient as `G [B, T, p]`.
     fn output_grad(&self, grad: &Tensor, batch: usize) -> candle_core::Result<Tensor>;
 }
@@ -270,15 +272,19 @@ impl<L: LinearMap> GhostLayer for L {
     }
 
     fn per_example_grads(&self) -> crate::Result<Vec<Vec<UseGrad>>> {
-        let bias = self.bias().is_some() && self.training().is_trained(1);
+        let bias = self.bias().is_some_and(registry::is_trained);
+        let weight = registry::is_trained(self.weight());
         let (mut weight_uses, mut bias_uses) = (Vec::new(), Vec::new());
         for (saved, grad) in self.uses().with_grads() {
             let g = self.output_grad(&grad, saved.batch)?;
             if bias {
-                bias_uses.push(UseGrad::Materialized(g.sum(1)?));
+                // In f64: the sum over positions decides the bias's norm.
+                bias_uses.push(UseGrad::Materialized(g.to_dtype(DType::F64)?.sum(1)?));
             }
-            if let Some(x) = saved.x {
-                weight_uses.push(UseGrad::Outer { rows: Rows::Dense(g), cols: x });
+            match (saved.x, weight) {
+                (Some(x), true) => weight_uses.push(UseGrad::Outer { rows: Rows::Dense(g), cols: x }),
+                (None, true) => return Err(Error::CaptureMismatch { what: "weight" }),
+                (_, false) => {}
             }
         }
         Ok(std::iter::once(weight_uses).chain(self.bias().map(|_| bias_uses)).collect())
@@ -290,9 +296,5 @@ impl<L: LinearMap> GhostLayer for L {
 
     fn reset_grads(&self) {
         self.uses().reset_grads();
-    }
-
-    fn training(&self) -> &Training {
-        LinearMap::training(self)
     }
 }

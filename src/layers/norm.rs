@@ -16,7 +16,7 @@ use candle_nn::{Init, LayerNormConfig, VarBuilder};
 use super::tap::{tap, Captures};
 use crate::error::Error;
 use crate::grad_sample::per_example::UseGrad;
-use crate::grad_sample::registry::{self, GhostLayer, Training};
+use crate::grad_sample::registry::{self, GhostLayer};
 
 /// Which axis carries the affine parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +36,6 @@ struct NormTrace {
     eps: f64,
     /// Per use: the detached normalized input.
     uses: Captures<Tensor>,
-    training: Training,
 }
 
 /// A DP layer norm, RMS norm or group norm. Construct it with
@@ -102,8 +101,7 @@ pub fn batch_norm(_num_features: usize, _vb: VarBuilder) -> crate::Result<DpNorm
 
 impl DpNorm {
     fn new(weight: Tensor, bias: Option<Tensor>, axis: Axis, remove_mean: bool, eps: f64) -> Self {
-        let training = Training::new(1 + usize::from(bias.is_some()));
-        let trace = NormTrace { weight, bias, axis, remove_mean, eps, uses: Captures::new(), training };
+        let trace = NormTrace { weight, bias, axis, remove_mean, eps, uses: Captures::new() };
         Self { trace: registry::registered(trace) }
     }
 
@@ -151,6 +149,10 @@ fn normalize(x: &Tensor, axis: Axis, remove_mean: bool, eps: f64) -> candle_core
 impl Module for DpNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let t = &self.trace;
+        registry::check_parameter(&t.weight, "weight")?;
+        if let Some(b) = &t.bias {
+            registry::check_parameter(b, "bias")?;
+        }
         let x_hat = normalize(x, t.axis, t.remove_mean, t.eps)?;
         let param_shape = |p: &Tensor| -> candle_core::Result<Tensor> {
             match t.axis {
@@ -167,12 +169,12 @@ impl Module for DpNorm {
             y = y.broadcast_add(&param_shape(b)?)?;
         }
         // Anchor the tap on a trained parameter; nothing to capture if none is.
-        let anchor = match (&t.bias, t.training.is_trained(0)) {
+        let anchor = match (&t.bias, registry::is_trained(&t.weight)) {
             (_, true) => &t.weight,
-            (Some(b), false) if t.training.is_trained(1) => b,
+            (Some(b), false) if registry::is_trained(b) => b,
             _ => return Ok(y),
         };
-        let (y, slot) = tap(&y, anchor)?;
+        let (y, slot) = tap(&y, anchor, self.trace.clone())?;
         t.uses.push(x_hat.detach(), slot);
         Ok(y)
     }
@@ -194,6 +196,8 @@ impl NormTrace {
                     (x_hat.reshape((b, c, ()))?, g.reshape((b, c, ()))?, 2)
                 }
             };
+            // In f64: these sums decide the per-example norms.
+            let (xs, gs) = (xs.to_dtype(DType::F64)?, gs.to_dtype(DType::F64)?);
             let gw = (xs * &gs)?.sum(sum_dim)?;
             let gb = gs.sum(sum_dim)?;
             acc = Some(match acc {
@@ -214,7 +218,7 @@ impl GhostLayer for NormTrace {
         let mut out = vec![Vec::new(); 1 + usize::from(self.bias.is_some())];
         if let Some((gw, gb)) = self.per_example()? {
             for (k, g) in [gw, gb].into_iter().enumerate().take(out.len()) {
-                if self.training.is_trained(k) {
+                if self.parameters().get(k).is_some_and(registry::is_trained) {
                     out[k].push(UseGrad::Materialized(g));
                 }
             }
@@ -228,9 +232,5 @@ impl GhostLayer for NormTrace {
 
     fn reset_grads(&self) {
         self.uses.reset_grads();
-    }
-
-    fn training(&self) -> &Training {
-        &self.training
     }
 }

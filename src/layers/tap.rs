@@ -17,6 +17,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
+use crate::grad_sample::registry::GhostLayer;
+
 /// Where one use's output gradient lands.
 pub(crate) type GradSlot = Arc<Mutex<Option<Tensor>>>;
 
@@ -25,11 +27,16 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// `x`, unchanged, with its gradient captured; `anchor` must be a variable
-/// of the layer (passed as the variable's own tensor).
-pub(crate) fn tap(x: &Tensor, anchor: &Tensor) -> candle_core::Result<(Tensor, GradSlot)> {
+/// The layer a capture belongs to, held by the op in the autograd graph: a
+/// layer made inside `forward` and dropped at its end (a tied projection)
+/// lives, with its captures, as long as the graph that will be clipped.
+pub(crate) type Owner = Arc<dyn GhostLayer>;
+
+/// `x`, unchanged, with its gradient captured for `owner`; `anchor` must be
+/// a variable of the layer (passed as the variable's own tensor).
+pub(crate) fn tap(x: &Tensor, anchor: &Tensor, owner: Owner) -> candle_core::Result<(Tensor, GradSlot)> {
     let slot: GradSlot = Arc::new(Mutex::new(None));
-    let y = x.apply_op2(anchor, TapOp { slot: Some(slot.clone()), input_grad: None })?;
+    let y = x.apply_op2(anchor, TapOp { slot: Some(slot.clone()), input_grad: None, _owner: Some(owner) })?;
     Ok((y, slot))
 }
 
@@ -38,14 +45,15 @@ pub(crate) type InputGrad = Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor> +
 
 /// `y` (computed from detached tensors), in the graph through the layer's
 /// input `x`: backward gives `x` the gradient `input_grad(grad)` and, with
-/// a slot, captures `grad`.
+/// a capture (slot and owner), captures `grad`.
 pub(crate) fn with_input_grad(
     y: &Tensor,
     x: &Tensor,
-    slot: Option<GradSlot>,
+    capture: Option<(GradSlot, Owner)>,
     input_grad: InputGrad,
 ) -> candle_core::Result<Tensor> {
-    y.apply_op2(x, TapOp { slot, input_grad: Some(input_grad) })
+    let (slot, owner) = capture.unzip();
+    y.apply_op2(x, TapOp { slot, input_grad: Some(input_grad), _owner: owner })
 }
 
 /// A contiguous copy of `x` read through its layout, on a device backend.
@@ -66,6 +74,7 @@ struct TapOp {
     slot: Option<GradSlot>,
     /// `None`: the second input only anchors the graph and gets no gradient.
     input_grad: Option<InputGrad>,
+    _owner: Option<Owner>,
 }
 
 impl CustomOp2 for TapOp {
