@@ -12,7 +12,13 @@
 //! cargo run --release --example digits
 //! cargo run --release --example digits -- --epsilon 1 --seed 2 --json
 //! cargo run --release --example digits -- --non-private   # the same model without DP
+//! cargo run --release --example digits -- --out runs/a --epochs 100   # interrupted? then:
+//! cargo run --release --example digits -- --resume runs/a            # continues from the last checkpoint
 //! ```
+//!
+//! A run folder keeps its flags in `run.json`: `--resume` takes them from
+//! there, and a flag given again must agree. A finished run is never
+//! retrained and its released model never overwritten.
 
 mod common;
 
@@ -22,11 +28,13 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_dp::accountant::{AccountantKind, PrivacyReport};
 use candle_dp::{loss, DpOptimizer, GaussianNoise, PoissonSampler, PrivacyBudget};
 use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
 
 /// Train a DP MLP on the shipped digits data.
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone, Serialize, Deserialize)]
 #[command(version, about)]
 struct Args {
     /// Target epsilon (the budget; the noise is calibrated to it).
@@ -61,7 +69,8 @@ struct Args {
     out: Option<PathBuf>,
     /// Continue the run in this folder from its last checkpoint (written at
     /// every epoch's end to `<run>/checkpoint/`); its spent budget carries
-    /// over. Give the same flags as the original run.
+    /// over. Its flags come from `<run>/run.json`; a flag given again must
+    /// agree with them.
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Train the same model without DP, for comparison.
@@ -86,25 +95,98 @@ struct Args {
     json: bool,
 }
 
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum, Serialize, Deserialize)]
 enum Activation {
     Relu,
     /// Bounded activations suit DP-SGD (Papernot et al. 2021, "Tempered sigmoid activations").
     Tanh,
 }
 
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum, Serialize, Deserialize)]
 enum Opt {
     Sgd,
     Adam,
 }
 
 fn main() {
-    let args = Args::parse();
-    if let Err(e) = run(&args) {
+    let matches = Args::command().get_matches();
+    let result = Args::from_arg_matches(&matches)
+        .map_err(|e| e.to_string().into())
+        .and_then(|args| resolve(args, |id| matches.value_source(id) == Some(ValueSource::CommandLine)))
+        .and_then(|args| {
+            check_flags(&args)?;
+            run_in_folder(&args)
+        });
+    if let Err(e) = result {
         eprintln!("digits: error: {e}");
         std::process::exit(2);
     }
+}
+
+type AnyError = Box<dyn std::error::Error>;
+
+/// The flags that `run.json` does not fix: where to read and write, how to print.
+const PER_INVOCATION: [&str; 3] = ["resume", "out", "json"];
+
+/// With `--resume RUN`, the run's own flags from `RUN/run.json`, and an
+/// error naming every flag given on the command line that disagrees.
+fn resolve(args: Args, given: impl Fn(&str) -> bool) -> Result<Args, AnyError> {
+    let Some(dir) = args.resume.clone() else { return Ok(args) };
+    let path = dir.join("run.json");
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| format!("{}: {e} (is it a digits run folder?)", path.display()))?;
+    let saved: Args = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (now, then) = (serde_json::to_value(&args)?, serde_json::to_value(&saved)?);
+    let conflicts: Vec<String> = now
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, v)| !PER_INVOCATION.contains(&k.as_str()) && given(k) && then.get(k.as_str()) != Some(v))
+        .map(|(k, v)| format!("--{} {v} (the run has {})", k.replace('_', "-"), then[k.as_str()]))
+        .collect();
+    if !conflicts.is_empty() {
+        return Err(format!("flags that conflict with {}: {}", path.display(), conflicts.join(", ")).into());
+    }
+    Ok(Args { resume: args.resume, out: args.out, json: args.json, ..saved })
+}
+
+/// Every numeric flag in its range, named as on the command line.
+fn check_flags(args: &Args) -> Result<(), AnyError> {
+    let finite_positive = |x: f64| x.is_finite() && x > 0.0;
+    let checks: [(&str, f64, &str, bool); 7] = [
+        ("--epsilon", args.epsilon, "finite and > 0", finite_positive(args.epsilon)),
+        ("--delta", args.delta, "in (0, 1)", args.delta > 0.0 && args.delta < 1.0),
+        ("--max-grad-norm", args.max_grad_norm, "finite and > 0", finite_positive(args.max_grad_norm)),
+        ("--lr", args.lr, "finite and > 0", finite_positive(args.lr)),
+        ("--ema", args.ema, "in [0, 1) (0 disables it)", (0.0..1.0).contains(&args.ema)),
+        ("--epochs", args.epochs as f64, "an integer >= 1", args.epochs >= 1),
+        ("--hidden", args.hidden as f64, "an integer >= 1", args.hidden >= 1),
+    ];
+    for (flag, value, valid, ok) in checks {
+        if !ok {
+            return Err(format!("{flag} = {}: must be {valid}", common::short(value)).into());
+        }
+    }
+    if args.resume.is_some() && args.non_private {
+        return Err("--resume continues a DP run; it cannot be combined with --non-private".into());
+    }
+    Ok(())
+}
+
+/// Runs in the run folder; a folder this run created and left empty (it
+/// failed before writing anything) is removed.
+fn run_in_folder(args: &Args) -> Result<(), AnyError> {
+    let out = args
+        .out
+        .clone()
+        .or_else(|| args.resume.clone())
+        .unwrap_or_else(|| PathBuf::from(format!("runs/digits-{}", common::utc_stamp())));
+    let created = !out.exists();
+    let result = run(args, &out);
+    if result.is_err() && created && std::fs::read_dir(&out).is_ok_and(|mut d| d.next().is_none()) {
+        let _ = std::fs::remove_dir(&out);
+    }
+    result
 }
 
 /// One non-private optimizer step on a mean loss.
@@ -123,7 +205,7 @@ fn forward(model: &Mlp, x: &Tensor) -> candle_core::Result<Tensor> {
     model.fc2.forward(&h)
 }
 
-fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+fn run(args: &Args, out: &std::path::Path) -> Result<(), AnyError> {
     let dev = Device::Cpu;
     let data_path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv.gz");
     let data = common::load_digits_csv(&data_path)?;
@@ -133,17 +215,40 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     if args.batch_size == 0 || args.batch_size > n {
         return Err(format!("--batch-size = {}: must be in [1, {n}]", args.batch_size).into());
     }
-    let out = args
-        .out
-        .clone()
-        .or_else(|| args.resume.clone())
-        .unwrap_or_else(|| PathBuf::from(format!("runs/digits-{}", common::utc_stamp())));
-    if args.resume.is_some() && args.non_private {
-        return Err("--resume continues a DP run; it cannot be combined with --non-private".into());
-    }
-    std::fs::create_dir_all(&out)?;
     let steps_per_epoch = n.div_ceil(args.batch_size);
     let steps = (args.epochs * steps_per_epoch) as u64;
+    let ledger_path = out.join("ledger.json");
+    if ledger_path.exists() {
+        // The run's final ledger exists only once its model was released.
+        let ledger = candle_dp::accountant::Ledger::read(&ledger_path)?;
+        if let Some(r) = ledger.releases().last() {
+            if args.resume.is_none() {
+                return Err(
+                    format!("{} holds a released model ({}): choose another --out", out.display(), r.file).into()
+                );
+            }
+            println!(
+                "digits: nothing to do: the run in {} finished after {} steps and released {} (SHA-256 {}); it is \
+                 not retrained, and nothing was written",
+                out.display(),
+                r.after_steps,
+                r.file,
+                r.weights_sha256
+            );
+            return Ok(());
+        }
+    }
+    if args.resume.is_none() && out.join("run.json").exists() {
+        return Err(format!(
+            "{} holds a run already: continue it with --resume, or choose another --out",
+            out.display()
+        )
+        .into());
+    }
+    std::fs::create_dir_all(out)?;
+    if args.resume.is_none() {
+        std::fs::write(out.join("run.json"), serde_json::to_string_pretty(args)?)?;
+    }
 
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
@@ -205,7 +310,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         let budget = PrivacyBudget { epsilon: args.epsilon, delta: args.delta };
         let description = format!("digits MLP 64-{h}-10, {} epochs, expected batch {}", args.epochs, args.batch_size);
         let train_ctx =
-            Ctx { args, data: &data, train: &train, varmap: &varmap, model: &model, steps, steps_per_epoch, out: &out };
+            Ctx { args, data: &data, train: &train, varmap: &varmap, model: &model, steps, steps_per_epoch, out };
         let (ledger, eps, sigma) = match args.optimizer {
             Opt::Sgd => {
                 train_dp::<SGD>(&train_ctx, &mut sampler, &bar, noise, budget, description, args.lr, &mut epoch_loss)?
@@ -344,7 +449,7 @@ fn train_dp<O: Optimizer>(
     description: String,
     config: O::Config,
     epoch_loss: &mut (f64, usize),
-) -> Result<(candle_dp::accountant::Ledger, f64, f64), Box<dyn std::error::Error>> {
+) -> Result<(candle_dp::accountant::Ledger, f64, f64), AnyError> {
     let dev = Device::Cpu;
     // Name order: `VarMap::all_vars` has none, and the noise is drawn in the
     // variables' order, so a seeded run needs a fixed one.
@@ -356,6 +461,14 @@ fn train_dp<O: Optimizer>(
             let vars = candle_dp::vars_by_name(ctx.varmap);
             let (opt, resumed) = DpOptimizer::<O>::resume(dir.join("checkpoint"), &mut varmap, vars, config)?;
             if let Some(resumed) = resumed {
+                if resumed.description().dataset_size() != ctx.train.len() {
+                    return Err(format!(
+                        "the checkpoint samples from {} examples, the training set has {}",
+                        resumed.description().dataset_size(),
+                        ctx.train.len()
+                    )
+                    .into());
+                }
                 *sampler = resumed;
             }
             bar.set_position(opt.steps());
@@ -385,7 +498,9 @@ fn train_dp<O: Optimizer>(
         ema.update(ctx.varmap)?;
         let epoch_end = (step + 1) % ctx.steps_per_epoch as u64 == 0;
         let eps = if epoch_end { Some(opt.epsilon(budget.delta)?) } else { None };
-        if epoch_end && step + 1 < ctx.steps {
+        // Also after the last step: an interrupted release resumes to it
+        // without training again.
+        if epoch_end || step + 1 == ctx.steps {
             opt.save_checkpoint(ctx.out.join("checkpoint"), ctx.varmap, Some(sampler))?;
         }
         progress(bar, step, ctx.steps_per_epoch, epoch_loss, eps);

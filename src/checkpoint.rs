@@ -2,11 +2,25 @@
 //!
 //! A checkpoint is a folder: `model.safetensors` (the weights),
 //! `ledger.json` (every step so far) and `checkpoint.json`, a manifest with
-//! the step count, the privacy configuration, the SHA-256 of the weights file
-//! and the ledger's head hash. Resuming verifies both, rebuilds the
-//! accountant from the ledger (the spent budget is never reset), and
-//! continues the noise and the batches exactly where they were for a
-//! fixed-seed run.
+//! the step count, the privacy configuration, the noise and sampler state,
+//! the SHA-256 of the weights file and the ledger's head hash.
+//!
+//! # What is checked on resume
+//! * `manifest_sha256`: the SHA-256 of the manifest's canonical JSON with
+//!   this field empty, so any edit of a field that does not also recompute
+//!   it is refused; unknown fields are refused.
+//! * The weights' SHA-256 and the ledger's head against the manifest, and the
+//!   ledger's own hash chain.
+//! * The manifest against the ledger, the privacy truth a reviewer reads:
+//!   every mechanism recorded must be exactly what the resumed configuration
+//!   records (noise multiplier, clipping norm, sample rate or batch size,
+//!   adjacency, seeding), the declared budget and dataset size must be the
+//!   ledger header's, and the step counts must agree. Rewriting a privacy
+//!   setting therefore means rewriting the ledger, which changes its head.
+//!
+//! Resuming rebuilds the accountant from the ledger (the spent budget is
+//! never reset) and continues the noise and the batches exactly where they
+//! were for a fixed-seed run.
 //!
 //! # Security
 //! For a run seeded from the OS, neither the noise generator's nor the
@@ -34,7 +48,9 @@ use crate::optimizer::{DpOptimizer, Engine, PrivacyBudget};
 use crate::sampler::{PoissonSampler, SamplerDescription};
 
 const FORMAT: &str = "candle-dp-checkpoint";
-const VERSION: u64 = 1;
+/// Version 2 added `manifest_sha256`; version 1 checkpoints are refused
+/// with a version error.
+const VERSION: u64 = 2;
 const MANIFEST: &str = "checkpoint.json";
 const WEIGHTS: &str = "model.safetensors";
 const LEDGER: &str = "ledger.json";
@@ -90,6 +106,54 @@ struct Manifest {
     sampler_state: Option<RngState>,
     weights_sha256: String,
     ledger_head: String,
+    /// SHA-256 of this manifest's canonical JSON with this field empty.
+    manifest_sha256: String,
+}
+
+impl Manifest {
+    /// The SHA-256 (hex) of the canonical JSON of every other field: the
+    /// compact form of the manifest as a JSON value (keys in `serde_json`'s
+    /// map order, floats in shortest round-trip form), `manifest_sha256` "".
+    fn digest(&self) -> String {
+        let unsealed = Manifest { manifest_sha256: String::new(), ..self.clone() };
+        // Plain data with string keys always serializes.
+        let bytes = serde_json::to_value(&unsealed).and_then(|v| serde_json::to_vec(&v)).unwrap_or_default();
+        dp_accountant::ledger::hex(&Sha256::digest(bytes))
+    }
+}
+
+/// The resumed configuration must be the one the ledger recorded: every
+/// mechanism entry equal to what `opt` records for that many steps, and the
+/// header's budget and dataset size equal to the manifest's.
+fn check_against_ledger<O: Optimizer>(
+    opt: &DpOptimizer<O>,
+    ledger: &Ledger,
+    budget: Option<(f64, f64)>,
+    path: &Path,
+) -> Result<()> {
+    let bad = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
+    for (k, m) in ledger.mechanisms().enumerate() {
+        if *m != opt.record(m.event.steps()) {
+            return Err(bad(format!(
+                "mechanism {k} of the ledger differs from the checkpoint's configuration (noise multiplier {}, \
+                 clipping norm {}, sampler {:?}): the manifest does not describe this run",
+                opt.noise_multiplier, opt.max_grad_norm, opt.sampler
+            )));
+        }
+    }
+    let header = ledger.header();
+    let declared = header.target.map(|t| (t.epsilon, t.delta));
+    if declared != budget {
+        return Err(bad(format!("budget {budget:?} differs from the ledger's declared target {declared:?}")));
+    }
+    if header.dataset_size != Some(opt.sampler.dataset_size() as u64) {
+        return Err(bad(format!(
+            "dataset_size {} differs from the ledger's {:?}",
+            opt.sampler.dataset_size(),
+            header.dataset_size
+        )));
+    }
+    Ok(())
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -148,7 +212,9 @@ impl<O: Optimizer> DpOptimizer<O> {
             sampler_state: sampler.filter(|s| fixed(s.seeding())).map(|s| RngState::new(s.state())),
             weights_sha256: sha256_file(&weights)?,
             ledger_head: ledger.head(),
+            manifest_sha256: String::new(),
         };
+        let manifest = Manifest { manifest_sha256: manifest.digest(), ..manifest };
         let path = dir.join(MANIFEST);
         let text = serde_json::to_string_pretty(&manifest)
             .map_err(|e| Error::Checkpoint { path: path.clone(), reason: e.to_string() })?;
@@ -181,6 +247,21 @@ impl<O: Optimizer> DpOptimizer<O> {
                 &path,
                 format!("format {:?} version {}: expected {FORMAT:?} version {VERSION}", m.format, m.version),
             ));
+        }
+        if m.digest() != m.manifest_sha256 {
+            return Err(bad(
+                &path,
+                "manifest_sha256 does not match the manifest: it was edited after it was written".into(),
+            ));
+        }
+        // A generator's state is saved exactly when it was seeded by the user.
+        for (what, seeding, state) in [
+            ("noise", m.noise_seeding, m.noise_state.is_some()),
+            ("sampler", m.sampler_seeding, m.sampler_state.is_some()),
+        ] {
+            if (seeding == Seeding::Fixed) != state {
+                return Err(bad(&path, format!("{what} seeding {seeding:?} contradicts the saved {what} state")));
+            }
         }
         let weights = dir.join(WEIGHTS);
         let found = sha256_file(&weights)?;
@@ -225,6 +306,7 @@ impl<O: Optimizer> DpOptimizer<O> {
             builder = builder.budget(PrivacyBudget { epsilon, delta });
         }
         let mut opt = builder.build(config)?;
+        check_against_ledger(&opt, &ledger, m.budget, &ledger_path)?;
         opt.steps = m.steps;
         opt.ledger = ledger;
         let poisson = match (sampler.sample_rate(), &m.sampler_state) {

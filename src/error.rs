@@ -5,7 +5,7 @@
 #[non_exhaustive]
 pub enum Error {
     /// A configuration value outside its valid range (NaN included).
-    #[error("{field} = {value}: must be {valid}")]
+    #[error("{field} = {}: must be {valid}", error_number(*value))]
     InvalidConfig {
         /// The field's name.
         field: &'static str,
@@ -193,6 +193,17 @@ pub enum Error {
 impl From<Error> for candle_core::Error {
     fn from(e: Error) -> Self {
         candle_core::Error::wrap(e)
+    }
+}
+
+/// A number as error messages print it: as Rust prints it, except in
+/// scientific notation below `1e-4` or from `1e15` in magnitude (`1e-300`,
+/// not 300 digits).
+pub fn error_number(v: f64) -> String {
+    if v != 0.0 && v.is_finite() && (v.abs() < 1e-4 || v.abs() >= 1e15) {
+        format!("{v:e}")
+    } else {
+        format!("{v}")
     }
 }
 

@@ -75,7 +75,7 @@ pub mod optimizer;
 pub mod sampler;
 
 pub use clip::ClipMode;
-pub use error::{Error, Result};
+pub use error::{error_number, Error, Result};
 pub use layers::{
     batch_norm, conv1d, conv2d, embedding, group_norm, layer_norm, linear, linear_no_bias, rms_norm, DpConv,
     DpEmbedding, DpLinear, DpNorm,

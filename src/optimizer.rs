@@ -488,7 +488,7 @@ impl<O: Optimizer> DpOptimizer<O> {
         Ok(())
     }
 
-    fn record(&self, steps: u64) -> MechanismRecord {
+    pub(crate) fn record(&self, steps: u64) -> MechanismRecord {
         MechanismRecord {
             event: self.sampler.event(self.noise_multiplier, steps),
             adjacency: self.sampler.adjacency(),

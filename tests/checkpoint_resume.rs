@@ -5,7 +5,7 @@ mod common;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_dp::{loss, DpOptimizer, Error, GaussianNoise, PoissonSampler, PrivacyBudget};
 use candle_nn::{VarMap, SGD};
-use common::{mlp_pair, set_deterministic, take, tensor, vars_by_name};
+use common::{mlp_pair, rehash_manifest as rehash, set_deterministic, take, tensor, vars_by_name};
 
 fn data() -> (Tensor, Tensor) {
     let x = tensor(&[60, 5], 3, 1.0, DType::F32).unwrap();
@@ -137,4 +137,64 @@ fn tampered_checkpoint_is_detected() {
     other.write(&l).unwrap();
     let err = resume().unwrap_err().to_string();
     assert!(err.contains("anchored head"), "{err}");
+}
+
+#[test]
+fn every_privacy_setting_of_the_manifest_is_covered() {
+    let (map, model, mut opt, mut sampler) = fresh(Some(PrivacyBudget { epsilon: 8.0, delta: 1e-5 }));
+    train(&model, &mut opt, &mut sampler, 5);
+    let d = dir("manifest");
+    opt.save_checkpoint(&d, &map, Some(&sampler)).unwrap();
+    let path = d.join("checkpoint.json");
+    let original: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let resume = || {
+        let mut m = VarMap::new();
+        let _model = mlp_pair(&m, &[5, 6, 3], DType::F32).unwrap();
+        let vars = vars_by_name(&m);
+        DpOptimizer::<SGD>::resume(&d, &mut m, vars, 0.2).map(|_| ()).map_err(|e| e.to_string())
+    };
+    resume().unwrap();
+    let edits: Vec<(&str, serde_json::Value)> = vec![
+        ("max_grad_norm", 10.0.into()),
+        ("noise_multiplier", 0.1.into()),
+        ("sample_rate", 0.9.into()),
+        ("dataset_size", 100_000.into()),
+        ("budget", serde_json::json!([100.0, 1e-5])),
+        ("steps", 4.into()),
+        ("noise_seeding", "os_entropy".into()),
+        ("sampler_seeding", "os_entropy".into()),
+    ];
+    for (field, value) in edits {
+        let mut edited = original.clone();
+        assert!(edited.get(field).is_some(), "{field} is in the manifest");
+        edited[field] = value;
+        // Edited alone: the manifest's own hash no longer matches.
+        std::fs::write(&path, serde_json::to_string_pretty(&edited).unwrap()).unwrap();
+        let err = resume().unwrap_err();
+        assert!(err.contains("manifest_sha256 does not match"), "{field}: {err}");
+        // Edited and re-hashed: the ledger, which the head anchors, disagrees.
+        rehash(&mut edited);
+        std::fs::write(&path, serde_json::to_string_pretty(&edited).unwrap()).unwrap();
+        let err = resume().expect_err(field);
+        assert!(err.contains("checkpoint") && !err.contains("manifest_sha256"), "{field} re-hashed: {err}");
+    }
+    // Noise and sampler state: covered by the manifest's hash.
+    for field in ["noise_state", "sampler_state"] {
+        let mut edited = original.clone();
+        edited[field]["word_pos"] = "0".into();
+        std::fs::write(&path, serde_json::to_string_pretty(&edited).unwrap()).unwrap();
+        assert!(resume().unwrap_err().contains("manifest_sha256 does not match"), "{field}");
+    }
+    // An unknown field is refused, and so is a version-1 manifest.
+    let mut edited = original.clone();
+    edited["clip_everything"] = true.into();
+    rehash(&mut edited);
+    std::fs::write(&path, serde_json::to_string_pretty(&edited).unwrap()).unwrap();
+    assert!(resume().unwrap_err().contains("unknown field"));
+    let mut edited = original.clone();
+    edited["version"] = 1.into();
+    std::fs::write(&path, serde_json::to_string_pretty(&edited).unwrap()).unwrap();
+    assert!(resume().unwrap_err().contains("version 1: expected"));
+    std::fs::write(&path, serde_json::to_string_pretty(&original).unwrap()).unwrap();
+    resume().unwrap();
 }

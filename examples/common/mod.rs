@@ -162,6 +162,12 @@ pub fn init_seeded(varmap: &VarMap, seed: u64) -> candle_core::Result<()> {
     Ok(())
 }
 
+/// A number for a message: scientific notation when it is very small or
+/// large (`1e-300`, not 300 digits).
+pub fn short(v: f64) -> String {
+    candle_dp::error_number(v)
+}
+
 /// Seconds since the Unix epoch as `YYYYMMDD-HHMMSS` (UTC), for run folders.
 pub fn utc_stamp() -> String {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());

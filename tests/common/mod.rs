@@ -90,3 +90,13 @@ pub fn take(t: &Tensor, idx: &[usize]) -> Tensor {
     let i: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
     t.index_select(&Tensor::from_vec(i, idx.len(), t.device()).unwrap(), 0).unwrap()
 }
+
+/// Recomputes a checkpoint manifest's own hash (over its canonical JSON as
+/// a JSON value, with `manifest_sha256` empty): what an editor who wants an
+/// edit to pass the manifest check must do.
+pub fn rehash_manifest(manifest: &mut serde_json::Value) {
+    use sha2::Digest;
+    manifest["manifest_sha256"] = "".into();
+    let digest = sha2::Sha256::digest(serde_json::to_vec(manifest).unwrap());
+    manifest["manifest_sha256"] = dp_accountant::ledger::hex(&digest).into();
+}
