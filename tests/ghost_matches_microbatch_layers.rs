@@ -9,7 +9,7 @@ use candle_dp::grad_sample::ghost::GhostEngine;
 use candle_dp::grad_sample::microbatch::clip_microbatch;
 use candle_dp::{loss, ClipMode};
 use candle_nn::{Conv1dConfig, Conv2dConfig, VarBuilder, VarMap};
-use common::{rel_diff, set_deterministic, tensor, vars_by_name};
+use common::{assert_same_clipping, rel_diff, set_deterministic, tensor, vars_by_name};
 
 /// Runs both engines on `b` examples and compares them.
 fn compare(
@@ -26,13 +26,7 @@ fn compare(
     let max_grad_norm = 0.2;
     let ghost = engine.clip(&losses, &ClipMode::Flat, max_grad_norm).unwrap();
     let oracle = clip_microbatch(&vars, b, plain_loss, max_grad_norm).unwrap();
-    for (i, (g, o)) in ghost.norms.iter().zip(&oracle.norms).enumerate() {
-        assert!(((g - o) / o).abs() < tol, "{what}: example {i} norm {g} vs oracle {o}");
-    }
-    for (k, (g, o)) in ghost.clipped_sums.iter().zip(&oracle.clipped_sums).enumerate() {
-        let d = rel_diff(g, o);
-        assert!(d < tol, "{what}: variable {k} relative difference {d:e}");
-    }
+    assert_same_clipping(&ghost, &oracle, max_grad_norm, tol, what);
 }
 
 fn vb(varmap: &VarMap, dtype: DType) -> VarBuilder<'static> {

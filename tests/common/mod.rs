@@ -100,3 +100,24 @@ pub fn rehash_manifest(manifest: &mut serde_json::Value) {
     let digest = sha2::Sha256::digest(serde_json::to_vec(manifest).unwrap());
     manifest["manifest_sha256"] = dp_accountant::ledger::hex(&digest).into();
 }
+
+/// Asserts that the ghost engine's result equals the microbatch oracle's:
+/// every example's norm and every variable's clipped sum within `tol`
+/// (relative), with clipping active for some example (else the clip
+/// factors were never tested).
+pub fn assert_same_clipping(
+    ghost: &candle_dp::grad_sample::ghost::ClippedBatch,
+    oracle: &candle_dp::grad_sample::ghost::ClippedBatch,
+    max_grad_norm: f64,
+    tol: f64,
+    what: &str,
+) {
+    for (i, (g, o)) in ghost.norms.iter().zip(&oracle.norms).enumerate() {
+        assert!(((g - o) / o).abs() < tol, "{what}: example {i} norm {g} vs oracle {o}");
+    }
+    for (k, (g, o)) in ghost.clipped_sums.iter().zip(&oracle.clipped_sums).enumerate() {
+        let d = rel_diff(g, o);
+        assert!(d < tol, "{what}: variable {k} relative difference {d:e}");
+    }
+    assert!(ghost.norms.iter().any(|n| *n > max_grad_norm), "{what}: clipping must be active for some examples");
+}
