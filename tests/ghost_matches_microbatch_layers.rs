@@ -5,29 +5,9 @@
 mod common;
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_dp::grad_sample::ghost::GhostEngine;
-use candle_dp::grad_sample::microbatch::clip_microbatch;
-use candle_dp::{loss, ClipMode};
+use candle_dp::loss;
 use candle_nn::{Conv1dConfig, Conv2dConfig, VarBuilder, VarMap};
-use common::{assert_same_clipping, rel_diff, set_deterministic, tensor, vars_by_name};
-
-/// Runs both engines on `b` examples and compares them.
-fn compare(
-    varmap: &VarMap,
-    b: usize,
-    dp_losses: impl Fn() -> candle_core::Result<Tensor>,
-    plain_loss: impl Fn(usize) -> candle_core::Result<Tensor>,
-    tol: f64,
-    what: &str,
-) {
-    let vars = vars_by_name(varmap);
-    let engine = GhostEngine::new(&vars).unwrap();
-    let losses = candle_dp::PerSampleLoss::new(dp_losses().unwrap()).unwrap();
-    let max_grad_norm = 0.2;
-    let ghost = engine.clip(&losses, &ClipMode::Flat, max_grad_norm).unwrap();
-    let oracle = clip_microbatch(&vars, b, plain_loss, max_grad_norm).unwrap();
-    assert_same_clipping(&ghost, &oracle, max_grad_norm, tol, what);
-}
+use common::{ghost_vs_oracle, rel_diff, set_deterministic, tensor};
 
 fn vb(varmap: &VarMap, dtype: DType) -> VarBuilder<'static> {
     VarBuilder::from_varmap(varmap, dtype, &Device::Cpu)
@@ -52,7 +32,7 @@ fn embedding_case(dtype: DType, tol: f64, t: usize) {
         let z = if t == 1 { z } else { z.tanh()?.sum(1)? };
         h.forward(&z)
     };
-    compare(
+    ghost_vs_oracle(
         &varmap,
         b,
         || Ok(loss::mse(&forward(&emb, &head, &ids)?, &target).unwrap().tensor().clone()),
@@ -62,6 +42,7 @@ fn embedding_case(dtype: DType, tol: f64, t: usize) {
                 .tensor()
                 .sum_all()
         },
+        0.2,
         tol,
         "embedding",
     );
@@ -100,7 +81,7 @@ fn norm_case(dtype: DType, tol: f64, rms: bool) {
         let h = Tensor::cat(&[&h, &h], D::Minus1)?.narrow(D::Minus1, 0, 5)?;
         o.forward(&n.forward(&h)?)?.mean(1)
     };
-    compare(
+    ghost_vs_oracle(
         &varmap,
         b,
         || Ok(loss::mse(&forward(&fc, &norm, &out, &x)?, &target).unwrap().tensor().clone()),
@@ -110,6 +91,7 @@ fn norm_case(dtype: DType, tol: f64, rms: bool) {
                 .tensor()
                 .sum_all()
         },
+        0.2,
         tol,
         if rms { "rms_norm" } else { "layer_norm" },
     );
@@ -146,7 +128,7 @@ fn conv2d_case(dtype: DType, tol: f64, group_norm: bool) {
     };
     let gn = gn.as_ref().map(|g| g as &dyn Module);
     let pgn = pgn.as_ref().map(|g| g as &dyn Module);
-    compare(
+    ghost_vs_oracle(
         &varmap,
         b,
         || Ok(loss::cross_entropy(&forward(&conv, gn, &head, &x)?, &y).unwrap().tensor().clone()),
@@ -156,6 +138,7 @@ fn conv2d_case(dtype: DType, tol: f64, group_norm: bool) {
                 .tensor()
                 .sum_all()
         },
+        0.2,
         tol,
         if group_norm { "conv2d + group_norm" } else { "conv2d" },
     );
@@ -189,7 +172,7 @@ fn conv1d_matches_microbatch() {
         let forward = |c: &dyn Module, h: &dyn Module, x: &Tensor| -> candle_core::Result<Tensor> {
             h.forward(&c.forward(x)?.tanh()?.mean(D::Minus1)?)
         };
-        compare(
+        ghost_vs_oracle(
             &varmap,
             b,
             || Ok(loss::mse(&forward(&conv, &head, &x)?, &target).unwrap().tensor().clone()),
@@ -199,6 +182,7 @@ fn conv1d_matches_microbatch() {
                     .tensor()
                     .sum_all()
             },
+            0.2,
             tol,
             "conv1d",
         );
@@ -228,7 +212,7 @@ fn stacked_convolutions_match_microbatch() {
     let forward = |c1: &dyn Module, c2: &dyn Module, h: &dyn Module, x: &Tensor| -> candle_core::Result<Tensor> {
         h.forward(&c2.forward(&c1.forward(x)?.tanh()?)?.relu()?.flatten_from(1)?)
     };
-    compare(
+    ghost_vs_oracle(
         &varmap,
         b,
         || Ok(loss::cross_entropy(&forward(&a, &b2, &head, &x)?, &y).unwrap().tensor().clone()),
@@ -238,6 +222,7 @@ fn stacked_convolutions_match_microbatch() {
                 .tensor()
                 .sum_all()
         },
+        0.2,
         1e-9,
         "conv2d -> conv2d",
     );

@@ -11,27 +11,9 @@ use candle_dp::grad_sample::ghost::GhostEngine;
 use candle_dp::grad_sample::microbatch::clip_microbatch;
 use candle_dp::{loss, ClipMode, DpLinear, Error};
 use candle_nn::{VarBuilder, VarMap};
-use common::{assert_same_clipping, set_deterministic, tensor, vars_by_name};
+use common::{assert_same_clipping, ghost_vs_oracle, set_deterministic, tensor, vars_by_name};
 
 const TOL: f64 = 1e-9;
-
-/// Ghost against the oracle for the variables of `varmap`; returns the norms.
-fn compare(
-    varmap: &VarMap,
-    b: usize,
-    dp_losses: impl Fn() -> candle_core::Result<Tensor>,
-    plain_loss: impl Fn(usize) -> candle_core::Result<Tensor>,
-    max_grad_norm: f64,
-    what: &str,
-) -> Vec<f64> {
-    let vars = vars_by_name(varmap);
-    let engine = GhostEngine::new(&vars).unwrap();
-    let losses = candle_dp::PerSampleLoss::new(dp_losses().unwrap()).unwrap();
-    let ghost = engine.clip(&losses, &ClipMode::Flat, max_grad_norm).unwrap();
-    let oracle = clip_microbatch(&vars, b, plain_loss, max_grad_norm).unwrap();
-    assert_same_clipping(&ghost, &oracle, max_grad_norm, TOL, what);
-    ghost.norms
-}
 
 /// A GPT-2-shaped toy: token embedding `[V, d]`, one hidden DP linear used
 /// twice, and the output projection tied to the embedding table. With
@@ -65,7 +47,7 @@ fn embedding_tied_to_output(t: usize, vocab: usize, d: usize, lookup_twice: bool
         let z = h.forward(&h.forward(&z)?.tanh()?)?.tanh()?;
         o.forward(&z)
     };
-    compare(
+    ghost_vs_oracle(
         &varmap,
         b,
         || Ok(loss::mse(&forward(&wte, &hidden, &lm_head, &ids, &shifted)?, &target).unwrap().tensor().clone()),
@@ -74,6 +56,7 @@ fn embedding_tied_to_output(t: usize, vocab: usize, d: usize, lookup_twice: bool
             loss::mse(&logits, &target.narrow(0, i, 1)?).unwrap().tensor().sum_all()
         },
         0.05,
+        TOL,
         &format!("embedding tied to output, T = {t}, V = {vocab}, d = {d}"),
     );
 }
@@ -120,7 +103,7 @@ fn linear_tied_to_linear(t: usize, d: usize) {
         let h = f.forward(&f.forward(x)?.tanh()?)?.tanh()?;
         o.forward(&s.forward(&h)?.tanh()?)?.mean(D::Minus2)
     };
-    compare(
+    ghost_vs_oracle(
         &varmap,
         b,
         || Ok(loss::mse(&forward(&first, &second, &out, &x)?, &target).unwrap().tensor().clone()),
@@ -129,6 +112,7 @@ fn linear_tied_to_linear(t: usize, d: usize) {
             loss::mse(&y, &target.narrow(0, i, 1)?).unwrap().tensor().sum_all()
         },
         0.3,
+        TOL,
         &format!("linear tied to linear, T = {t}, d = {d}"),
     );
 }

@@ -121,3 +121,25 @@ pub fn assert_same_clipping(
     }
     assert!(ghost.norms.iter().any(|n| *n > max_grad_norm), "{what}: clipping must be active for some examples");
 }
+
+/// Both engines over every variable of `varmap` on `b` examples: the ghost
+/// engine on the DP model's per-example losses, the microbatch oracle on
+/// the plain twin's loss of example `i`; asserts they agree
+/// ([`assert_same_clipping`]).
+pub fn ghost_vs_oracle(
+    varmap: &VarMap,
+    b: usize,
+    dp_losses: impl Fn() -> Result<Tensor>,
+    plain_loss: impl Fn(usize) -> Result<Tensor>,
+    max_grad_norm: f64,
+    tol: f64,
+    what: &str,
+) {
+    use candle_dp::grad_sample::{ghost::GhostEngine, microbatch::clip_microbatch};
+    let vars = vars_by_name(varmap);
+    let engine = GhostEngine::new(&vars).unwrap();
+    let losses = candle_dp::PerSampleLoss::new(dp_losses().unwrap()).unwrap();
+    let ghost = engine.clip(&losses, &candle_dp::ClipMode::Flat, max_grad_norm).unwrap();
+    let oracle = clip_microbatch(&vars, b, plain_loss, max_grad_norm).unwrap();
+    assert_same_clipping(&ghost, &oracle, max_grad_norm, tol, what);
+}
