@@ -87,7 +87,8 @@ struct Args {
     optimizer: Opt,
     /// Decay of the exponential moving average of the weights that is
     /// evaluated and saved (0 disables it). Averaging is post-processing of
-    /// the privatized updates: it costs no privacy.
+    /// the privatized updates: it costs no privacy. The average is not in the
+    /// checkpoint: it restarts from the weights at a resume.
     #[arg(long, default_value_t = 0.0)]
     ema: f64,
     /// Print summary.json as the last line of stdout.
@@ -170,6 +171,18 @@ fn check_flags(args: &Args) -> Result<(), AnyError> {
     if args.resume.is_some() && args.non_private {
         return Err("--resume continues a DP run; it cannot be combined with --non-private".into());
     }
+    if let (Some(resume), Some(out)) = (&args.resume, &args.out) {
+        // Continuing a run elsewhere would fork it: two models, two ledgers,
+        // each counting only its own branch of the privacy spent.
+        if resume != out {
+            return Err(format!(
+                "--out {} with --resume {}: a run continues in its own folder",
+                out.display(),
+                resume.display()
+            )
+            .into());
+        }
+    }
     Ok(())
 }
 
@@ -183,8 +196,13 @@ fn run_in_folder(args: &Args) -> Result<(), AnyError> {
         .unwrap_or_else(|| PathBuf::from(format!("runs/digits-{}", common::utc_stamp())));
     let created = !out.exists();
     let result = run(args, &out);
-    if result.is_err() && created && std::fs::read_dir(&out).is_ok_and(|mut d| d.next().is_none()) {
-        let _ = std::fs::remove_dir(&out);
+    // A run that failed before its first checkpoint cannot be resumed: its
+    // flags go, and so does the folder if this run made it and left it empty.
+    if result.is_err() && created && !out.join("checkpoint").exists() {
+        let _ = std::fs::remove_file(out.join("run.json"));
+        if std::fs::read_dir(&out).is_ok_and(|mut d| d.next().is_none()) {
+            let _ = std::fs::remove_dir(&out);
+        }
     }
     result
 }
@@ -238,7 +256,7 @@ fn run(args: &Args, out: &std::path::Path) -> Result<(), AnyError> {
             return Ok(());
         }
     }
-    if args.resume.is_none() && out.join("run.json").exists() {
+    if args.resume.is_none() && (out.join("run.json").exists() || out.join("checkpoint").exists()) {
         return Err(format!(
             "{} holds a run already: continue it with --resume, or choose another --out",
             out.display()

@@ -112,13 +112,27 @@ struct Manifest {
 
 impl Manifest {
     /// The SHA-256 (hex) of the canonical JSON of every other field: the
-    /// compact form of the manifest as a JSON value (keys in `serde_json`'s
-    /// map order, floats in shortest round-trip form), `manifest_sha256` "".
+    /// compact form of the manifest as a JSON value with every object's keys
+    /// sorted (whatever map `serde_json` is built with) and floats in
+    /// shortest round-trip form, `manifest_sha256` "".
     fn digest(&self) -> String {
         let unsealed = Manifest { manifest_sha256: String::new(), ..self.clone() };
         // Plain data with string keys always serializes.
-        let bytes = serde_json::to_value(&unsealed).and_then(|v| serde_json::to_vec(&v)).unwrap_or_default();
-        dp_accountant::ledger::hex(&Sha256::digest(bytes))
+        let value = serde_json::to_value(&unsealed).map(sorted_keys).unwrap_or_default();
+        dp_accountant::ledger::hex(&Sha256::digest(serde_json::to_vec(&value).unwrap_or_default()))
+    }
+}
+
+/// `value` with every object's keys inserted in sorted order.
+fn sorted_keys(value: serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(map) => {
+            let mut entries: Vec<_> = map.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            serde_json::Value::Object(entries.into_iter().map(|(k, v)| (k, sorted_keys(v))).collect())
+        }
+        serde_json::Value::Array(items) => serde_json::Value::Array(items.into_iter().map(sorted_keys).collect()),
+        other => other,
     }
 }
 
@@ -184,6 +198,20 @@ impl<O: Optimizer> DpOptimizer<O> {
         sampler: Option<&PoissonSampler>,
     ) -> Result<()> {
         let dir = dir.as_ref();
+        // A fixed-seed Poisson run resumes only with its sampler's state.
+        let sampler_ok = match sampler {
+            Some(s) => s.description() == self.sampler,
+            None => self.sampler.sample_rate().is_none() || self.sampler.seeding() != Seeding::Fixed,
+        };
+        if !sampler_ok {
+            return Err(Error::Checkpoint {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "pass the sampler this run draws from ({:?}): a fixed-seed Poisson run resumes only with its state",
+                    self.sampler
+                ),
+            });
+        }
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let weights = dir.join(WEIGHTS);
         varmap.save(&weights)?;
@@ -254,12 +282,14 @@ impl<O: Optimizer> DpOptimizer<O> {
                 "manifest_sha256 does not match the manifest: it was edited after it was written".into(),
             ));
         }
-        // A generator's state is saved exactly when it was seeded by the user.
-        for (what, seeding, state) in [
-            ("noise", m.noise_seeding, m.noise_state.is_some()),
-            ("sampler", m.sampler_seeding, m.sampler_state.is_some()),
+        // A generator's state is saved exactly when it was seeded by the user
+        // (for the sampler: a Poisson one; a shuffled sampler has no state here).
+        let poisson = m.sample_rate.is_some();
+        for (what, seeding, state, saved) in [
+            ("noise", m.noise_seeding, m.noise_state.is_some(), true),
+            ("sampler", m.sampler_seeding, m.sampler_state.is_some(), poisson),
         ] {
-            if (seeding == Seeding::Fixed) != state {
+            if (saved && (seeding == Seeding::Fixed) != state) || (!saved && state) {
                 return Err(bad(&path, format!("{what} seeding {seeding:?} contradicts the saved {what} state")));
             }
         }
@@ -280,7 +310,6 @@ impl<O: Optimizer> DpOptimizer<O> {
                 format!("{} steps recorded, the manifest says {}", ledger.total_steps(), m.steps),
             ));
         }
-        varmap.load(&weights)?;
 
         // Validated as any description is: a manifest is input like any other.
         let sampler = match (m.sample_rate, m.batch_size) {
@@ -307,6 +336,8 @@ impl<O: Optimizer> DpOptimizer<O> {
         }
         let mut opt = builder.build(config)?;
         check_against_ledger(&opt, &ledger, m.budget, &ledger_path)?;
+        // Only now, with every check passed: a refused checkpoint changes nothing.
+        varmap.load(&weights)?;
         opt.steps = m.steps;
         opt.ledger = ledger;
         let poisson = match (sampler.sample_rate(), &m.sampler_state) {

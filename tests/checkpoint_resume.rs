@@ -198,3 +198,87 @@ fn every_privacy_setting_of_the_manifest_is_covered() {
     std::fs::write(&path, serde_json::to_string_pretty(&original).unwrap()).unwrap();
     resume().unwrap();
 }
+
+/// Checkpoints of other configurations resume too (no false "edited"): a
+/// fixed-seed shuffled sampler (whose state is not saved), per-layer
+/// clipping, the PLD accountant, an OS-seeded Poisson run, several ledger
+/// flushes; and a refused checkpoint leaves the caller's weights as they were.
+#[test]
+fn other_configurations_resume_and_a_refused_one_changes_nothing() {
+    use candle_dp::accountant::AccountantKind;
+    use candle_dp::{ClipMode, ShuffledSampler};
+    type Make = Box<dyn Fn(&VarMap) -> (DpOptimizer<SGD>, Option<PoissonSampler>)>;
+    let cases: Vec<(&str, Make)> = vec![
+        (
+            "shuffled, fixed seed",
+            Box::new(|m: &VarMap| {
+                let s = ShuffledSampler::new(60, 10, Some(3)).unwrap();
+                let o = DpOptimizer::<SGD>::builder(vars_by_name(m), s.description())
+                    .noise_multiplier(1.3)
+                    .noise(GaussianNoise::from_seed(1))
+                    .build(0.2)
+                    .unwrap();
+                (o, None)
+            }),
+        ),
+        (
+            "per-layer, PLD, OS-seeded sampler",
+            Box::new(|m: &VarMap| {
+                let s = PoissonSampler::new(60, 0.2).unwrap();
+                let o = DpOptimizer::<SGD>::builder(vars_by_name(m), s.description())
+                    .noise_multiplier(1.3)
+                    .clipping(ClipMode::per_layer_uniform(1.0, 2))
+                    .accountant(AccountantKind::Pld)
+                    .budget(PrivacyBudget { epsilon: 50.0, delta: 1e-5 })
+                    .noise(GaussianNoise::from_seed(1))
+                    .build(0.2)
+                    .unwrap();
+                (o, Some(s))
+            }),
+        ),
+    ];
+    for (what, make) in cases {
+        let map = VarMap::new();
+        let (model, _) = mlp_pair(&map, &[5, 6, 3], DType::F32).unwrap();
+        set_deterministic(&map, 7).unwrap();
+        let (mut opt, sampler) = make(&map);
+        let (x, y) = data();
+        for k in 0..6 {
+            opt.accumulate(&loss::cross_entropy(&model.forward(&x).unwrap(), &y).unwrap()).unwrap();
+            opt.step().unwrap();
+            if k % 2 == 1 {
+                opt.flush_ledger().unwrap(); // several ledger entries
+            }
+        }
+        let d = dir(&format!("config-{}", what.len()));
+        opt.save_checkpoint(&d, &map, sampler.as_ref()).unwrap();
+        let mut m = VarMap::new();
+        let _model = mlp_pair(&m, &[5, 6, 3], DType::F32).unwrap();
+        let vars = vars_by_name(&m);
+        let before = weights(&m);
+        let (resumed, _) = DpOptimizer::<SGD>::resume(&d, &mut m, vars.clone(), 0.2).unwrap();
+        assert_eq!(resumed.steps(), 6, "{what}");
+        assert_eq!(resumed.epsilon(1e-5).unwrap(), opt.epsilon(1e-5).unwrap(), "{what}");
+        drop(resumed);
+
+        // Refused (its ledger edited): the caller's variables are untouched.
+        let mut m2 = VarMap::new();
+        let _model2 = mlp_pair(&m2, &[5, 6, 3], DType::F32).unwrap();
+        set_deterministic(&m2, 99).unwrap();
+        let untouched = weights(&m2);
+        let l = d.join("ledger.json");
+        let text = std::fs::read_to_string(&l).unwrap();
+        assert!(text.contains("\"clipping_norm\": 1.0"), "{what}");
+        std::fs::write(&l, text.replacen("\"clipping_norm\": 1.0", "\"clipping_norm\": 2.0", 1)).unwrap();
+        let vars2 = vars_by_name(&m2);
+        assert!(DpOptimizer::<SGD>::resume(&d, &mut m2, vars2, 0.2).is_err(), "{what}");
+        assert_eq!(weights(&m2), untouched, "{what}: a refused checkpoint loads nothing");
+        assert_ne!(before, untouched);
+    }
+    // A fixed-seed Poisson run must be saved with its sampler.
+    let (map, _model, mut opt, _sampler) = fresh(None);
+    opt.accumulate_empty();
+    opt.step().unwrap();
+    let err = opt.save_checkpoint(dir("nosampler"), &map, None).unwrap_err().to_string();
+    assert!(err.contains("pass the sampler"), "{err}");
+}

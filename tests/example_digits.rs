@@ -107,6 +107,11 @@ fn resume_takes_the_run_flags_and_refuses_conflicting_ones() {
     assert_eq!(conflict.status.code(), Some(2));
     let err = stderr(&conflict);
     assert!(err.contains("--epsilon 1.0 (the run has 3.0)") && err.contains("--max-grad-norm 0.5"), "{err}");
+    // Continuing it in another folder would fork it.
+    let elsewhere = folder("fork").display().to_string();
+    let fork = run(&["--resume", &o, "--out", &elsewhere]);
+    assert_eq!(fork.status.code(), Some(2));
+    assert!(stderr(&fork).contains("a run continues in its own folder"), "{}", stderr(&fork));
     // The same value as the run's is no conflict; nothing is trained again.
     let resumed = run(&["--resume", &o, "--epochs", "1"]);
     assert!(resumed.status.success(), "{}", stderr(&resumed));

@@ -245,4 +245,19 @@ fn a_layer_trained_by_two_optimizers_is_refused() {
     assert!(matches!(err, Error::LayerTrainedTwice { index: 0, .. }), "{err}");
     drop(first);
     GhostEngine::new(&vars[1..]).unwrap();
+
+    // A layer built after two engines exist, over a variable of each.
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let a = candle_dp::linear(4, 2, vb.pp("a")).unwrap();
+    let b = candle_dp::linear(4, 2, vb.pp("b")).unwrap();
+    let vars = vars_by_name(&varmap); // a.bias, a.weight, b.bias, b.weight
+    let (ea, eb) = (GhostEngine::new(&vars[..2]).unwrap(), GhostEngine::new(&vars[2..]).unwrap());
+    let _mixed = DpLinear::new(a.weight().clone(), b.bias().cloned());
+    let x = tensor(&[3, 4], 80, 1.0, DType::F32).unwrap();
+    let losses = a.forward(&x).unwrap().sqr().unwrap().sum(1).unwrap();
+    let err = ea.clip(&candle_dp::PerSampleLoss::new(losses).unwrap(), &ClipMode::Flat, 1.0).unwrap_err();
+    assert!(matches!(err, Error::LayerTrainedTwice { .. }), "{err}");
+    assert_eq!(a.captured_uses(), 0, "cleared all the same");
+    drop(eb);
 }

@@ -33,7 +33,7 @@ pub struct ClippedBatch {
 pub struct GhostEngine {
     vars: Vec<Var>,
     /// Shared by clones; released when the last clone goes.
-    _claims: Arc<Claims>,
+    claims: Arc<Claims>,
 }
 
 /// The layers in use for one batch: each variable's (layer, parameter)
@@ -59,7 +59,7 @@ impl GhostEngine {
             }
         }
         let claims = Claims::new(vars)?;
-        Ok(Self { vars: vars.to_vec(), _claims: Arc::new(claims) })
+        Ok(Self { vars: vars.to_vec(), claims: Arc::new(claims) })
     }
 
     /// The number of clipping groups (for per-layer clipping): DP layers,
@@ -77,6 +77,10 @@ impl GhostEngine {
         for (index, var) in self.vars.iter().enumerate() {
             let mut uses = Vec::new();
             for owner in registry::users(var.id()) {
+                // A layer built after two engines could mix their variables.
+                if owner.parameters().iter().any(|p| registry::trained_by(p).is_some_and(|t| t != self.claims.token)) {
+                    return Err(Error::LayerTrainedTwice { index, shape: var.dims().to_vec() });
+                }
                 let slot = layers.iter().position(|l| Arc::ptr_eq(l, &owner)).unwrap_or_else(|| {
                     layers.push(owner.clone());
                     layers.len() - 1
@@ -109,7 +113,16 @@ impl GhostEngine {
     /// another batch; [`Error::CaptureMismatch`] for a layer whose uses were
     /// captured before its parameter was claimed.
     pub fn clip(&self, losses: &PerSampleLoss, clipping: &ClipMode, max_grad_norm: f64) -> Result<ClippedBatch> {
-        let users = self.users()?;
+        let users = match self.users() {
+            Ok(users) => users,
+            Err(e) => {
+                // Still leave no captures behind in the layers that are there.
+                for var in &self.vars {
+                    registry::users(var.id()).iter().for_each(|l| l.clear());
+                }
+                return Err(e);
+            }
+        };
         let result = self.clip_inner(&users, losses, clipping, max_grad_norm);
         for layer in &users.layers {
             layer.clear();

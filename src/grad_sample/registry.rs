@@ -44,8 +44,7 @@ pub(crate) trait GhostLayer: Send + Sync + std::fmt::Debug {
 #[derive(Default)]
 struct Table {
     users: HashMap<TensorId, Vec<Weak<dyn GhostLayer>>>,
-    /// The engine (token) that trains a variable, and how many of its
-    /// clones hold the claim.
+    /// The engine (its token, shared by its clones) that trains a variable.
     claims: HashMap<TensorId, u64>,
 }
 
@@ -103,6 +102,11 @@ pub(crate) fn check_parameter(p: &Tensor, what: &'static str) -> Result<()> {
     Ok(())
 }
 
+/// The token of the live engine that trains the tensor `p`, if any.
+pub(crate) fn trained_by(p: &Tensor) -> Option<u64> {
+    lock().claims.get(&p.id()).copied()
+}
+
 /// Whether a live engine trains the tensor `p` (by id).
 pub(crate) fn is_trained(p: &Tensor) -> bool {
     lock().claims.contains_key(&p.id())
@@ -113,7 +117,7 @@ pub(crate) fn is_trained(p: &Tensor) -> bool {
 #[derive(Debug)]
 pub(crate) struct Claims {
     ids: Vec<TensorId>,
-    token: u64,
+    pub(crate) token: u64,
 }
 
 impl Claims {

@@ -229,7 +229,9 @@ impl CustomOp2 for LinearOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         if let Some(slot) = &self.grad {
-            *lock(slot) = Some(grad.clone());
+            // Detached: with CANDLE_GRAD_DO_NOT_DETACH the gradient would keep
+            // its graph, which holds this op's layer: a cycle.
+            *lock(slot) = Some(grad.detach());
         }
         let grad_x = if x.track_op() { Some(grad.matmul(w)?) } else { None };
         Ok((grad_x, None))

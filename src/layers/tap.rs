@@ -127,7 +127,9 @@ impl CustomOp2 for TapOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         if let Some(slot) = &self.slot {
-            *lock(slot) = Some(grad.clone());
+            // Detached: with CANDLE_GRAD_DO_NOT_DETACH the gradient would keep
+            // its graph, which holds this op's layer: a cycle.
+            *lock(slot) = Some(grad.detach());
         }
         let second_grad = match &self.input_grad {
             Some(f) if second.track_op() => Some(f(grad)?),
