@@ -225,11 +225,13 @@ impl ParamGrads {
     /// computed again in `f64`.
     pub(crate) fn squared_norm_bounds(&self, b: usize) -> Result<Vec<f64>> {
         let (estimates, errors) = self.estimates_and_errors(b)?;
-        let loose = estimates.iter().zip(&errors).any(|(q, e)| *e > 1e-3 * q.max(0.0));
+        let loose = estimates.iter().zip(&errors).any(|(q, e)| *e > 1e-3 * q.abs());
         if loose && self.work != DType::F64 {
             return self.widened()?.squared_norm_bounds(b);
         }
-        Ok(estimates.iter().zip(&errors).map(|(q, e)| q.max(0.0) + e).collect())
+        // A rounded estimate may dip below 0; a NaN must stay NaN (f64::max
+        // would turn it into 0 and let a NaN gradient through).
+        Ok(estimates.iter().zip(&errors).map(|(q, e)| if *q < 0.0 { *e } else { q + e }).collect())
     }
 
     /// Per example, the computed squared norm and a bound on its rounding error.
@@ -438,6 +440,22 @@ mod tests {
         .unwrap();
         assert!(!grads.ghost().unwrap());
         check(&grads.squared_norm_bounds(b).unwrap(), &exact_of(&outer(&u, &v)), "materialized");
+    }
+
+    /// A NaN anywhere in an example's factors gives that example a NaN
+    /// bound (the engine then refuses the step), in every regime.
+    #[test]
+    fn a_nan_factor_gives_a_nan_bound() {
+        for (t, r, c) in [(1, 3, 4), (3, 5, 6), (9, 2, 2)] {
+            let mut u = f64s(&det(&[2, t, r], 41));
+            u[r * t + 1] = f64::NAN; // example 1
+            let u = Tensor::from_vec(u.iter().map(|&x| x as f32).collect::<Vec<_>>(), (2, t, r), &Device::Cpu).unwrap();
+            let v = det(&[2, t, c], 42);
+            let grads =
+                ParamGrads::new(vec![UseGrad::Outer { rows: Rows::Dense(u), cols: v }], &[r, c], DType::F32).unwrap();
+            let bounds = grads.squared_norm_bounds(2).unwrap();
+            assert!(bounds[0].is_finite() && bounds[1].is_nan(), "T = {t}: {bounds:?}");
+        }
     }
 
     /// A table used as an embedding (one-hot rows) and by a dense use that
