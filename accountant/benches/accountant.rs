@@ -73,5 +73,29 @@ fn pld_10k_steps(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, epsilon_100k_steps, pld_10k_steps);
+/// A report on one ledger entry of 2 000 distinct steps (a noise schedule):
+/// the claim of issue 12 is under a second with RDP (it was over 30 s).
+fn report_2000_distinct_steps(c: &mut Criterion) {
+    use dp_accountant::{Ledger, MechanismRecord, NoiseGenerator, NoiseSource, PrivacyReport, SamplerKind, Seeding};
+    let mut ledger = Ledger::new(Default::default());
+    let steps = (0..2000).map(|k| DpEvent::poisson_sampled_gaussian(0.01, 1.0 + k as f64 * 1e-3)).collect();
+    ledger
+        .append(MechanismRecord {
+            event: DpEvent::composed(steps),
+            adjacency: Adjacency::AddOrRemoveOne,
+            clipping_norm: 1.0,
+            sampler: SamplerKind::Poisson,
+            noise: NoiseSource { generator: NoiseGenerator::Chacha20, seed: Seeding::OsEntropy },
+            sampler_seed: Seeding::OsEntropy,
+        })
+        .unwrap();
+    let mut group = c.benchmark_group("report");
+    group.sample_size(10);
+    group.bench_function("rdp/one_entry_of_2000_distinct_steps", |b| {
+        b.iter(|| PrivacyReport::from_ledger(black_box(&ledger), Some(1e-5)).unwrap())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, epsilon_100k_steps, pld_10k_steps, report_2000_distinct_steps);
 criterion_main!(benches);

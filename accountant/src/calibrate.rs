@@ -116,7 +116,10 @@ pub fn calibrate_with<B: EpsilonAnswer>(
         hi *= 2.0;
         if hi > MAX_NOISE_MULTIPLIER {
             return Err(Error::Calibration {
-                reason: format!("no noise multiplier up to {MAX_NOISE_MULTIPLIER:e} reaches epsilon {target}"),
+                reason: format!(
+                    "no noise multiplier up to {MAX_NOISE_MULTIPLIER:e} reaches epsilon {}",
+                    crate::report::fmt_num(target)
+                ),
             });
         }
         e_hi = epsilon_of(hi)?;
@@ -129,8 +132,9 @@ pub fn calibrate_with<B: EpsilonAnswer>(
         if lo < MIN_NOISE_MULTIPLIER {
             return Err(Error::Calibration {
                 reason: format!(
-                    "epsilon {target} is met even at noise multiplier {MIN_NOISE_MULTIPLIER:e}: the target is too \
-                     loose to calibrate against"
+                    "epsilon {} is met even at noise multiplier {MIN_NOISE_MULTIPLIER:e}: the target is too \
+                     loose to calibrate against",
+                    crate::report::fmt_num(target)
                 ),
             });
         }
@@ -169,7 +173,13 @@ pub fn calibrate_with<B: EpsilonAnswer>(
     if e_hi.epsilon_upper() < 0.999 * target {
         return Err(Error::Calibration {
             reason: format!(
-                "epsilon jumps past {target} between noise multipliers; no multiplier gives it within 0.1%"
+                "target epsilon {} cannot be met to within 0.1%: the accountant's epsilon falls from above {} \
+                 to {} between two noise multipliers that differ by less than 1e-13 (relative), so no noise \
+                 multiplier gives an epsilon just below the target; very small targets hit this first (an RDP \
+                 bound cannot go below its conversion's floor). Aim for a larger target epsilon",
+                crate::report::fmt_num(target),
+                crate::report::fmt_num(target),
+                crate::report::fmt_num(e_hi.epsilon_upper())
             ),
         });
     }

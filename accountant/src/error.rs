@@ -40,13 +40,27 @@ pub enum Error {
     /// the privacy loss to stay in a reasonable range).
     #[error(
         "PLD accountant: the grid needs {points} points, more than the limit of {limit}: request a larger \
-         epsilon_error"
+         epsilon_error (--epsilon-error), or use the RDP accountant (--accountant rdp)"
     )]
     GridTooLarge {
         /// Grid points needed.
         points: u64,
         /// The most allowed.
         limit: u64,
+    },
+    /// The PLD accountant would work longer than its bound
+    /// ([`crate::pld::MAX_WORK`] or the caller's): many distinct steps, very
+    /// many steps, or a fine `epsilon_error`. Checked before the work starts.
+    #[error(
+        "PLD accountant: this composition needs about {work:.1e} operations (about {:.0} s), more than the limit of \
+         {limit:.1e}: use the RDP accountant (--accountant rdp) or a larger epsilon_error (--epsilon-error)",
+        work * 7e-9
+    )]
+    PldWorkTooLarge {
+        /// The estimated work (FFT butterflies and grid points, see `pld::MAX_WORK`).
+        work: f64,
+        /// The most allowed.
+        limit: f64,
     },
     /// A numerical routine failed (it should not: please report it).
     #[error("numerical failure: {reason}")]
@@ -57,6 +71,15 @@ pub enum Error {
     /// The ledger is malformed, altered or inconsistent.
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    /// A key file could not be read, written or understood, or no entropy
+    /// was available to make a key.
+    #[error("{}{reason}", path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default())]
+    Key {
+        /// The key file, if the problem is with one.
+        path: Option<PathBuf>,
+        /// What is wrong.
+        reason: String,
+    },
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -146,6 +169,47 @@ pub enum LedgerError {
         /// How many entries the ledger holds.
         entries: usize,
     },
+    /// A key that appears twice in one JSON object: a reader that keeps the
+    /// first copy would see another ledger than one that keeps the last.
+    #[error("ledger{}: duplicate key `{key}`: each key may appear once", at(*entry))]
+    DuplicateKey {
+        /// The entry, if the key is inside one.
+        entry: Option<usize>,
+        /// The key's path inside the entry (or the file), e.g. `record.mechanism.clipping_norm`.
+        key: String,
+    },
+    /// The file is not byte for byte the rendering this crate writes for the
+    /// values it holds (only trailing whitespace may differ): reformatted or
+    /// edited by hand. The hash covers the values, so only the canonical
+    /// rendering ties the bytes a reader sees to the hash.
+    #[error(
+        "ledger{}: not in canonical form at `{key}` (line {line}): the file differs from what the writer produces \
+         for its own values (edited, or reformatted by another tool)",
+        at(*entry)
+    )]
+    NonCanonical {
+        /// The entry, if the difference is inside one.
+        entry: Option<usize>,
+        /// The path of the first difference, e.g. `record.mechanism.clipping_norm`.
+        key: String,
+        /// The line (from 1) of the first difference in the file.
+        line: usize,
+    },
+    /// The ledger carries a signature that does not verify under the key it
+    /// names (or that is malformed).
+    #[error("ledger: signature: {reason}")]
+    BadSignature {
+        /// What is wrong.
+        reason: String,
+    },
+    /// The ledger is signed by another key than the trusted one (or not at all).
+    #[error("ledger: {found}: not the trusted key {trusted}")]
+    UntrustedSigner {
+        /// The trusted key's fingerprint.
+        trusted: String,
+        /// Who signed: a key fingerprint, or "not signed".
+        found: String,
+    },
     /// An entry whose values are out of range or contradict each other.
     #[error("ledger entry {entry}: {message}")]
     InvalidEntry {
@@ -180,6 +244,9 @@ pub enum Valid {
     AboveOne,
     /// An integer `>= 1`.
     AtLeastOne,
+    /// An RDP order: `1 < x <= 1e6` (the exact series takes time linear in
+    /// the order; 1e6 takes about 20 ms).
+    Order,
 }
 
 impl Valid {
@@ -193,6 +260,7 @@ impl Valid {
             Valid::ClosedUnit => (0.0..=1.0).contains(&x),
             Valid::AboveOne => x > 1.0 && x < f64::INFINITY,
             Valid::AtLeastOne => (1.0..f64::INFINITY).contains(&x) && x.fract() == 0.0,
+            Valid::Order => x > 1.0 && x <= 1e6,
         }
     }
 }
@@ -207,6 +275,7 @@ impl fmt::Display for Valid {
             Valid::ClosedUnit => "in [0, 1]",
             Valid::AboveOne => "finite and > 1",
             Valid::AtLeastOne => "an integer >= 1",
+            Valid::Order => "> 1 and <= 1e6 (the series takes time linear in the order)",
         })
     }
 }

@@ -19,6 +19,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ensure, Error, Result, Valid};
 
+/// Subsampled Gaussian steps with more noise than this are accounted as if
+/// they had exactly this much: beyond it their series and grids lose all
+/// precision (`sigma^2` overflows near 1e154), while their privacy loss is
+/// already below 1e-15 per step. Less noise can only raise epsilon, so the
+/// cap errs on the safe side.
+pub(crate) const NOISE_MULTIPLIER_CAP: f64 = 1e8;
+
 /// Which datasets count as neighbours: the unit of privacy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -177,6 +184,17 @@ impl DpEvent {
         let mut out = Vec::new();
         walk(self, 1, &mut out);
         out
+    }
+
+    /// The number of noisy steps (noisy releases) the event stands for,
+    /// `None` if it exceeds `u64::MAX` (what ledgers check).
+    pub fn checked_steps(&self) -> Option<u64> {
+        match self {
+            DpEvent::Gaussian { .. } | DpEvent::PoissonSampled { .. } => Some(1),
+            DpEvent::SelfComposed { event, count } => event.checked_steps()?.checked_mul(*count),
+            DpEvent::Composed { events } => events.iter().try_fold(0u64, |s, e| s.checked_add(e.checked_steps()?)),
+            DpEvent::ShuffledFixedSizeBatches { steps, .. } => Some(*steps),
+        }
     }
 
     /// The number of noisy steps (noisy releases) the event stands for.

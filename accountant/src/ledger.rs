@@ -7,21 +7,53 @@
 //!   "header": { "created_by": "...", "dataset_size": 1797, "target": {"epsilon": 3.0, "delta": 1e-5} },
 //!   "entries": [ { "index": 0, "prev_hash": "<hex>", "record": { "mechanism": { ... } }, "hash": "<hex>" },
 //!                { "index": 1, "prev_hash": "<hex>", "record": { "release": { ... } }, "hash": "<hex>" } ],
-//!   "head": "<hex>" }
+//!   "head": "<hex>",
+//!   "signature": { "algorithm": "ed25519", "public_key": "<hex>", "signature": "<hex>" } }
 //! ```
 //! `hash_k = SHA-256("dp-accountant-ledger-entry-v1\n" || prev_hash_k || index_k (u64, big endian) || canonical(record_k))`,
 //! `prev_hash_0 = SHA-256("dp-accountant-ledger-header-v1\n" || canonical(header))`, and
 //! `head` is the last hash (the header's hash for an empty ledger). The
 //! canonical bytes are the compact JSON this crate writes (fields in
-//! declaration order, floats in shortest round-trip form), so a value that
-//! parses to the same number hashes the same.
+//! declaration order, floats in shortest round-trip form).
+//!
+//! # One canonical, lossless encoding
+//! Floats are hashed as serde_json renders them (shortest round-trip form)
+//! and parsed with serde_json's `float_roundtrip` feature, which reads every
+//! such rendering back to the same bits. Hashing the raw bits instead would
+//! have changed the hash of every ledger already written; this way the
+//! format, and its hashes, are those the writer has always produced, and
+//! ledgers written by earlier versions keep verifying.
+//!
+//! The hash covers values, so the *bytes* are tied to it by a second rule:
+//! a file verifies only if it is byte for byte the pretty rendering
+//! [`Ledger::to_json`] produces for the values it holds, trailing whitespace
+//! aside. Any other spelling of a number (`1.00`, `1e0`, 17 more digits), a
+//! reordered or repeated key, other whitespace or escapes is refused as
+//! [`LedgerError::NonCanonical`] or [`LedgerError::DuplicateKey`], with the
+//! entry and the key. Two files that verify with the same head are therefore
+//! the same file, whatever parser reads them, and a parser that misread a
+//! number would be caught too (its re-rendering would differ).
 //!
 //! # What the chain detects
 //! Any edit of a header or entry, reordering, insertion or removal of entries,
 //! and truncation or extension that does not also rewrite `head`. A chain
 //! without a secret cannot stop someone who rewrites every hash: anchor the
 //! head elsewhere (the report prints it, checkpoints store it) and check it
-//! with [`Ledger::verify_head`] or `dp-accountant verify --expect-head`.
+//! with [`Ledger::verify_head`] or `dp-accountant verify --expect-head`, or
+//! sign it.
+//!
+//! # Signature (optional)
+//! `signature`, when present, is an Ed25519 signature over the head (see
+//! [`crate::signing`]: the message is `"dp-accountant-ledger-head-signature-v1\n"`
+//! followed by the head's 32 bytes), with the signer's public key, both
+//! lower-case hex. It is part of the file, so the canonical-form rule covers
+//! it; it is not part of any hash (it signs the last one). Every load checks
+//! it against the key it names ([`LedgerError::BadSignature`]);
+//! [`Ledger::verify_signature`] checks that key is the one a reviewer trusts.
+//! Appending to a signed ledger drops the signature: it signed another head.
+//! A ledger without the field is exactly a ledger of earlier versions.
+
+mod canonical;
 
 use std::path::Path;
 
@@ -33,6 +65,7 @@ use crate::event::{Adjacency, DpEvent};
 use crate::kind::AccountantKind;
 use crate::pld::PldAccountant;
 use crate::rdp::RdpAccountant;
+use crate::signing::{PublicKey, SecretKey};
 
 /// The `format` tag of a ledger file.
 pub const LEDGER_FORMAT: &str = "dp-accountant-ledger";
@@ -183,11 +216,32 @@ pub struct LedgerEntry {
     pub hash: String,
 }
 
+/// The signature algorithms a ledger's head may be signed with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SignatureAlgorithm {
+    /// Ed25519 (RFC 8032), strict verification.
+    Ed25519,
+}
+
+/// A signature over the ledger's head (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadSignature {
+    /// The algorithm.
+    pub algorithm: SignatureAlgorithm,
+    /// The signer's public key, 64 lower-case hex digits.
+    pub public_key: String,
+    /// The signature, 128 lower-case hex digits.
+    pub signature: String,
+}
+
 /// The ledger of one training run: verified on every load, append-only in memory.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ledger {
     header: LedgerHeader,
     entries: Vec<LedgerEntry>,
+    signature: Option<HeadSignature>,
 }
 
 #[derive(Serialize)]
@@ -197,6 +251,8 @@ struct LedgerFileOut<'a> {
     header: &'a LedgerHeader,
     entries: &'a [LedgerEntry],
     head: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    signature: Option<&'a HeadSignature>,
 }
 
 #[derive(Deserialize)]
@@ -209,12 +265,14 @@ struct LedgerFileIn {
     header: LedgerHeader,
     entries: Vec<serde_json::Value>,
     head: String,
+    #[serde(default)]
+    signature: Option<HeadSignature>,
 }
 
 impl Ledger {
     /// An empty ledger.
     pub fn new(header: LedgerHeader) -> Self {
-        Self { header, entries: Vec::new() }
+        Self { header, entries: Vec::new(), signature: None }
     }
 
     /// The header.
@@ -260,6 +318,8 @@ impl Ledger {
     fn push(&mut self, record: Record) -> Result<&LedgerEntry> {
         let index = self.entries.len();
         check_entry(&record, self.first_adjacency(), self.total_steps(), index)?;
+        // A signature vouches for the head it signed, which this entry replaces.
+        self.signature = None;
         let prev =
             self.entries.last().map_or_else(|| header_hash(&self.header), |e| unhex(&e.hash).unwrap_or_default());
         let hash = entry_hash(&prev, index as u64, &record);
@@ -281,7 +341,8 @@ impl Ledger {
         self.mechanisms().next().map(|m| m.adjacency)
     }
 
-    /// The total number of noisy steps recorded.
+    /// The total number of noisy steps recorded. Exact: a ledger whose count
+    /// would exceed `u64::MAX` is refused when appended to or loaded.
     pub fn total_steps(&self) -> u64 {
         self.mechanisms().fold(0u64, |s, m| s.saturating_add(m.event.steps()))
     }
@@ -337,7 +398,48 @@ impl Ledger {
         }
     }
 
-    /// The ledger as pretty-printed JSON.
+    /// The signature over the head, if the ledger is signed.
+    pub fn signature(&self) -> Option<&HeadSignature> {
+        self.signature.as_ref()
+    }
+
+    /// The key that signed the head, if the ledger is signed (the signature
+    /// verified when the ledger was loaded or signed).
+    pub fn signer(&self) -> Option<PublicKey> {
+        self.signature.as_ref().and_then(|s| PublicKey::from_hex(&s.public_key).ok())
+    }
+
+    /// Signs the head with `key` (replacing any signature).
+    pub fn sign(&mut self, key: &SecretKey) {
+        let head = self.head_bytes();
+        self.signature = Some(HeadSignature {
+            algorithm: SignatureAlgorithm::Ed25519,
+            public_key: key.public_key().to_hex(),
+            signature: hex(&key.sign_head(&head)),
+        });
+    }
+
+    /// Checks that the ledger is signed, by `trusted`, over its head.
+    ///
+    /// # Errors
+    /// [`LedgerError::UntrustedSigner`] if it is unsigned or signed by
+    /// another key; [`LedgerError::BadSignature`] if the signature does not verify.
+    pub fn verify_signature(&self, trusted: &PublicKey) -> Result<(), LedgerError> {
+        let untrusted = |found: String| LedgerError::UntrustedSigner { trusted: trusted.fingerprint(), found };
+        let sig = self.signature.as_ref().ok_or_else(|| untrusted("not signed".into()))?;
+        let signer = check_signature(sig, &self.head_bytes())?;
+        if signer != *trusted {
+            return Err(untrusted(format!("signed by {}", signer.fingerprint())));
+        }
+        Ok(())
+    }
+
+    fn head_bytes(&self) -> [u8; 32] {
+        self.entries.last().map_or_else(|| header_hash(&self.header), |e| unhex(&e.hash).unwrap_or_default())
+    }
+
+    /// The ledger as pretty-printed JSON: the canonical rendering, the only
+    /// form [`Ledger::from_json`] accepts.
     pub fn to_json(&self) -> String {
         let out = LedgerFileOut {
             format: LEDGER_FORMAT,
@@ -345,16 +447,19 @@ impl Ledger {
             header: &self.header,
             entries: &self.entries,
             head: self.head(),
+            signature: self.signature.as_ref(),
         };
         // Serializing plain data with string keys cannot fail.
         serde_json::to_string_pretty(&out).unwrap_or_default()
     }
 
     /// Parses and fully verifies a ledger: format, version, every field, the
-    /// chain, the head and every record's consistency.
+    /// chain, the head, every record's consistency, the signature if any, and
+    /// that the text is the canonical rendering of its values (see the module
+    /// docs; trailing whitespace aside).
     ///
     /// # Errors
-    /// The first [`LedgerError`] found, with the entry it concerns.
+    /// The first [`LedgerError`] found, with the entry (and key) it concerns.
     pub fn from_json(text: &str) -> Result<Self, LedgerError> {
         let value: serde_json::Value = serde_json::from_str(text).map_err(|e| malformed(None, &e))?;
         let obj = value.as_object().ok_or_else(|| LedgerError::Malformed {
@@ -380,6 +485,8 @@ impl Ledger {
                 })
             }
         }
+        // serde_json keeps the last of repeated keys; refuse them before that matters.
+        canonical::check_duplicate_keys(text)?;
         let file: LedgerFileIn = serde_json::from_value(value).map_err(|e| malformed(None, &e))?;
         let mut ledger = Ledger::new(file.header);
         let mut prev = header_hash(&ledger.header);
@@ -389,11 +496,11 @@ impl Ledger {
                 return Err(LedgerError::IndexMismatch { entry: k, found: entry.index });
             }
             let prev_hex = hex(&prev);
-            if !entry.prev_hash.eq_ignore_ascii_case(&prev_hex) {
+            if entry.prev_hash != prev_hex {
                 return Err(LedgerError::BrokenChain { entry: k, expected: prev_hex, found: entry.prev_hash });
             }
             let hash = entry_hash(&prev, k as u64, &entry.record);
-            if !entry.hash.eq_ignore_ascii_case(&hex(&hash)) {
+            if entry.hash != hex(&hash) {
                 return Err(LedgerError::HashMismatch { entry: k, expected: hex(&hash), found: entry.hash });
             }
             check_entry(&entry.record, ledger.first_adjacency(), ledger.total_steps(), k).map_err(|e| match e {
@@ -404,20 +511,40 @@ impl Ledger {
             ledger.entries.push(LedgerEntry { prev_hash: prev_hex, hash: hex(&hash), ..entry });
         }
         let head = ledger.head();
-        if !head.eq_ignore_ascii_case(&file.head) {
+        if head != file.head {
             return Err(LedgerError::HeadMismatch { expected: head, found: file.head, entries: ledger.entries.len() });
         }
+        if let Some(sig) = &file.signature {
+            check_signature(sig, &prev)?;
+        }
+        ledger.signature = file.signature;
+        canonical::check_canonical(text, &ledger.to_json())?;
         Ok(ledger)
     }
 
     /// Reads and verifies a ledger file.
     ///
     /// # Errors
-    /// [`Error::Io`] if it cannot be read; [`Error::Ledger`] as [`Ledger::from_json`].
+    /// [`Error::Io`] if it cannot be read; [`Error::Ledger`] as
+    /// [`Ledger::from_json`] (text that is not UTF-8 is
+    /// [`LedgerError::Malformed`], with the byte offset).
     pub fn read(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-        Ok(Self::from_json(&text)?)
+        let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        Ok(Self::from_bytes(&bytes)?)
+    }
+
+    /// [`Ledger::from_json`] on raw bytes, which must be UTF-8.
+    ///
+    /// # Errors
+    /// [`LedgerError::Malformed`] at the first byte that is not UTF-8; as
+    /// [`Ledger::from_json`] otherwise.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, LedgerError> {
+        let text = std::str::from_utf8(bytes).map_err(|e| LedgerError::Malformed {
+            entry: None,
+            message: format!("byte {} is not UTF-8: a ledger is UTF-8 JSON text", e.valid_up_to()),
+        })?;
+        Self::from_json(text)
     }
 
     /// Writes the ledger atomically (to a temporary file, then renamed).
@@ -441,7 +568,21 @@ fn malformed(entry: Option<usize>, e: &serde_json::Error) -> LedgerError {
 /// Checks an entry against the ledger before it.
 fn check_entry(record: &Record, adjacency: Option<Adjacency>, steps_before: u64, index: usize) -> Result<()> {
     match record {
-        Record::Mechanism(m) => check_record(m, adjacency, index),
+        Record::Mechanism(m) => {
+            check_record(m, adjacency, index)?;
+            // Counts are exact or refused: a saturated count would understate the steps.
+            match m.event.checked_steps().and_then(|n| n.checked_add(steps_before)) {
+                Some(_) => Ok(()),
+                None => Err(Error::Ledger(LedgerError::InvalidEntry {
+                    entry: index,
+                    message: format!(
+                        "steps: this entry and the {steps_before} steps before it total more than {} (u64), \
+                         which no ledger can record exactly",
+                        u64::MAX
+                    ),
+                })),
+            }
+        }
         Record::Release(r) => {
             let invalid = |message: String| Error::Ledger(LedgerError::InvalidEntry { entry: index, message });
             if unhex(&r.weights_sha256).is_none() {
@@ -513,12 +654,34 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 {
+    unhex_n(s)
+}
+
+/// `N` bytes from exactly `2 N` lower-case hex digits (the only spelling
+/// this crate writes, so that a hash has one spelling).
+pub(crate) fn unhex_n<const N: usize>(s: &str) -> Option<[u8; N]> {
+    if s.len() != 2 * N || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
         return None;
     }
-    let mut out = [0u8; 32];
+    let mut out = [0u8; N];
     for (k, byte) in out.iter_mut().enumerate() {
         *byte = u8::from_str_radix(s.get(2 * k..2 * k + 2)?, 16).ok()?;
     }
     Some(out)
+}
+
+/// Checks a signature against the key it names; returns that key.
+fn check_signature(sig: &HeadSignature, head: &[u8; 32]) -> Result<PublicKey, LedgerError> {
+    let bad = |reason: String| LedgerError::BadSignature { reason };
+    let key = PublicKey::from_hex(&sig.public_key).map_err(|e| bad(format!("public_key: {e}")))?;
+    let bytes: [u8; 64] =
+        unhex_n(&sig.signature).ok_or_else(|| bad("signature: must be 128 lower-case hex digits".into()))?;
+    if !key.verifies(head, &bytes) {
+        return Err(bad(format!(
+            "does not verify under the key it names ({}): the ledger changed after it was signed, or the \
+             signature was forged",
+            key.fingerprint()
+        )));
+    }
+    Ok(key)
 }

@@ -16,6 +16,8 @@
 //!   on the conservative side.
 //! * [`Ledger`]: an append-only, SHA-256-chained JSON record of every
 //!   mechanism applied, verified on every load.
+//! * [`SecretKey`] and [`PublicKey`]: an optional Ed25519 signature over a
+//!   ledger's head, so a statement can be checked with a public key alone.
 //! * [`PrivacyReport`]: the privacy statement a reviewer signs off, in text,
 //!   Markdown or JSON; the `dp-accountant` binary prints it
 //!   (`dp-accountant report ledger.json`).
@@ -66,6 +68,7 @@ pub mod pld;
 pub mod rdp;
 pub mod report;
 mod report_html;
+pub mod signing;
 
 pub use calibrate::{
     calibrate_noise_multiplier, calibrate_noise_multiplier_pld, calibrate_with, max_steps, max_steps_pld,
@@ -76,9 +79,10 @@ pub use error::{Error, LedgerError, Result, Valid};
 pub use event::{Adjacency, DpEvent};
 pub use kind::AccountantKind;
 pub use ledger::{
-    Ledger, LedgerEntry, LedgerHeader, MechanismRecord, ModelRelease, NoiseGenerator, NoiseSource, PrivacyTarget,
-    Record, SamplerKind, Seeding,
+    HeadSignature, Ledger, LedgerEntry, LedgerHeader, MechanismRecord, ModelRelease, NoiseGenerator, NoiseSource,
+    PrivacyTarget, Record, SamplerKind, Seeding, SignatureAlgorithm,
 };
-pub use pld::{PldAccountant, PldDelta, PldEpsilon, DEFAULT_EPSILON_ERROR};
+pub use pld::{PldAccountant, PldDelta, PldEpsilon, DEFAULT_EPSILON_ERROR, MAX_WORK};
 pub use rdp::{default_orders, rdp_poisson_subsampled_gaussian, RdpAccountant};
-pub use report::{DeltaSource, MechanismSummary, PrivacyReport};
+pub use report::{DeltaSource, MechanismSummary, PrivacyReport, SignatureSummary};
+pub use signing::{generate_key_files, PublicKey, SecretKey};

@@ -8,6 +8,17 @@ use crate::error::{ensure, Result, Valid};
 use crate::event::{Adjacency, DpEvent};
 use crate::kind::AccountantKind;
 use crate::ledger::{Ledger, ModelRelease, NoiseSource, PrivacyTarget, SamplerKind, Seeding};
+use crate::pld::PldAccountant;
+use crate::rdp::RdpAccountant;
+
+/// The most work of the report's PLD composition, in the units of
+/// [`crate::MAX_WORK`] (about three seconds): a report answers quickly or
+/// says why PLD is missing.
+const REPORT_PLD_MAX_WORK: f64 = 4e8;
+
+/// The work a PLD report's curve by step may take, in the units of
+/// [`crate::MAX_WORK`] (a few seconds).
+const REPORT_PLD_WORK: f64 = 8e8;
 
 /// The delta used when neither the caller nor the ledger gives one.
 pub const DEFAULT_DELTA: f64 = 1e-5;
@@ -58,6 +69,19 @@ pub struct MechanismSummary {
     pub steps: u64,
 }
 
+/// Who signed the ledger's head (see [`crate::signing`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SignatureSummary {
+    /// The signer's public key, hex.
+    pub public_key: String,
+    /// Its fingerprint ([`crate::PublicKey::fingerprint`]).
+    pub fingerprint: String,
+    /// Whether the key was checked against one the reviewer trusts
+    /// (`--public-key`); otherwise the signature only proves that whoever
+    /// holds this key vouched for the head.
+    pub trusted: bool,
+}
+
 /// A privacy statement: every number a reviewer needs, and every caveat.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PrivacyReport {
@@ -65,6 +89,8 @@ pub struct PrivacyReport {
     pub ledger_head: String,
     /// Entries in the ledger.
     pub ledger_entries: usize,
+    /// The signature over the head, if any (it verified when the ledger loaded).
+    pub signature: Option<SignatureSummary>,
     /// The program that wrote it.
     pub created_by: String,
     /// What was trained.
@@ -114,9 +140,13 @@ pub struct PrivacyReport {
     pub orders: &'static str,
     /// Everything that weakens or qualifies the statement.
     pub caveats: Vec<String>,
-    /// Epsilon at `delta` after a given number of steps (about 40 points).
+    /// Epsilon at `delta` after a given number of steps (about 40 points; as
+    /// few as 4 for a PLD statement whose compositions are costly). By RDP
+    /// these use the grid orders only: valid upper bounds, at or slightly
+    /// above the refined statement.
     pub epsilon_by_step: Vec<(u64, f64)>,
-    /// Epsilon at the end against delta (`1e-12` to `1e-2`, log-spaced).
+    /// Epsilon at the end against delta (`1e-12` to `1e-2`, log-spaced; by
+    /// RDP, grid orders only, as `epsilon_by_step`).
     pub epsilon_by_delta: Vec<(f64, f64)>,
 }
 
@@ -133,7 +163,8 @@ impl PrivacyReport {
     /// The statement by `accountant`; both accountants' epsilons are reported.
     ///
     /// # Errors
-    /// As [`PrivacyReport::from_ledger`]; with PLD, [`crate::Error::GridTooLarge`].
+    /// As [`PrivacyReport::from_ledger`]; with PLD, [`crate::Error::GridTooLarge`] or
+    /// [`crate::Error::PldWorkTooLarge`] (past about three seconds of work).
     pub fn from_ledger_with(ledger: &Ledger, delta: Option<f64>, accountant: AccountantKind) -> Result<Self> {
         let header = ledger.header();
         let (delta, delta_source) = match (delta, header.target) {
@@ -144,10 +175,11 @@ impl PrivacyReport {
         let acc = ledger.rdp_accountant()?;
         let bound = acc.epsilon(delta)?;
         // PLD beside RDP; if it cannot run (a grid too large), only a statement by PLD fails.
-        let pld = match ledger.pld_accountant().and_then(|p| p.epsilon(delta).map(|b| (p, b))) {
-            Ok(x) => Some(x),
+        let pld = ledger.pld_accountant().and_then(|p| p.with_max_work(REPORT_PLD_MAX_WORK));
+        let (pld, pld_failure) = match pld.and_then(|p| p.epsilon(delta).map(|b| (p, b))) {
+            Ok(x) => (Some(x), None),
             Err(e) if accountant == AccountantKind::Pld => return Err(e),
-            Err(_) => None,
+            Err(e) => (None, Some(e.to_string())),
         };
         let stated = |d: f64| -> Result<f64> {
             match (&pld, accountant) {
@@ -225,17 +257,30 @@ impl PrivacyReport {
                 fmt_num(epsilon_at_target_delta.unwrap_or(f64::NAN))
             ));
         }
-        if pld.is_none() {
-            caveats.push(
-                "The PLD accountant could not run on this ledger (its grid would be too large); only RDP is shown."
-                    .to_string(),
-            );
+        if let Some(why) = pld_failure {
+            caveats.push(format!("The PLD accountant was not run on this ledger ({why}); only RDP is shown."));
         }
-        let epsilon_by_step = epsilon_by_step(ledger, delta, accountant)?;
+        // A PLD curve composes a prefix per point: as many points as about
+        // eight full compositions' work allows (4 to 40).
+        let max_points = match &pld {
+            Some((p, _)) if accountant == AccountantKind::Pld => {
+                let work = p.work()?.max(1.0);
+                (REPORT_PLD_WORK / work).clamp(4.0, 40.0) as u64
+            }
+            _ => 40,
+        };
+        let epsilon_by_step = epsilon_by_step(ledger, delta, accountant, max_points)?;
+        // The curve by delta: grid-only RDP (a valid, slightly looser bound;
+        // refining every point would sum every distinct step's series again).
+        let grid = acc.clone().with_refinement(false);
         let mut epsilon_by_delta = Vec::new();
         for k in 0..=30 {
             let d = 10f64.powf(-12.0 + 10.0 * f64::from(k) / 30.0);
-            epsilon_by_delta.push((d, stated(d)?));
+            let e = match (&pld, accountant) {
+                (Some((p, _)), AccountantKind::Pld) => p.epsilon(d)?.epsilon,
+                _ => grid.epsilon(d)?.epsilon,
+            };
+            epsilon_by_delta.push((d, e));
         }
         let (accountant_name, accountant_reference, conversion, conversion_reference) = match accountant {
             AccountantKind::Rdp => (ACCOUNTANT, ACCOUNTANT_REFERENCE, CONVERSION, CONVERSION_REFERENCE),
@@ -246,6 +291,11 @@ impl PrivacyReport {
             epsilon_by_delta,
             ledger_head: ledger.head(),
             ledger_entries: ledger.entries().len(),
+            signature: ledger.signer().map(|k| SignatureSummary {
+                public_key: k.to_hex(),
+                fingerprint: k.fingerprint(),
+                trusted: false,
+            }),
             created_by: header.created_by.clone(),
             description: header.description.clone(),
             dataset_size: header.dataset_size,
@@ -298,6 +348,7 @@ impl PrivacyReport {
         let _ = writeln!(s, "Orders:          {}; optimal order {}", self.orders, fmt_num(self.order));
         let _ = writeln!(s, "Side by side:    {}", self.side_by_side());
         let _ = writeln!(s, "Ledger:          {} entries, head {}", self.ledger_entries, self.ledger_head);
+        let _ = writeln!(s, "Signature:       {}", self.signature_sentence());
         let _ = writeln!(s, "Written by:      {}{}", self.created_by, self.description_suffix());
         let _ = writeln!(s);
         if self.caveats.is_empty() {
@@ -336,6 +387,7 @@ impl PrivacyReport {
             );
         }
         let _ = writeln!(s, "| Ledger | {} entries, head `{}` |", self.ledger_entries, self.ledger_head);
+        let _ = writeln!(s, "| Signature | {} |", self.signature_sentence());
         let _ = writeln!(s, "| Written by | {}{} |", self.created_by, self.description_suffix());
         let _ = writeln!(s, "\n## Mechanisms\n");
         let _ = writeln!(s, "| Sampler | Sample rate | Noise multiplier | Clipping norm | Noise source | Steps |");
@@ -394,6 +446,20 @@ impl PrivacyReport {
         )
     }
 
+    /// Whether the statement is signed, and by which key.
+    pub(crate) fn signature_sentence(&self) -> String {
+        match &self.signature {
+            Some(sig) if sig.trusted => {
+                format!("signed (Ed25519) by the trusted key {}, over this head", sig.fingerprint)
+            }
+            Some(sig) => format!(
+                "signed (Ed25519) by key {}, over this head; not checked against a key you trust (use --public-key)",
+                sig.fingerprint
+            ),
+            None => "not signed (anchor the head, or sign it: dp-accountant sign)".to_string(),
+        }
+    }
+
     pub(crate) fn protected_unit(&self) -> String {
         match self.adjacency {
             Adjacency::AddOrRemoveOne => "each training example (add-or-remove-one adjacency)".into(),
@@ -419,38 +485,137 @@ impl PrivacyReport {
     }
 }
 
-/// Epsilon after about 40 evenly spaced step counts: the mechanisms before
-/// each count composed, a repeated or shuffled-batch mechanism cut at it.
-fn epsilon_by_step(ledger: &Ledger, delta: f64, accountant: AccountantKind) -> Result<Vec<(u64, f64)>> {
+/// The accountant a report's curves are drawn with. RDP curves are
+/// grid-only (no refinement between orders): a valid, slightly looser upper
+/// bound, and each distinct step's series is then summed once for every
+/// point, since clones share the per-step cache.
+#[derive(Clone)]
+enum Running {
+    Rdp(RdpAccountant),
+    Pld(PldAccountant),
+}
+
+impl Running {
+    fn new(kind: AccountantKind, adjacency: Adjacency) -> Self {
+        match kind {
+            AccountantKind::Rdp => Running::Rdp(RdpAccountant::new(adjacency).with_refinement(false)),
+            AccountantKind::Pld => Running::Pld(PldAccountant::new(adjacency)),
+        }
+    }
+
+    fn compose(&mut self, event: &DpEvent, count: u64) -> Result<()> {
+        match self {
+            Running::Rdp(a) => a.compose(event, count),
+            Running::Pld(a) => a.compose(event, count),
+        }
+    }
+
+    fn epsilon(&self, delta: f64) -> Result<f64> {
+        Ok(match self {
+            Running::Rdp(a) => a.epsilon(delta)?.epsilon,
+            Running::Pld(a) => a.epsilon(delta)?.epsilon,
+        })
+    }
+}
+
+/// The ledger's steps in order, as segments `(event, copies)`: composed
+/// events are opened up, so that a prefix ends inside at most one segment.
+fn segments(ledger: &Ledger) -> Vec<(&DpEvent, u64)> {
+    fn walk<'a>(event: &'a DpEvent, copies: u64, out: &mut Vec<(&'a DpEvent, u64)>) {
+        match event {
+            DpEvent::Composed { events } if copies == 1 => events.iter().for_each(|e| walk(e, 1, out)),
+            DpEvent::SelfComposed { event, count } if copies == 1 => out.push((event, *count)),
+            other => out.push((other, copies)),
+        }
+    }
+    let mut out = Vec::new();
+    for m in ledger.mechanisms() {
+        walk(&m.event, 1, &mut out);
+    }
+    out
+}
+
+/// The first `steps` steps of `event` (fewer than it has), as an event.
+fn first_steps(event: &DpEvent, steps: u64) -> DpEvent {
+    match event {
+        DpEvent::SelfComposed { event, count } => {
+            let per = event.steps().max(1);
+            let (whole, rest) = ((steps / per).min(*count), steps % per);
+            let mut parts = vec![DpEvent::self_composed((**event).clone(), whole)];
+            if rest > 0 && whole < *count {
+                parts.push(first_steps(event, rest));
+            }
+            DpEvent::composed(parts)
+        }
+        DpEvent::Composed { events } => {
+            let (mut parts, mut left) = (Vec::new(), steps);
+            for e in events {
+                if left == 0 {
+                    break;
+                }
+                let n = e.steps();
+                if n <= left {
+                    parts.push(e.clone());
+                    left -= n;
+                } else {
+                    parts.push(first_steps(e, left));
+                    left = 0;
+                }
+            }
+            DpEvent::composed(parts)
+        }
+        DpEvent::ShuffledFixedSizeBatches { noise_multiplier, steps_per_epoch, .. } => {
+            DpEvent::shuffled_fixed_size_batches(*noise_multiplier, *steps_per_epoch, steps)
+        }
+        // A single release has no proper prefix but the empty one.
+        _ => DpEvent::composed(Vec::new()),
+    }
+}
+
+/// Epsilon after about 40 evenly spaced step counts: the steps before each
+/// count composed (composed and repeated mechanisms cut exactly at it).
+fn epsilon_by_step(
+    ledger: &Ledger,
+    delta: f64,
+    accountant: AccountantKind,
+    max_points: u64,
+) -> Result<Vec<(u64, f64)>> {
     let total = ledger.total_steps();
     let mut points = vec![(0, 0.0)];
     if total == 0 {
         return Ok(points);
     }
-    let n_points = total.min(40);
+    let n_points = total.min(max_points.max(1));
+    let mut running = Running::new(accountant, ledger.adjacency());
+    let segments = segments(ledger);
+    let mut next = segments.iter().peekable();
+    let mut done = 0u64;
     for j in 1..=n_points {
-        let target = total * j / n_points;
-        // The whole mechanisms before `target`, and the one it cuts.
-        let mut whole: Vec<&DpEvent> = Vec::new();
-        let mut cut = None;
-        let mut remaining = target;
-        for m in ledger.mechanisms() {
-            let steps = m.event.steps();
-            if steps <= remaining {
-                whole.push(&m.event);
-                remaining -= steps;
-                continue;
+        // (Exact in u128: `total * j` overflows u64 for ledgers of 2^58 steps and more.)
+        let target = (u128::from(total) * u128::from(j) / u128::from(n_points)) as u64;
+        while let Some(&&(event, copies)) = next.peek() {
+            let steps = event.steps().saturating_mul(copies);
+            if steps > target - done {
+                break;
             }
-            cut = match &m.event {
-                DpEvent::SelfComposed { event, .. } => Some(DpEvent::self_composed((**event).clone(), remaining)),
-                DpEvent::ShuffledFixedSizeBatches { noise_multiplier, steps_per_epoch, .. } => {
-                    Some(DpEvent::shuffled_fixed_size_batches(*noise_multiplier, *steps_per_epoch, remaining))
-                }
-                _ => None,
-            };
-            break;
+            running.compose(event, copies)?;
+            done += steps;
+            next.next();
         }
-        let epsilon = accountant.epsilon(ledger.adjacency(), whole.into_iter().chain(cut.as_ref()), delta)?;
+        let left = target - done;
+        let epsilon = match next.peek() {
+            Some(&&(event, copies)) if left > 0 => {
+                let mut cut = running.clone();
+                let per = event.steps().max(1);
+                cut.compose(event, left / per)?;
+                if left % per > 0 {
+                    cut.compose(&first_steps(event, left % per), 1)?;
+                }
+                debug_assert!(left / per < copies);
+                cut.epsilon(delta)?
+            }
+            _ => running.epsilon(delta)?,
+        };
         points.push((target, epsilon));
     }
     Ok(points)
@@ -483,7 +648,11 @@ fn summarize(ledger: &Ledger) -> Vec<MechanismSummary> {
                 noise: r.noise,
                 steps,
             };
-            match out.iter_mut().find(|o| MechanismSummary { steps: o.steps, ..m.clone() } == **o) {
+            let same = |o: &MechanismSummary| {
+                (o.sampler, o.sample_rate, o.steps_per_epoch, o.noise_multiplier, o.clipping_norm, o.noise)
+                    == (m.sampler, m.sample_rate, m.steps_per_epoch, m.noise_multiplier, m.clipping_norm, m.noise)
+            };
+            match out.iter_mut().find(|o| same(o)) {
                 Some(o) => o.steps = o.steps.saturating_add(steps),
                 None => out.push(m),
             }
@@ -531,14 +700,19 @@ fn delta_source_words(d: DeltaSource) -> &'static str {
     }
 }
 
-/// A number with 6 significant digits, without trailing noise.
+/// A number with 6 significant digits, without trailing noise; in
+/// scientific notation below `1e-4` and from `1e6` on (never 300 digits).
 pub(crate) fn fmt_num(x: f64) -> String {
     if !x.is_finite() {
         return format!("{x}");
     }
     let s = format!("{x:.6e}");
     let v: f64 = s.parse().unwrap_or(x);
-    format!("{v}")
+    if v != 0.0 && (v.abs() < 1e-4 || v.abs() >= 1e6) {
+        format!("{v:e}")
+    } else {
+        format!("{v}")
+    }
 }
 
 fn fmt_eps(x: f64) -> String {

@@ -31,6 +31,7 @@ impl PrivacyReport {
         row("Conversion", format!("{}<br><small>{}</small>", esc(self.conversion), esc(self.conversion_reference)));
         row("Optimal RDP order", format!("{} <small>({})</small>", esc(&fmt_num(self.order)), esc(self.orders)));
         row("Ledger", format!("{} entries, head <code>{}</code>", self.ledger_entries, esc(&self.ledger_head)));
+        row("Signature", esc(&self.signature_sentence()));
         row("Written by", esc(&format!("{}{}", self.created_by, self.description_suffix())));
         let _ = writeln!(h, "</table>");
 

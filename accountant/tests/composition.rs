@@ -96,10 +96,15 @@ fn unsupported_events_say_why() {
 #[test]
 fn bad_orders_and_deltas_are_refused() {
     assert!(RdpAccountant::with_orders(Adjacency::AddOrRemoveOne, &[]).is_err());
-    for bad in [1.0, 0.5, f64::NAN, f64::INFINITY] {
+    // 1e15: an integer order's exact series has 1e15 terms (it never ended).
+    for bad in [1.0, 0.5, f64::NAN, f64::INFINITY, 1e15, 1e6 + 1.0] {
         let err = RdpAccountant::with_orders(Adjacency::AddOrRemoveOne, &[2.0, bad]).unwrap_err();
         assert!(matches!(err, Error::InvalidParameter { field: "order", .. }), "{bad}: {err}");
+        let rdp = RdpAccountant::new(Adjacency::AddOrRemoveOne).rdp_at(bad).unwrap_err();
+        assert!(rdp.to_string().contains("<= 1e6"), "{rdp}");
+        assert!(dp_accountant::rdp_poisson_subsampled_gaussian(0.01, 1.0, bad).is_err());
     }
+    assert!(RdpAccountant::with_orders(Adjacency::AddOrRemoveOne, &[2.0, 1e6]).is_ok());
     let acc = RdpAccountant::new(Adjacency::AddOrRemoveOne);
     for bad in [0.0, 1.0, -1e-5, f64::NAN] {
         assert_eq!(acc.epsilon(bad).unwrap_err().to_string(), format!("delta = {bad}: must be in (0, 1)"));

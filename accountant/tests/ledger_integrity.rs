@@ -11,7 +11,25 @@ fn json(ledger: &Ledger) -> Value {
 }
 
 fn load(v: &Value) -> Result<Ledger, LedgerError> {
-    Ledger::from_json(&v.to_string())
+    Ledger::from_json(&canonical(v))
+}
+
+/// The file as the documented format renders it (fields in order, pretty),
+/// or compact JSON where the value is not shaped like a ledger.
+fn canonical(v: &Value) -> String {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct File {
+        format: String,
+        version: u64,
+        header: dp_accountant::LedgerHeader,
+        entries: Vec<dp_accountant::LedgerEntry>,
+        head: String,
+    }
+    match serde_json::from_value::<File>(v.clone()) {
+        Ok(f) => serde_json::to_string_pretty(&f).unwrap(),
+        Err(_) => v.to_string(),
+    }
 }
 
 #[test]

@@ -44,8 +44,8 @@ use std::sync::{Arc, OnceLock};
 
 use serde::Serialize;
 
-use crate::error::{ensure, Result, Valid};
-use crate::event::{check_supported, Adjacency, DpEvent};
+use crate::error::{ensure, Error, Result, Valid};
+use crate::event::{check_supported, Adjacency, DpEvent, NOISE_MULTIPLIER_CAP};
 use compose::ComposedLoss;
 use discretize::{discretize, GridLoss};
 use loss::{Direction, SubsampledGaussianLoss};
@@ -60,6 +60,17 @@ const DELTA_ERR_REFERENCE: f64 = 1e-13;
 /// The share of the requested width given to the two rounding terms; the
 /// rest covers the `delta_err` shift between the bounds.
 const ROUNDING_SHARE: f64 = 0.9;
+/// Subsampled steps with a smaller sample rate are accounted as if they had
+/// this one (conservative: epsilon does not decrease with the sample rate).
+const MIN_SAMPLE_RATE: f64 = 1e-100;
+
+/// The default bound on the work of one direction of one composition, in
+/// units of one FFT butterfly (about 7 ns, measured): about thirty seconds
+/// of one core, near what the grid limit allows anyway. Beyond it the
+/// accountant refuses ([`Error::PldWorkTooLarge`]) before starting; callers
+/// that must answer quickly (the CLI, reports) set a smaller bound with
+/// [`PldAccountant::with_max_work`].
+pub const MAX_WORK: f64 = 4e9;
 /// The delta queries try `delta_err = 10^-k` for `k` in this range.
 const DELTA_QUERY_EXPONENTS: std::ops::RangeInclusive<i32> = 2..=24;
 
@@ -103,6 +114,11 @@ pub struct PldDelta {
 /// Events are collected by [`PldAccountant::compose`]; the distributions are
 /// discretized and composed at the first query after a change (tens of
 /// milliseconds for ten thousand DP-SGD steps), then queries are cheap.
+/// The work of a composition is estimated before it starts (grid points
+/// and FFT sizes) and refused past a bound ([`MAX_WORK`] by default,
+/// [`PldAccountant::with_max_work`] to change it), so no query runs for
+/// minutes: one distinct step per FFT makes thousands of distinct steps
+/// (a long noise schedule) the costly case.
 ///
 /// ```
 /// use dp_accountant::{Adjacency, DpEvent, PldAccountant, RdpAccountant};
@@ -126,6 +142,7 @@ pub struct PldAccountant {
     /// `sum count * sensitivity^2 / sigma^2` over full-batch Gaussian releases,
     /// which compose exactly into one Gaussian.
     gaussian_precision: f64,
+    max_work: f64,
     composed: OnceLock<Arc<Composition>>,
 }
 
@@ -137,6 +154,8 @@ struct Composition {
     rounded_steps: f64,
     /// Per direction: the composed grid loss and `sum count * tau_i`.
     directions: Vec<(ComposedLoss, f64)>,
+    /// The work it took, in the units of [`MAX_WORK`] (both directions).
+    work: f64,
 }
 
 impl PldAccountant {
@@ -147,6 +166,7 @@ impl PldAccountant {
             epsilon_error: DEFAULT_EPSILON_ERROR,
             sampled: Vec::new(),
             gaussian_precision: 0.0,
+            max_work: MAX_WORK,
             composed: OnceLock::new(),
         }
     }
@@ -160,6 +180,16 @@ impl PldAccountant {
     pub fn with_epsilon_error(adjacency: Adjacency, epsilon_error: f64) -> Result<Self> {
         ensure("epsilon_error", epsilon_error, Valid::Positive)?;
         Ok(Self { epsilon_error, ..Self::new(adjacency) })
+    }
+
+    /// The same accountant, refusing any composition whose work (per
+    /// direction, in the units of [`MAX_WORK`]) would exceed `max_work`.
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidParameter`] unless `max_work` is finite and > 0.
+    pub fn with_max_work(self, max_work: f64) -> Result<Self> {
+        ensure("max_work", max_work, Valid::Positive)?;
+        Ok(Self { max_work, composed: OnceLock::new(), ..self })
     }
 
     /// The adjacency every event is accounted under.
@@ -207,6 +237,11 @@ impl PldAccountant {
                 let DpEvent::Gaussian { noise_multiplier: s } = **event else {
                     return; // refused by `check_supported`
                 };
+                // See NOISE_MULTIPLIER_CAP: less noise can only raise epsilon.
+                let s = s.min(NOISE_MULTIPLIER_CAP);
+                // Likewise a larger sample rate can only raise epsilon; below
+                // 1e-100 (subnormal rates included) the arithmetic only slows.
+                let q = &if *q < 1.0 { q.max(MIN_SAMPLE_RATE) } else { *q };
                 if *q == 1.0 {
                     self.add(event, count);
                 } else if *q > 0.0 {
@@ -243,7 +278,7 @@ impl PldAccountant {
         }
         let rounded_steps: f64 = atoms.iter().map(|a| a.2 as f64).sum();
         if atoms.is_empty() {
-            return Ok(Composition { h: 0.0, rounded_steps, directions: Vec::new() });
+            return Ok(Composition { h: 0.0, rounded_steps, directions: Vec::new(), work: 0.0 });
         }
         let eps_err = 0.5 * ROUNDING_SHARE * self.epsilon_error;
         let h = eps_err / rounding_shift(1.0, rounded_steps, DELTA_ERR_REFERENCE);
@@ -253,13 +288,26 @@ impl PldAccountant {
         // Delta is asked at epsilon - eps_err, eps_err at most its value at the smallest delta_err tried.
         let smallest_delta_err = 10f64.powi(-DELTA_QUERY_EXPONENTS.end());
         let min_query = -rounding_shift(h, rounded_steps, smallest_delta_err) - h;
-        let one_direction = |dir: Direction| -> Result<(ComposedLoss, f64)> {
+        let one_direction = |dir: Direction| -> Result<((ComposedLoss, f64), f64)> {
+            // The discretization's work, estimated from the cores before any is done.
+            let points: f64 = atoms
+                .iter()
+                .map(|&(q, s, _)| {
+                    let (lo, hi) = SubsampledGaussianLoss::new(q, s, dir).core_range();
+                    ((hi - lo) / h).abs() + 2.0
+                })
+                .sum();
+            let work = compose::WORK_PER_POINT * points;
+            if work.is_nan() || work > self.max_work {
+                return Err(Error::PldWorkTooLarge { work, limit: self.max_work });
+            }
             let grids: Vec<(GridLoss, u64)> = atoms
                 .iter()
                 .map(|&(q, s, n)| Ok((discretize(&SubsampledGaussianLoss::new(q, s, dir), h)?, n)))
                 .collect::<Result<_>>()?;
             let truncated: f64 = grids.iter().map(|(g, n)| *n as f64 * g.tail).sum::<f64>().min(1.0);
-            Ok((compose::compose(&grids, h, min_query)?, truncated))
+            let (composed, fft_work) = compose::compose(&grids, h, min_query, self.max_work - work)?;
+            Ok(((composed, truncated), work + fft_work))
         };
         // The directions are independent: one thread each.
         let out = std::thread::scope(|scope| {
@@ -269,7 +317,18 @@ impl PldAccountant {
                 .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
                 .collect::<Result<Vec<_>>>()
         })?;
-        Ok(Composition { h, rounded_steps, directions: out })
+        let work = out.iter().map(|(_, w)| w).sum();
+        Ok(Composition { h, rounded_steps, directions: out.into_iter().map(|(d, _)| d).collect(), work })
+    }
+
+    /// The work composing took (composing first if needed), in the units of
+    /// [`MAX_WORK`], both directions together: what a caller planning many
+    /// compositions (a report's curve, a search) budgets with.
+    ///
+    /// # Errors
+    /// As [`PldAccountant::epsilon`].
+    pub fn work(&self) -> Result<f64> {
+        Ok(self.composition()?.work)
     }
 
     /// Bounds on the smallest epsilon such that everything composed is
@@ -277,7 +336,8 @@ impl PldAccountant {
     ///
     /// # Errors
     /// [`crate::Error::InvalidParameter`] unless `delta` is in `(0, 1)`;
-    /// [`crate::Error::GridTooLarge`] if the requested error needs too fine a grid.
+    /// [`crate::Error::GridTooLarge`] if the requested error needs too fine a grid;
+    /// [`crate::Error::PldWorkTooLarge`] if composing would take longer than [`MAX_WORK`] allows.
     pub fn epsilon(&self, delta: f64) -> Result<PldEpsilon> {
         ensure("delta", delta, Valid::OpenUnit)?;
         let c = self.composition()?;

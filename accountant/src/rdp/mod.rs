@@ -8,11 +8,11 @@
 
 mod subsampled_gaussian;
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use crate::conversion::{self, epsilon_at_order, log_delta_at_order, DeltaBound, EpsilonBound};
 use crate::error::{ensure, Error, Result, Valid};
-use crate::event::{check_supported as check, Adjacency, DpEvent};
+use crate::event::{check_supported as check, Adjacency, DpEvent, NOISE_MULTIPLIER_CAP};
 
 /// dp_accounting's default orders, the grid every epsilon is minimized over
 /// before refinement: 1.1 to 10.9 by 0.1, 11 to 63, 128, 256, 512, 1024.
@@ -48,11 +48,11 @@ pub fn default_orders() -> Vec<f64> {
 ///
 /// # Errors
 /// [`Error::InvalidParameter`] unless `q` is in `[0, 1]`, `noise_multiplier`
-/// is finite and > 0, and `alpha` is finite and > 1.
+/// is finite and > 0, and `alpha` is in `(1, 1e6]`.
 pub fn rdp_poisson_subsampled_gaussian(q: f64, noise_multiplier: f64, alpha: f64) -> Result<f64> {
     ensure("sampling_probability", q, Valid::ClosedUnit)?;
     ensure("noise_multiplier", noise_multiplier, Valid::Positive)?;
-    ensure("order", alpha, Valid::AboveOne)?;
+    ensure("order", alpha, Valid::Order)?;
     Ok(sampled_gaussian_rdp(q, noise_multiplier, alpha))
 }
 
@@ -81,8 +81,9 @@ struct SampledAtom {
     q: f64,
     sigma: f64,
     count: f64,
-    /// Its RDP at each grid order, computed when first needed.
-    rdp_at_orders: Vec<OnceLock<f64>>,
+    /// Its RDP at each grid order, computed when first needed; shared by
+    /// clones of the accountant (a report composes many prefixes of one ledger).
+    rdp_at_orders: Arc<[OnceLock<f64>]>,
 }
 
 impl Composition {
@@ -102,7 +103,8 @@ impl Composition {
                 if *q == 1.0 {
                     self.add(event, adjacency, count, orders);
                 } else if *q > 0.0 {
-                    self.add_sampled(*q, s, count, orders);
+                    // See NOISE_MULTIPLIER_CAP: less noise can only raise epsilon.
+                    self.add_sampled(*q, s.min(NOISE_MULTIPLIER_CAP), count, orders);
                 }
             }
             DpEvent::SelfComposed { event, count: n } => self.add(event, adjacency, count * (*n as f64), orders),
@@ -253,13 +255,13 @@ impl RdpAccountant {
     ///
     /// # Errors
     /// [`Error::InvalidParameter`] if `orders` is empty or an order is not
-    /// finite and > 1.
+    /// in `(1, 1e6]` ([`Valid::Order`]).
     pub fn with_orders(adjacency: Adjacency, orders: &[f64]) -> Result<Self> {
         if orders.is_empty() {
-            return Err(Error::InvalidParameter { field: "orders", value: f64::NAN, valid: Valid::AboveOne });
+            return Err(Error::InvalidParameter { field: "orders", value: f64::NAN, valid: Valid::Order });
         }
         for &a in orders {
-            ensure("order", a, Valid::AboveOne)?;
+            ensure("order", a, Valid::Order)?;
         }
         let mut orders = orders.to_vec();
         orders.sort_by(f64::total_cmp);
@@ -313,9 +315,9 @@ impl RdpAccountant {
     /// The total RDP at any order `alpha > 1`.
     ///
     /// # Errors
-    /// [`Error::InvalidParameter`] unless `alpha` is finite and > 1.
+    /// [`Error::InvalidParameter`] unless `alpha` is in `(1, 1e6]`.
     pub fn rdp_at(&self, alpha: f64) -> Result<f64> {
-        ensure("order", alpha, Valid::AboveOne)?;
+        ensure("order", alpha, Valid::Order)?;
         Ok(self.composition.rdp_at(alpha))
     }
 

@@ -137,3 +137,55 @@ pub fn poisson_record(q: f64, sigma: f64, n: u64) -> dp_accountant::MechanismRec
         sampler_seed: Seeding::OsEntropy,
     }
 }
+
+/// Rewrites every hash of a ledger file's JSON consistently, from the format
+/// documented in `ledger.rs` (what someone who edits a ledger and rewrites
+/// its chain would do), and returns the canonical rendering; a signature, if
+/// any, is kept as it was.
+pub fn rehash_canonical(v: &mut serde_json::Value) -> String {
+    use serde_json::Value;
+    use sha2::{Digest, Sha256};
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let header: dp_accountant::LedgerHeader = serde_json::from_value(v["header"].clone()).unwrap();
+    let mut prev = Sha256::new()
+        .chain_update(b"dp-accountant-ledger-header-v1\n")
+        .chain_update(serde_json::to_vec(&header).unwrap())
+        .finalize()
+        .to_vec();
+    for (k, e) in v["entries"].as_array_mut().unwrap().iter_mut().enumerate() {
+        let record: dp_accountant::Record = serde_json::from_value(e["record"].clone()).unwrap();
+        let hash = Sha256::new()
+            .chain_update(b"dp-accountant-ledger-entry-v1\n")
+            .chain_update(&prev)
+            .chain_update((k as u64).to_be_bytes())
+            .chain_update(serde_json::to_vec(&record).unwrap())
+            .finalize()
+            .to_vec();
+        e["prev_hash"] = Value::from(hex(&prev));
+        e["hash"] = Value::from(hex(&hash));
+        prev = hash;
+    }
+    v["head"] = Value::from(hex(&prev));
+    render_any(v)
+}
+
+/// The canonical rendering of a ledger file's JSON as the documented format
+/// lays it out (fields in order, pretty), whatever its hashes say; compact
+/// JSON if it is not shaped like a ledger.
+pub fn render_any(v: &serde_json::Value) -> String {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct File {
+        format: String,
+        version: u64,
+        header: dp_accountant::LedgerHeader,
+        entries: Vec<dp_accountant::LedgerEntry>,
+        head: String,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        signature: Option<dp_accountant::HeadSignature>,
+    }
+    match serde_json::from_value::<File>(v.clone()) {
+        Ok(f) => serde_json::to_string_pretty(&f).unwrap(),
+        Err(_) => v.to_string(),
+    }
+}
