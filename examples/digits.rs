@@ -153,8 +153,8 @@ fn resolve(args: Args, given: impl Fn(&str) -> bool) -> Result<Args, AnyError> {
 
 /// Every numeric flag in its range, named as on the command line.
 fn check_flags(args: &Args) -> Result<(), AnyError> {
-    let finite_positive = |x: f64| x.is_finite() && x > 0.0;
-    let checks: [(&str, f64, &str, bool); 7] = [
+    use common::finite_positive;
+    common::check_flags(&[
         ("--epsilon", args.epsilon, "finite and > 0", finite_positive(args.epsilon)),
         ("--delta", args.delta, "in (0, 1)", args.delta > 0.0 && args.delta < 1.0),
         ("--max-grad-norm", args.max_grad_norm, "finite and > 0", finite_positive(args.max_grad_norm)),
@@ -162,12 +162,7 @@ fn check_flags(args: &Args) -> Result<(), AnyError> {
         ("--ema", args.ema, "in [0, 1) (0 disables it)", (0.0..1.0).contains(&args.ema)),
         ("--epochs", args.epochs as f64, "an integer >= 1", args.epochs >= 1),
         ("--hidden", args.hidden as f64, "an integer >= 1", args.hidden >= 1),
-    ];
-    for (flag, value, valid, ok) in checks {
-        if !ok {
-            return Err(format!("{flag} = {}: must be {valid}", common::short(value)).into());
-        }
-    }
+    ])?;
     if args.resume.is_some() && args.non_private {
         return Err("--resume continues a DP run; it cannot be combined with --non-private".into());
     }
@@ -241,9 +236,7 @@ fn run(args: &Args, out: &std::path::Path) -> Result<(), AnyError> {
         let ledger = candle_dp::accountant::Ledger::read(&ledger_path)?;
         if let Some(r) = ledger.releases().last() {
             if args.resume.is_none() {
-                return Err(
-                    format!("{} holds a released model ({}): choose another --out", out.display(), r.file).into()
-                );
+                return common::refuse_released(out);
             }
             println!(
                 "digits: nothing to do: the run in {} finished after {} steps and released {} (SHA-256 {}); it is \

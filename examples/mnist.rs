@@ -65,10 +65,25 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    if let Err(e) = run(&args) {
+    if let Err(e) = check_flags(&args).and_then(|()| run(&args)) {
         eprintln!("mnist: error: {e}");
         std::process::exit(2);
     }
+}
+
+/// Every numeric flag in its range, named as on the command line.
+fn check_flags(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    use common::finite_positive;
+    let limit = args.limit.unwrap_or(1);
+    common::check_flags(&[
+        ("--epsilon", args.epsilon, "finite and > 0", finite_positive(args.epsilon)),
+        ("--delta", args.delta, "in (0, 1)", args.delta > 0.0 && args.delta < 1.0),
+        ("--max-grad-norm", args.max_grad_norm, "finite and > 0", finite_positive(args.max_grad_norm)),
+        ("--lr", args.lr, "finite and > 0", finite_positive(args.lr)),
+        ("--epochs", args.epochs as f64, "an integer >= 1", args.epochs >= 1),
+        ("--limit", limit as f64, "an integer >= 1", limit >= 1),
+    ])?;
+    Ok(())
 }
 
 fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -82,7 +97,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let steps_per_epoch = n.div_ceil(args.batch_size);
     let steps = (args.epochs * steps_per_epoch) as u64;
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/mnist-{}", common::utc_stamp())));
-    std::fs::create_dir_all(&out)?;
+    common::refuse_released(&out)?;
 
     let varmap = VarMap::new();
     let model = common::Cnn::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
@@ -136,6 +151,8 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let accuracy = correct / all.len() as f64;
 
+    // The folder is made only now, with something to put in it.
+    std::fs::create_dir_all(&out)?;
     let weights = out.join("model.safetensors");
     varmap.save(&weights)?;
     opt.record_release("model.safetensors", &candle_dp::checkpoint::sha256_file(&weights)?)?;

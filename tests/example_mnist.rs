@@ -149,3 +149,23 @@ fn a_short_dp_training_run_on_written_idx_files() {
     assert_eq!(ledger.total_steps(), 12);
     assert!(opt.epsilon(1e-5).unwrap() > 0.0);
 }
+
+/// The mnist example checks its flags before it looks for data, naming the
+/// flag and its range like the library's configuration errors.
+#[test]
+fn bad_mnist_flags_are_named() {
+    let deps = std::env::current_exe().unwrap().parent().unwrap().to_path_buf();
+    let exe = deps.parent().unwrap().join("examples").join(format!("mnist{}", std::env::consts::EXE_SUFFIX));
+    assert!(exe.exists(), "{} not built", exe.display());
+    for (flags, expected) in [
+        (["--epochs", "0"], "--epochs = 0: must be an integer >= 1"),
+        (["--lr", "nan"], "--lr = NaN: must be finite and > 0"),
+        (["--limit", "0"], "--limit = 0: must be an integer >= 1"),
+        (["--delta", "0"], "--delta = 0: must be in (0, 1)"),
+    ] {
+        let out = std::process::Command::new(&exe).args(flags).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{flags:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expected) && err.lines().count() == 1, "{flags:?}: {err}");
+    }
+}

@@ -168,6 +168,36 @@ pub fn short(v: f64) -> String {
     candle_dp::error_number(v)
 }
 
+/// One flag's check: its name as typed, its value, the valid range in words,
+/// and whether the value is in it.
+pub type FlagCheck<'a> = (&'a str, f64, &'a str, bool);
+
+/// The first flag outside its range, as `--flag = value: must be range`.
+pub fn check_flags(checks: &[FlagCheck]) -> Result<(), String> {
+    match checks.iter().find(|c| !c.3) {
+        Some((flag, value, valid, _)) => Err(format!("{flag} = {}: must be {valid}", short(*value))),
+        None => Ok(()),
+    }
+}
+
+/// Finite and > 0.
+pub fn finite_positive(x: f64) -> bool {
+    x.is_finite() && x > 0.0
+}
+
+/// Refuses to write a run into `out` if it holds a released model (its
+/// `ledger.json` records a release): a released model is never overwritten.
+pub fn refuse_released(out: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let ledger_path = out.join("ledger.json");
+    if ledger_path.exists() {
+        let ledger = candle_dp::accountant::Ledger::read(&ledger_path)?;
+        if let Some(r) = ledger.releases().last() {
+            return Err(format!("{} holds a released model ({}): choose another --out", out.display(), r.file).into());
+        }
+    }
+    Ok(())
+}
+
 /// Seconds since the Unix epoch as `YYYYMMDD-HHMMSS` (UTC), for run folders.
 pub fn utc_stamp() -> String {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
