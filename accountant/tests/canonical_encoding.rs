@@ -3,24 +3,8 @@
 
 mod common;
 
-use common::{poisson_record, sample_ledger};
+use common::{poisson_record, sample_ledger, Rng};
 use dp_accountant::{Ledger, LedgerError, LedgerHeader, PrivacyTarget};
-
-/// xorshift64*: a seeded stream of u64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
 
 /// What serde_json reads without `float_roundtrip` (its fast path) differs
 /// from the correctly rounded value for these; with it, they round-trip.

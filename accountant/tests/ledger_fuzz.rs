@@ -7,26 +7,11 @@ mod common;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
-use common::{poisson_record, sample_ledger};
+use common::{poisson_record, sample_ledger, Rng};
 use dp_accountant::{
     Adjacency, DpEvent, Ledger, MechanismRecord, NoiseGenerator, NoiseSource, PrivacyReport, SamplerKind, SecretKey,
     Seeding,
 };
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
 
 fn bases() -> Vec<Ledger> {
     let mut released = sample_ledger();

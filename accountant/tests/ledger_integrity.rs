@@ -11,25 +11,7 @@ fn json(ledger: &Ledger) -> Value {
 }
 
 fn load(v: &Value) -> Result<Ledger, LedgerError> {
-    Ledger::from_json(&canonical(v))
-}
-
-/// The file as the documented format renders it (fields in order, pretty),
-/// or compact JSON where the value is not shaped like a ledger.
-fn canonical(v: &Value) -> String {
-    #[derive(serde::Serialize, serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct File {
-        format: String,
-        version: u64,
-        header: dp_accountant::LedgerHeader,
-        entries: Vec<dp_accountant::LedgerEntry>,
-        head: String,
-    }
-    match serde_json::from_value::<File>(v.clone()) {
-        Ok(f) => serde_json::to_string_pretty(&f).unwrap(),
-        Err(_) => v.to_string(),
-    }
+    Ledger::from_json(&common::render_any(v))
 }
 
 #[test]
@@ -178,40 +160,12 @@ fn inconsistent_records_are_refused_at_append() {
     assert_eq!(ledger, before, "a refused append changes nothing");
 }
 
-/// Recomputes every hash of a ledger JSON from the format documented in
-/// `ledger.rs`, independently of the library: what someone who rewrites a
-/// ledger by the spec would do.
-fn rehash(v: &mut Value) {
-    use sha2::{Digest, Sha256};
-    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-    let header: dp_accountant::LedgerHeader = serde_json::from_value(v["header"].clone()).unwrap();
-    let mut prev: Vec<u8> = Sha256::new()
-        .chain_update(b"dp-accountant-ledger-header-v1\n")
-        .chain_update(serde_json::to_vec(&header).unwrap())
-        .finalize()
-        .to_vec();
-    for (k, entry) in v["entries"].as_array_mut().unwrap().iter_mut().enumerate() {
-        let record: dp_accountant::Record = serde_json::from_value(entry["record"].clone()).unwrap();
-        let hash = Sha256::new()
-            .chain_update(b"dp-accountant-ledger-entry-v1\n")
-            .chain_update(&prev)
-            .chain_update((k as u64).to_be_bytes())
-            .chain_update(serde_json::to_vec(&record).unwrap())
-            .finalize()
-            .to_vec();
-        entry["prev_hash"] = Value::from(hex(&prev));
-        entry["hash"] = Value::from(hex(&hash));
-        prev = hash;
-    }
-    v["head"] = Value::from(hex(&prev));
-}
-
 #[test]
 fn the_documented_hash_format_reproduces_the_hashes() {
     let ledger = sample_ledger();
     let original = json(&ledger);
     let mut v = original.clone();
-    rehash(&mut v);
+    common::rehash_canonical(&mut v);
     assert_eq!(v, original);
 }
 
@@ -219,14 +173,14 @@ fn the_documented_hash_format_reproduces_the_hashes() {
 fn a_consistently_hashed_but_contradictory_entry_is_invalid() {
     let mut v = json(&sample_ledger());
     v["entries"][1]["record"]["mechanism"]["sampler"] = Value::from("full_batch");
-    rehash(&mut v);
+    common::rehash_canonical(&mut v);
     let err = load(&v).unwrap_err();
     assert!(matches!(err, LedgerError::InvalidEntry { entry: 1, .. }), "{err:?}");
     assert!(err.to_string().contains("sampler"), "{err}");
     let mut v = json(&sample_ledger());
     v["entries"][2]["record"]["mechanism"]["event"]["self_composed"]["event"]["poisson_sampled"]["event"]["gaussian"]
         ["noise_multiplier"] = Value::from(-1.0);
-    rehash(&mut v);
+    common::rehash_canonical(&mut v);
     let err = load(&v).unwrap_err();
     assert_eq!(err.to_string(), "ledger entry 2: noise_multiplier = -1: must be finite and > 0");
 }
@@ -274,6 +228,6 @@ fn a_model_release_is_chained_and_checked() {
     assert!(ledger.append_release("m", "xyz").is_err());
     let mut v = json(&ledger);
     v["entries"][3]["record"]["release"]["after_steps"] = Value::from(5);
-    rehash(&mut v);
+    common::rehash_canonical(&mut v);
     assert!(load(&v).unwrap_err().to_string().contains("after_steps = 5"));
 }
