@@ -71,6 +71,7 @@ pub mod kernels;
 pub mod layers;
 pub mod loss;
 pub mod noise;
+pub mod optim;
 pub mod optimizer;
 pub mod sampler;
 
