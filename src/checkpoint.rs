@@ -284,12 +284,11 @@ impl<O: Optimizer> DpOptimizer<O> {
         }
         // A generator's state is saved exactly when it was seeded by the user
         // (for the sampler: a Poisson one; a shuffled sampler has no state here).
-        let poisson = m.sample_rate.is_some();
-        for (what, seeding, state, saved) in [
+        for (what, seeding, state, kept) in [
             ("noise", m.noise_seeding, m.noise_state.is_some(), true),
-            ("sampler", m.sampler_seeding, m.sampler_state.is_some(), poisson),
+            ("sampler", m.sampler_seeding, m.sampler_state.is_some(), m.sample_rate.is_some()),
         ] {
-            if (saved && (seeding == Seeding::Fixed) != state) || (!saved && state) {
+            if state != (kept && seeding == Seeding::Fixed) {
                 return Err(bad(&path, format!("{what} seeding {seeding:?} contradicts the saved {what} state")));
             }
         }

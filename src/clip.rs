@@ -52,6 +52,14 @@ impl ClipMode {
     }
 }
 
+/// Checks a clipping norm `C`: finite and > 0.
+///
+/// # Errors
+/// [`Error::InvalidConfig`] naming `max_grad_norm`.
+pub(crate) fn check_max_grad_norm(c: f64) -> Result<f64> {
+    crate::error::ensure("max_grad_norm", c, "finite and > 0", c > 0.0 && c.is_finite())
+}
+
 /// Relative margin kept below the clipping norm.
 ///
 /// Norms are computed in the model's precision: an `f32` sum of `n` squares

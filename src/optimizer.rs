@@ -24,7 +24,7 @@ use dp_accountant::{
     PrivacyTarget,
 };
 
-use crate::clip::ClipMode;
+use crate::clip::{check_max_grad_norm, ClipMode};
 use crate::error::{ensure, Error, Result};
 use crate::grad_sample::ghost::{ClippedBatch, GhostEngine};
 use crate::grad_sample::microbatch::clip_microbatch;
@@ -159,12 +159,7 @@ impl<O: Optimizer> DpOptimizerBuilder<O> {
     /// accountant's and Candle's errors.
     pub fn build(self, config: O::Config) -> Result<DpOptimizer<O>> {
         self.sampler.validate()?;
-        let c = ensure(
-            "max_grad_norm",
-            self.max_grad_norm,
-            "finite and > 0",
-            self.max_grad_norm > 0.0 && self.max_grad_norm.is_finite(),
-        )?;
+        let c = check_max_grad_norm(self.max_grad_norm)?;
         if let Some(b) = self.budget {
             ensure("budget.epsilon", b.epsilon, "finite and > 0", b.epsilon > 0.0 && b.epsilon.is_finite())?;
             ensure("budget.delta", b.delta, "in (0, 1)", b.delta > 0.0 && b.delta < 1.0)?;

@@ -7,8 +7,8 @@ use candle_core::{DType, Tensor, Var};
 
 use super::per_example::ParamGrads;
 use super::registry::{self, Claims, GhostLayer};
-use crate::clip::{clip_factor, ClipMode};
-use crate::error::{ensure, Error, Result};
+use crate::clip::{check_max_grad_norm, clip_factor, ClipMode};
+use crate::error::{Error, Result};
 use crate::loss::PerSampleLoss;
 
 /// The result of one physical batch: what the optimizer accumulates.
@@ -77,15 +77,16 @@ impl GhostEngine {
         for (index, var) in self.vars.iter().enumerate() {
             let mut uses = Vec::new();
             for owner in registry::users(var.id()) {
+                let params = owner.parameters();
                 // A layer built after two engines could mix their variables.
-                if owner.parameters().iter().any(|p| registry::trained_by(p).is_some_and(|t| t != self.claims.token)) {
+                if params.iter().any(|p| registry::trained_by(p).is_some_and(|t| t != self.claims.token)) {
                     return Err(Error::LayerTrainedTwice { index, shape: var.dims().to_vec() });
                 }
                 let slot = layers.iter().position(|l| Arc::ptr_eq(l, &owner)).unwrap_or_else(|| {
                     layers.push(owner.clone());
                     layers.len() - 1
                 });
-                for (k, p) in owner.parameters().iter().enumerate() {
+                for (k, p) in params.iter().enumerate() {
                     if p.id() == var.id() {
                         uses.push((slot, k));
                     }
@@ -137,7 +138,7 @@ impl GhostEngine {
         clipping: &ClipMode,
         max_grad_norm: f64,
     ) -> Result<ClippedBatch> {
-        ensure("max_grad_norm", max_grad_norm, "finite and > 0", max_grad_norm > 0.0 && max_grad_norm.is_finite())?;
+        check_max_grad_norm(max_grad_norm)?;
         clipping.validate(max_grad_norm, users.groups)?;
         let b = losses.len();
         if b == 0 {
@@ -204,17 +205,21 @@ impl GhostEngine {
         if let Some(i) = norms.iter().position(|n| !n.is_finite()) {
             return Err(Error::NonFinite { what: "gradient norm", sample: i });
         }
-        let factors: Vec<Vec<f64>> = (0..users.groups)
-            .map(|g| match clipping {
-                ClipMode::Flat => norms.iter().map(|n| clip_factor(*n, max_grad_norm)).collect(),
-                ClipMode::PerLayer(t) => group_sq[g].iter().map(|s| clip_factor(s.sqrt(), t[g])).collect(),
+        // One clip-factor tensor per group, on the variables' device.
+        let device = self.vars.first().map_or(candle_core::Device::Cpu, |v| v.device().clone());
+        let factors = (0..users.groups)
+            .map(|g| {
+                let f: Vec<f64> = match clipping {
+                    ClipMode::Flat => norms.iter().map(|n| clip_factor(*n, max_grad_norm)).collect(),
+                    ClipMode::PerLayer(t) => group_sq[g].iter().map(|s| clip_factor(s.sqrt(), t[g])).collect(),
+                };
+                Tensor::from_vec(f, b, &device)
             })
-            .collect();
+            .collect::<candle_core::Result<Vec<_>>>()?;
 
         let mut clipped_sums = Vec::with_capacity(params.len());
         for ((group, grads), v) in users.group_of_var.iter().zip(&params).zip(&self.vars) {
-            let c = Tensor::from_vec(factors[*group].clone(), b, v.device())?;
-            clipped_sums.push(grads.clipped_sum(&c)?);
+            clipped_sums.push(grads.clipped_sum(&factors[*group].to_device(v.device())?)?);
         }
         Ok(ClippedBatch { clipped_sums, norms })
     }

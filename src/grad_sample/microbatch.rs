@@ -11,8 +11,8 @@ use candle_core::{DType, Tensor, Var};
 
 use super::ghost::ClippedBatch;
 use super::per_example::work_dtype;
-use crate::clip::clip_factor;
-use crate::error::{ensure, Error, Result};
+use crate::clip::{check_max_grad_norm, clip_factor};
+use crate::error::{Error, Result};
 
 /// Checks that no live DP layer uses any of `vars`: the microbatch engine
 /// reads Candle's gradients, which DP layers never produce for their
@@ -40,7 +40,7 @@ pub fn clip_microbatch(
     mut loss_of: impl FnMut(usize) -> candle_core::Result<Tensor>,
     max_grad_norm: f64,
 ) -> Result<ClippedBatch> {
-    ensure("max_grad_norm", max_grad_norm, "finite and > 0", max_grad_norm > 0.0 && max_grad_norm.is_finite())?;
+    check_max_grad_norm(max_grad_norm)?;
     // Sums in at least f32, as the ghost engine's.
     let mut sums: Vec<Tensor> =
         vars.iter().map(|v| v.zeros_like()?.to_dtype(work_dtype(v.dtype()))).collect::<candle_core::Result<_>>()?;

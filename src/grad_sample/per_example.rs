@@ -204,14 +204,15 @@ impl ParamGrads {
 
     /// The same uses in f64, for norms whose f32 rounding bound is too loose.
     fn widened(&self) -> candle_core::Result<Self> {
-        let f64 = |p: &Option<(Tensor, Tensor)>, rows: bool| -> candle_core::Result<Option<(Tensor, Tensor)>> {
+        // One-hot rows are ids: only dense rows and the columns widen.
+        let widen = |p: &Option<(Tensor, Tensor)>, rows: bool| -> candle_core::Result<Option<(Tensor, Tensor)>> {
             p.as_ref()
                 .map(|(u, v)| Ok((if rows { u.to_dtype(DType::F64)? } else { u.clone() }, v.to_dtype(DType::F64)?)))
                 .transpose()
         };
         Ok(Self {
-            dense: f64(&self.dense, true)?,
-            one_hot: f64(&self.one_hot, false)?,
+            dense: widen(&self.dense, true)?,
+            one_hot: widen(&self.one_hot, false)?,
             materialized: self.materialized.clone(),
             shape: self.shape.clone(),
             work: DType::F64,

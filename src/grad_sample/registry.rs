@@ -102,6 +102,15 @@ pub(crate) fn check_parameter(p: &Tensor, what: &'static str) -> Result<()> {
     Ok(())
 }
 
+/// [`check_parameter`] for a layer's `weight` and optional `bias`.
+///
+/// # Errors
+/// [`Error::DerivedParameter`].
+pub(crate) fn check_weight_and_bias(weight: &Tensor, bias: Option<&Tensor>) -> Result<()> {
+    check_parameter(weight, "weight")?;
+    bias.map_or(Ok(()), |b| check_parameter(b, "bias"))
+}
+
 /// The token of the live engine that trains the tensor `p`, if any.
 pub(crate) fn trained_by(p: &Tensor) -> Option<u64> {
     lock().claims.get(&p.id()).copied()
@@ -109,7 +118,7 @@ pub(crate) fn trained_by(p: &Tensor) -> Option<u64> {
 
 /// Whether a live engine trains the tensor `p` (by id).
 pub(crate) fn is_trained(p: &Tensor) -> bool {
-    lock().claims.contains_key(&p.id())
+    trained_by(p).is_some()
 }
 
 /// An engine's claim on the variables it trains, released on drop (shared

@@ -66,10 +66,11 @@ fn check_config(groups: usize, dilation: usize) -> crate::Result<()> {
 /// # Errors
 /// Candle's, and an error for groups or dilation other than 1.
 pub fn conv1d(in_c: usize, out_c: usize, k: usize, cfg: Conv1dConfig, vb: VarBuilder) -> candle_core::Result<DpConv> {
+    // Checked before any variable is made in the VarBuilder's map.
     check_config(cfg.groups, cfg.dilation)?;
     let weight = vb.get_with_hints((out_c, in_c, k), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
     let bias = conv_bias(in_c * k, out_c, &vb)?;
-    Ok(DpConv::new(weight, Some(bias), Geometry { padding: cfg.padding, stride: cfg.stride, spatial: 1 }))
+    Ok(DpConv::new1d(weight, Some(bias), cfg)?)
 }
 
 /// A DP 2-d convolution, as `candle_nn::conv2d` (groups and dilation 1).
@@ -80,16 +81,7 @@ pub fn conv2d(in_c: usize, out_c: usize, k: usize, cfg: Conv2dConfig, vb: VarBui
     check_config(cfg.groups, cfg.dilation)?;
     let weight = vb.get_with_hints((out_c, in_c, k, k), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
     let bias = conv_bias(in_c * k * k, out_c, &vb)?;
-    Ok(DpConv::new(weight, Some(bias), Geometry { padding: cfg.padding, stride: cfg.stride, spatial: 2 }))
-}
-
-fn check_bias(weight: &Tensor, bias: Option<&Tensor>) -> crate::Result<()> {
-    match bias {
-        Some(b) if b.dims() != [weight.dims()[0]] => {
-            Err(Error::Shape { what: "convolution bias", expected: "[C_out]", got: b.dims().to_vec() })
-        }
-        _ => Ok(()),
-    }
+    Ok(DpConv::new2d(weight, Some(bias), cfg)?)
 }
 
 /// candle-nn's bias initialization: uniform in `+-1/sqrt(fan_in)`.
@@ -108,18 +100,9 @@ impl DpConv {
     /// bias that is not `[C_out]`; an error for groups or dilation other than 1.
     pub fn new2d(weight: Tensor, bias: Option<Tensor>, cfg: Conv2dConfig) -> crate::Result<Self> {
         check_config(cfg.groups, cfg.dilation)?;
-        match *weight.dims() {
-            [_, _, kh, kw] if kh == kw => {}
-            _ => {
-                return Err(Error::Shape {
-                    what: "conv2d weight",
-                    expected: "[C_out, C_in, k, k]",
-                    got: weight.dims().to_vec(),
-                })
-            }
-        }
-        check_bias(&weight, bias.as_ref())?;
-        Ok(Self::new(weight, bias, Geometry { padding: cfg.padding, stride: cfg.stride, spatial: 2 }))
+        let square = matches!(*weight.dims(), [_, _, kh, kw] if kh == kw);
+        let geometry = Geometry { padding: cfg.padding, stride: cfg.stride, spatial: 2 };
+        Self::checked(weight, bias, square, ("conv2d weight", "[C_out, C_in, k, k]"), geometry)
     }
 
     /// A 1-d convolution over existing tensors: `weight [C_out, C_in, k]`,
@@ -129,15 +112,27 @@ impl DpConv {
     /// As [`DpConv::new2d`], for a kernel that is not `[C_out, C_in, k]`.
     pub fn new1d(weight: Tensor, bias: Option<Tensor>, cfg: Conv1dConfig) -> crate::Result<Self> {
         check_config(cfg.groups, cfg.dilation)?;
-        if weight.rank() != 3 {
-            return Err(Error::Shape {
-                what: "conv1d weight",
-                expected: "[C_out, C_in, k]",
-                got: weight.dims().to_vec(),
-            });
+        let rank3 = weight.rank() == 3;
+        let geometry = Geometry { padding: cfg.padding, stride: cfg.stride, spatial: 1 };
+        Self::checked(weight, bias, rank3, ("conv1d weight", "[C_out, C_in, k]"), geometry)
+    }
+
+    /// A convolution over `weight`, refused unless `shape_ok` (`kernel`:
+    /// what it is and the shape expected) and the bias is `[C_out]`.
+    fn checked(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        shape_ok: bool,
+        kernel: (&'static str, &'static str),
+        geometry: Geometry,
+    ) -> crate::Result<Self> {
+        if !shape_ok {
+            return Err(Error::Shape { what: kernel.0, expected: kernel.1, got: weight.dims().to_vec() });
         }
-        check_bias(&weight, bias.as_ref())?;
-        Ok(Self::new(weight, bias, Geometry { padding: cfg.padding, stride: cfg.stride, spatial: 1 }))
+        if let Some(b) = bias.as_ref().filter(|b| b.dims() != [weight.dims()[0]]) {
+            return Err(Error::Shape { what: "convolution bias", expected: "[C_out]", got: b.dims().to_vec() });
+        }
+        Ok(Self::new(weight, bias, geometry))
     }
 
     fn owner(&self) -> Owner {
@@ -169,10 +164,7 @@ impl DpConv {
 impl Module for DpConv {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let t = &self.trace;
-        registry::check_parameter(&t.weight, "weight")?;
-        if let Some(b) = &t.bias {
-            registry::check_parameter(b, "bias")?;
-        }
+        registry::check_weight_and_bias(&t.weight, t.bias.as_ref())?;
         let Geometry { padding, stride, spatial } = t.geometry;
         let k = t.weight.dim(2)?;
         let w = t.weight.detach();
@@ -259,11 +251,7 @@ fn unfold(x: &Tensor, k: usize, geometry: Geometry) -> candle_core::Result<Tenso
 impl ConvTrace {
     /// A trained parameter to anchor the output tap on, if any is trained.
     fn trained_parameter(&self) -> Option<&Tensor> {
-        std::iter::once(&self.weight)
-            .chain(&self.bias)
-            .enumerate()
-            .find(|(_, p)| registry::is_trained(p))
-            .map(|(_, p)| p)
+        std::iter::once(&self.weight).chain(&self.bias).find(|p| registry::is_trained(p))
     }
 }
 

@@ -129,10 +129,7 @@ impl Module for DpLinear {
             }
         };
         let t = &self.trace;
-        registry::check_parameter(&t.weight, "weight")?;
-        if let Some(b) = &t.bias {
-            registry::check_parameter(b, "bias")?;
-        }
+        registry::check_weight_and_bias(&t.weight, t.bias.as_ref())?;
         let p = t.weight.dim(0)?;
         let flat = x.reshape((batch * time, d))?;
         let weight_trained = registry::is_trained(&t.weight);

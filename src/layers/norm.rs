@@ -149,10 +149,7 @@ fn normalize(x: &Tensor, axis: Axis, remove_mean: bool, eps: f64) -> candle_core
 impl Module for DpNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let t = &self.trace;
-        registry::check_parameter(&t.weight, "weight")?;
-        if let Some(b) = &t.bias {
-            registry::check_parameter(b, "bias")?;
-        }
+        registry::check_weight_and_bias(&t.weight, t.bias.as_ref())?;
         let x_hat = normalize(x, t.axis, t.remove_mean, t.eps)?;
         let param_shape = |p: &Tensor| -> candle_core::Result<Tensor> {
             match t.axis {
@@ -215,15 +212,16 @@ impl GhostLayer for NormTrace {
     }
 
     fn per_example_grads(&self) -> crate::Result<Vec<Vec<UseGrad>>> {
-        let mut out = vec![Vec::new(); 1 + usize::from(self.bias.is_some())];
+        let (mut weight, mut bias) = (Vec::new(), Vec::new());
         if let Some((gw, gb)) = self.per_example()? {
-            for (k, g) in [gw, gb].into_iter().enumerate().take(out.len()) {
-                if self.parameters().get(k).is_some_and(registry::is_trained) {
-                    out[k].push(UseGrad::Materialized(g));
-                }
+            if registry::is_trained(&self.weight) {
+                weight.push(UseGrad::Materialized(gw));
+            }
+            if self.bias.as_ref().is_some_and(registry::is_trained) {
+                bias.push(UseGrad::Materialized(gb));
             }
         }
-        Ok(out)
+        Ok(std::iter::once(weight).chain(self.bias.as_ref().map(|_| bias)).collect())
     }
 
     fn clear(&self) {
