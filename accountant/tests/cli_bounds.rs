@@ -128,23 +128,29 @@ fn keygen_sign_and_verify_with_a_public_key() {
     assert!(err.contains("signature"), "{err}");
 }
 
+/// The issue's first panic: PLD with a noise multiplier of 1e308.
+const EPSILON_PLD_HUGE_SIGMA: &[&str] = &[
+    "epsilon",
+    "--noise-multiplier",
+    "1e308",
+    "--sample-rate",
+    "0.01",
+    "--steps",
+    "1000",
+    "--delta",
+    "1e-5",
+    "--accountant",
+    "pld",
+];
+const RDP_HUGE_ORDER: &[&str] = &["rdp", "--noise-multiplier", "1", "--sample-rate", "0.1", "--orders", "1e15"];
+const CALIBRATE_TINY_TARGET: &[&str] =
+    &["calibrate", "--target-epsilon", "1e-5", "--delta", "1e-5", "--sample-rate", "0.01", "--steps", "100"];
+
 /// The issue's reproductions: each answers or refuses, quickly.
 #[test]
 fn the_issues_panics_and_hangs_answer_or_refuse() {
     let cases: &[&[&str]] = &[
-        &[
-            "epsilon",
-            "--noise-multiplier",
-            "1e308",
-            "--sample-rate",
-            "0.01",
-            "--steps",
-            "1000",
-            "--delta",
-            "1e-5",
-            "--accountant",
-            "pld",
-        ],
+        EPSILON_PLD_HUGE_SIGMA,
         &[
             "max-steps",
             "--target-epsilon",
@@ -158,7 +164,7 @@ fn the_issues_panics_and_hangs_answer_or_refuse() {
             "--accountant",
             "pld",
         ],
-        &["rdp", "--noise-multiplier", "1", "--sample-rate", "0.1", "--orders", "1e15"],
+        RDP_HUGE_ORDER,
         &[
             "max-steps",
             "--target-epsilon",
@@ -213,35 +219,23 @@ fn the_issues_panics_and_hangs_answer_or_refuse() {
             "--accountant",
             "pld",
         ],
-        &["calibrate", "--target-epsilon", "1e-5", "--delta", "1e-5", "--sample-rate", "0.01", "--steps", "100"],
+        CALIBRATE_TINY_TARGET,
         &["epsilon", "--noise-multiplier", "1e-300", "--sample-rate", "0.01", "--steps", "10", "--delta", "1e-5"],
     ];
+    let mut errors = std::collections::HashMap::new();
     for args in cases {
         let (code, out, err) = run_within(args, Duration::from_secs(15));
         assert_answer_or_one_line_error(args, code, &out, &err);
+        errors.insert(args.to_vec(), (code, err));
     }
-    let (code, _, err) = run(&["rdp", "--noise-multiplier", "1", "--sample-rate", "0.1", "--orders", "1e15"]);
-    assert_eq!(code, Some(2));
+    let (code, err) = &errors[RDP_HUGE_ORDER];
+    assert_eq!(*code, Some(2));
     assert!(err.contains("--orders = 1e15: must be <= 1e6"), "{err}");
-    let (_, out, _) = run(&[
-        "epsilon",
-        "--noise-multiplier",
-        "1e308",
-        "--sample-rate",
-        "0.01",
-        "--steps",
-        "1000",
-        "--delta",
-        "1e-5",
-        "--accountant",
-        "pld",
-        "--json",
-    ]);
+    let (_, err) = &errors[CALIBRATE_TINY_TARGET];
+    assert!(err.contains("cannot be met") && err.contains("Aim for a larger target epsilon"), "{err}");
+    let (_, out, _) = run(&[EPSILON_PLD_HUGE_SIGMA, &["--json"]].concat());
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert!(v["epsilon"].as_f64().is_some_and(|e| (0.0..0.05).contains(&e)), "{v}");
-    let (_, _, err) =
-        run(&["calibrate", "--target-epsilon", "1e-5", "--delta", "1e-5", "--sample-rate", "0.01", "--steps", "100"]);
-    assert!(err.contains("cannot be met") && err.contains("Aim for a larger target epsilon"), "{err}");
 }
 
 /// A subcommand (with fixed flags) and its numeric flags with good values.
