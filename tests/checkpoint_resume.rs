@@ -282,3 +282,62 @@ fn other_configurations_resume_and_a_refused_one_changes_nothing() {
     let err = opt.save_checkpoint(dir("nosampler"), &map, None).unwrap_err().to_string();
     assert!(err.contains("pass the sampler"), "{err}");
 }
+
+/// Seeded, bounded fuzz of the manifest a user resumes from: 600 mutations
+/// (byte flips, deletions, duplicated spans, digit changes, truncation)
+/// never panic, and a mutated manifest is accepted only if it still means
+/// the same JSON (whitespace changes).
+#[test]
+fn mutated_manifests_are_refused_without_panicking() {
+    let (map, model, mut opt, mut sampler) = fresh(Some(PrivacyBudget { epsilon: 8.0, delta: 1e-5 }));
+    train(&model, &mut opt, &mut sampler, 3);
+    let d = dir("fuzz");
+    opt.save_checkpoint(&d, &map, Some(&sampler)).unwrap();
+    let path = d.join("checkpoint.json");
+    let original = std::fs::read(&path).unwrap();
+    let meaning: serde_json::Value = serde_json::from_slice(&original).unwrap();
+    let mut state = 0x5eed_u64;
+    let mut next = move |n: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n.max(1) as u64) as usize
+    };
+    let (mut refused, mut accepted) = (0, 0);
+    for _ in 0..600 {
+        let mut m = original.clone();
+        let at = next(m.len());
+        match next(5) {
+            0 => m[at] ^= 1 << next(8),
+            1 => {
+                m.remove(at);
+            }
+            2 => {
+                let span: Vec<u8> = m[at..(at + 1 + next(20)).min(m.len())].to_vec();
+                m.splice(at..at, span);
+            }
+            3 => {
+                if let Some(k) = m.iter().skip(at).position(u8::is_ascii_digit) {
+                    m[at + k] = b'0' + next(10) as u8;
+                }
+            }
+            _ => m.truncate(at),
+        }
+        std::fs::write(&path, &m).unwrap();
+        let outcome = std::panic::catch_unwind(|| {
+            let mut vm = VarMap::new();
+            let _model = mlp_pair(&vm, &[5, 6, 3], DType::F32).unwrap();
+            let vars = vars_by_name(&vm);
+            DpOptimizer::<SGD>::resume(&d, &mut vm, vars, 0.2).map(|_| ())
+        });
+        match outcome.unwrap_or_else(|_| panic!("resume panicked on:\n{}", String::from_utf8_lossy(&m))) {
+            Err(_) => refused += 1,
+            Ok(()) => {
+                let now: serde_json::Value = serde_json::from_slice(&m).unwrap();
+                assert_eq!(now, meaning, "a changed manifest was accepted:\n{}", String::from_utf8_lossy(&m));
+                accepted += 1;
+            }
+        }
+    }
+    assert!(refused > 500, "{refused} refused, {accepted} accepted");
+}
