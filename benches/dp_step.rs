@@ -5,7 +5,10 @@
 //!   conv 16->32 k5, max-pool 2, linear 512->10), batch 128; f32 on CPU.
 //! * `non_private`: candle-nn layers, mean cross-entropy, backward, SGD step.
 //! * `dp_ghost`: candle-dp layers, per-example cross-entropy, ghost clipping,
-//!   noise for every parameter, SGD step, accounting.
+//!   noise for every parameter, SGD step, accounting. The optimizer draws
+//!   each batch from its own sampler: Poisson sampling at q = 1 over the
+//!   batch's examples, so every step takes all of them (the batch size is
+//!   fixed, as in `non_private`).
 //! * `dp_microbatch`: the candle-nn model through the microbatch engine.
 //! * `noise_only`: drawing the step's noise (one value per parameter), the
 //!   part of `dp_ghost` that clipping does not explain.
@@ -16,10 +19,9 @@
 //! settings). Report ratios to `non_private` from the same run.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_dp::{loss, DpOptimizer, Engine, GaussianNoise, SamplerDescription};
+use candle_dp::{loss, DpOptimizer, Engine, GaussianNoise, PoissonSampler};
 use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
 use criterion::{BenchmarkId, Criterion};
-use dp_accountant::Seeding;
 
 /// The MLP or the CNN, over any layer constructors.
 enum Net<L, C> {
@@ -76,8 +78,8 @@ fn dp_step(c: &mut Criterion) {
         let shape: Vec<usize> = if cnn { vec![b, 1, 28, 28] } else { vec![b, 784] };
         let x = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
         let y = Tensor::from_vec((0..b as u32).map(|i| i % 10).collect(), b, &dev).unwrap();
-        // Poisson sampling of 60 000 examples at the batch size in expectation.
-        let sampler = SamplerDescription::poisson(60_000, b as f64 / 60_000.0, Seeding::Fixed).unwrap();
+        // Poisson sampling at q = 1 over the b examples: every batch drawn is all of x, in order.
+        let sampler = PoissonSampler::seeded(b, 1.0, 0).unwrap();
 
         let mut sgd = SGD::new(varmap.all_vars(), 0.01).unwrap();
         group.bench_function(BenchmarkId::new("non_private", name), |bench| {
@@ -87,13 +89,15 @@ fn dp_step(c: &mut Criterion) {
             })
         });
 
-        let mut ghost = DpOptimizer::<SGD>::builder(varmap.all_vars(), sampler)
+        let mut ghost = DpOptimizer::<SGD>::builder(varmap.all_vars(), sampler.clone())
             .noise_multiplier(1.0)
             .noise(GaussianNoise::from_seed(0))
             .build(0.01)
             .unwrap();
         group.bench_function(BenchmarkId::new("dp_ghost", name), |bench| {
             bench.iter(|| {
+                let idx = ghost.next_batch().unwrap();
+                assert_eq!(idx.len(), b, "q = 1 draws every example");
                 let losses = loss::cross_entropy(&dp.forward(&x).unwrap(), &y).unwrap();
                 ghost.accumulate(&losses).unwrap();
                 ghost.step().unwrap();
@@ -120,6 +124,8 @@ fn dp_step(c: &mut Criterion) {
         group.sample_size(10);
         group.bench_function(BenchmarkId::new("dp_microbatch", name), |bench| {
             bench.iter(|| {
+                let idx = micro.next_batch().unwrap();
+                assert_eq!(idx.len(), b, "q = 1 draws every example");
                 micro
                     .accumulate_microbatch(b, |i| {
                         let logits = plain.forward(&x.narrow(0, i, 1)?)?;

@@ -25,12 +25,13 @@ mod common;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_dp::accountant::{AccountantKind, PrivacyReport};
-use candle_dp::{loss, DpOptimizer, GaussianNoise, PoissonSampler, PrivacyBudget};
+use candle_dp::accountant::AccountantKind;
+use candle_dp::optim::AdamW;
+use candle_dp::{loss, DpOptimizer, PoissonSampler, PrivacyBudget, StatefulOptimizer};
 use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 
 /// Train a DP MLP on the shipped digits data.
@@ -202,41 +203,149 @@ fn run_in_folder(args: &Args) -> Result<(), AnyError> {
     result
 }
 
-/// One non-private optimizer step on a mean loss.
-type StepFn = Box<dyn FnMut(&Tensor) -> candle_core::Result<()>>;
-
 struct Mlp {
     fc1: Box<dyn Module>,
     fc2: Box<dyn Module>,
     tanh: bool,
 }
 
-fn forward(model: &Mlp, x: &Tensor) -> candle_core::Result<Tensor> {
-    // Pixels in [0, 1] are centred to [-1, 1] (a fixed map, no data statistics).
-    let h = model.fc1.forward(&x.affine(2.0, -1.0)?)?;
-    let h = if model.tanh { h.tanh()? } else { h.relu()? };
-    model.fc2.forward(&h)
+impl Mlp {
+    /// DP layers for a DP run, candle-nn's for `--non-private` (the same maths).
+    fn new(vb: VarBuilder, args: &Args) -> candle_core::Result<Self> {
+        let (h, tanh) = (args.hidden, args.activation == Activation::Tanh);
+        let layer = |i, o, name| -> candle_core::Result<Box<dyn Module>> {
+            Ok(if args.non_private {
+                Box::new(candle_nn::linear(i, o, vb.pp(name))?)
+            } else {
+                Box::new(candle_dp::linear(i, o, vb.pp(name))?)
+            })
+        };
+        Ok(Self { fc1: layer(64, h, "fc1")?, fc2: layer(h, 10, "fc2")?, tanh })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // Pixels in [0, 1] are centred to [-1, 1] (a fixed map, no data statistics).
+        let h = self.fc1.forward(&x.affine(2.0, -1.0)?)?;
+        let h = if self.tanh { h.tanh()? } else { h.relu()? };
+        self.fc2.forward(&h)
+    }
+}
+
+/// What a training loop reads.
+struct Ctx<'a> {
+    args: &'a Args,
+    data: &'a common::Images,
+    train: &'a [usize],
+    varmap: &'a VarMap,
+    model: &'a Mlp,
+    steps: u64,
+    steps_per_epoch: u64,
+    out: &'a std::path::Path,
+    bar: &'a ProgressBar,
+}
+
+impl Ctx<'_> {
+    /// The batch at positions `idx` of the training split.
+    fn batch(&self, idx: &[usize]) -> candle_core::Result<(Tensor, Tensor)> {
+        self.data.tensors(&idx.iter().map(|&i| self.train[i]).collect::<Vec<_>>(), &Device::Cpu)
+    }
+}
+
+/// The privacy side of a finished DP run.
+struct Private {
+    release: candle_dp::Release,
+    noise_multiplier: f64,
 }
 
 fn run(args: &Args, out: &std::path::Path) -> Result<(), AnyError> {
-    let dev = Device::Cpu;
-    let data_path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv.gz");
-    let data = common::load_digits_csv(&data_path)?;
+    let data = common::load_digits_csv(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv.gz"))?;
     let (train, test) = common::stratified_split(&data.labels, 0.2, 0);
-    let (x_test, y_test) = data.tensors(&test, &dev)?;
     let n = train.len();
     if args.batch_size == 0 || args.batch_size > n {
         return Err(format!("--batch-size = {}: must be in [1, {n}]", args.batch_size).into());
     }
-    let steps_per_epoch = n.div_ceil(args.batch_size);
-    let steps = (args.epochs * steps_per_epoch) as u64;
+    let steps_per_epoch = n.div_ceil(args.batch_size) as u64;
+    let steps = args.epochs as u64 * steps_per_epoch;
+    if prepare_folder(args, out)? == Folder::Released {
+        return Ok(());
+    }
+    let varmap = VarMap::new();
+    let model = Mlp::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), args)?;
+    if let Some(seed) = args.seed {
+        common::init_seeded(&varmap, seed)?;
+    }
+    let bar = common::progress_bar(steps, args.json)?;
+    let started = std::time::Instant::now();
+    let ctx = Ctx {
+        args,
+        data: &data,
+        train: &train,
+        varmap: &varmap,
+        model: &model,
+        steps,
+        steps_per_epoch,
+        out,
+        bar: &bar,
+    };
+    let private = match (args.non_private, args.optimizer) {
+        (true, Opt::Sgd) => train_non_private::<SGD>(&ctx, args.lr).map(|()| None),
+        (true, Opt::Adam) => train_non_private::<AdamW>(&ctx, adam(args.lr)).map(|()| None),
+        (false, Opt::Sgd) => train_dp::<SGD>(&ctx, args.lr).map(Some),
+        (false, Opt::Adam) => train_dp::<AdamW>(&ctx, adam(args.lr)).map(Some),
+    }?;
+    bar.finish_and_clear();
+
+    let (x_test, y_test) = data.tensors(&test, &Device::Cpu)?;
+    let pred = model.forward(&x_test)?.argmax(1)?;
+    let accuracy = pred.eq(&y_test)?.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?;
+    let q = args.batch_size as f64 / n as f64;
+    let (epsilon, delta, sigma) = match &private {
+        Some(p) => (Some(p.release.report.epsilon), Some(args.delta), Some(p.noise_multiplier)),
+        None => (None, None, None),
+    };
+    let summary = serde_json::json!({
+        "test_accuracy": accuracy,
+        "epsilon": epsilon,
+        "delta": delta,
+        "noise_multiplier": sigma,
+        "accountant": private.as_ref().map(|_| args.accountant.name()),
+        "steps": steps,
+        "sample_rate": q,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "max_grad_norm": args.max_grad_norm,
+        "lr": args.lr,
+        "seed": args.seed,
+        "non_private": args.non_private,
+        "train_examples": n,
+        "test_examples": test.len(),
+        "wall_seconds": started.elapsed().as_secs_f64(),
+    });
+    let done = format!("test accuracy {accuracy:.4} ({} test examples)", test.len());
+    common::finish(out, &summary, private.as_ref().map(|p| &p.release.report), args.json, &done)
+}
+
+#[derive(Debug, PartialEq)]
+enum Folder {
+    /// Ready to train in.
+    Ready,
+    /// Holds a finished, released run: nothing to do.
+    Released,
+}
+
+/// Checks what `out` holds against what was asked, and makes it ready: a
+/// released run is never retrained, an unfinished one only continued with
+/// `--resume`.
+fn prepare_folder(args: &Args, out: &std::path::Path) -> Result<Folder, AnyError> {
     let ledger_path = out.join("ledger.json");
     if ledger_path.exists() {
         // The run's final ledger exists only once its model was released.
         let ledger = candle_dp::accountant::Ledger::read(&ledger_path)?;
         if let Some(r) = ledger.releases().last() {
             if args.resume.is_none() {
-                return common::refuse_released(out);
+                common::refuse_released(out)?;
             }
             println!(
                 "digits: nothing to do: the run in {} finished after {} steps and released {} (SHA-256 {}); it is \
@@ -246,7 +355,7 @@ fn run(args: &Args, out: &std::path::Path) -> Result<(), AnyError> {
                 r.file,
                 r.weights_sha256
             );
-            return Ok(());
+            return Ok(Folder::Released);
         }
     }
     if args.resume.is_none() && (out.join("run.json").exists() || out.join("checkpoint").exists()) {
@@ -260,140 +369,16 @@ fn run(args: &Args, out: &std::path::Path) -> Result<(), AnyError> {
     if args.resume.is_none() {
         std::fs::write(out.join("run.json"), serde_json::to_string_pretty(args)?)?;
     }
-
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-    let h = args.hidden;
-    let tanh = matches!(args.activation, Activation::Tanh);
-    let model = if args.non_private {
-        Mlp {
-            fc1: Box::new(candle_nn::linear(64, h, vb.pp("fc1"))?),
-            fc2: Box::new(candle_nn::linear(h, 10, vb.pp("fc2"))?),
-            tanh,
-        }
-    } else {
-        Mlp {
-            fc1: Box::new(candle_dp::linear(64, h, vb.pp("fc1"))?),
-            fc2: Box::new(candle_dp::linear(h, 10, vb.pp("fc2"))?),
-            tanh,
-        }
-    };
-    if let Some(seed) = args.seed {
-        common::init_seeded(&varmap, seed)?;
-    }
-    let mut sampler = PoissonSampler::with_expected_batch_size(n, args.batch_size, args.seed)?;
-
-    let bar = ProgressBar::new(steps);
-    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}")?);
-    if args.json {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    let started = std::time::Instant::now();
-    let mut epoch_loss = (0.0, 0usize);
-    let (summary_privacy, ledger) = if args.non_private {
-        let mut step_on: StepFn = match args.optimizer {
-            Opt::Sgd => {
-                let mut o = SGD::new(candle_dp::vars_by_name(&varmap), args.lr)?;
-                Box::new(move |l| o.backward_step(l))
-            }
-            Opt::Adam => {
-                let mut o = candle_nn::AdamW::new(candle_dp::vars_by_name(&varmap), adam(args.lr))?;
-                Box::new(move |l| o.backward_step(l))
-            }
-        };
-        for step in 0..steps {
-            let idx: Vec<usize> = sampler.sample().iter().map(|&i| train[i]).collect();
-            if !idx.is_empty() {
-                let (x, y) = data.tensors(&idx, &dev)?;
-                let l = candle_nn::loss::cross_entropy(&forward(&model, &x)?, &y)?;
-                epoch_loss.0 += l.to_scalar::<f32>()? as f64 * idx.len() as f64;
-                epoch_loss.1 += idx.len();
-                step_on(&l)?;
-            }
-            progress(&bar, step, steps_per_epoch, &mut epoch_loss, None);
-        }
-        (None, None)
-    } else {
-        let noise = match args.seed {
-            Some(s) => GaussianNoise::from_seed(s.wrapping_add(0x9e37_79b9)),
-            None => GaussianNoise::from_os_entropy()?,
-        };
-        let budget = PrivacyBudget { epsilon: args.epsilon, delta: args.delta };
-        let description = format!("digits MLP 64-{h}-10, {} epochs, expected batch {}", args.epochs, args.batch_size);
-        let train_ctx =
-            Ctx { args, data: &data, train: &train, varmap: &varmap, model: &model, steps, steps_per_epoch, out };
-        let (ledger, eps, sigma) = match args.optimizer {
-            Opt::Sgd => {
-                train_dp::<SGD>(&train_ctx, &mut sampler, &bar, noise, budget, description, args.lr, &mut epoch_loss)?
-            }
-            Opt::Adam => train_dp::<candle_nn::AdamW>(
-                &train_ctx,
-                &mut sampler,
-                &bar,
-                noise,
-                budget,
-                description,
-                adam(args.lr),
-                &mut epoch_loss,
-            )?,
-        };
-        (Some((eps, sigma, sampler.description().expected_batch_size() / n as f64)), Some(ledger))
-    };
-    bar.finish_and_clear();
-
-    let pred = forward(&model, &x_test)?.argmax(1)?;
-    let accuracy = pred.eq(&y_test)?.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?;
-    if args.non_private {
-        varmap.save(out.join("model.safetensors"))?;
-    }
-    let mut summary = serde_json::json!({
-        "test_accuracy": accuracy,
-        "steps": steps,
-        "sample_rate": args.batch_size as f64 / n as f64,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "max_grad_norm": args.max_grad_norm,
-        "lr": args.lr,
-        "seed": args.seed,
-        "non_private": args.non_private,
-        "train_examples": n,
-        "test_examples": test.len(),
-        "wall_seconds": started.elapsed().as_secs_f64(),
-    });
-    if let (Some((eps, sigma, q)), Some(ledger)) = (summary_privacy, ledger) {
-        summary["epsilon"] = eps.into();
-        summary["delta"] = args.delta.into();
-        summary["noise_multiplier"] = sigma.into();
-        summary["sample_rate"] = q.into();
-        summary["accountant"] = args.accountant.name().into();
-        ledger.write(out.join("ledger.json"))?;
-        let report = PrivacyReport::from_ledger_with(&ledger, Some(args.delta), args.accountant)?;
-        std::fs::write(out.join("report.md"), report.to_markdown())?;
-        std::fs::write(out.join("report.html"), report.to_html())?;
-        if !args.json {
-            println!("{}", report.to_text());
-        }
-    } else {
-        summary["epsilon"] = serde_json::Value::Null;
-        summary["delta"] = serde_json::Value::Null;
-        summary["noise_multiplier"] = serde_json::Value::Null;
-    }
-    std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
-    if args.json {
-        println!("{summary}");
-    } else {
-        println!("test accuracy {:.4} ({} test examples); run folder {}", accuracy, test.len(), out.display());
-    }
-    Ok(())
+    Ok(Folder::Ready)
 }
 
 /// Updates the bar; at each epoch's end shows the epoch's mean loss.
-fn progress(bar: &ProgressBar, step: u64, steps_per_epoch: usize, loss: &mut (f64, usize), eps: Option<f64>) {
-    bar.inc(1);
-    if (step + 1) % steps_per_epoch as u64 == 0 {
+fn progress(ctx: &Ctx, step: u64, loss: &mut (f64, usize), eps: Option<f64>) {
+    ctx.bar.set_position(step + 1);
+    if (step + 1) % ctx.steps_per_epoch == 0 {
         let mean = if loss.1 > 0 { loss.0 / loss.1 as f64 } else { f64::NAN };
-        let epoch = (step + 1) / steps_per_epoch as u64;
-        bar.set_message(match eps {
+        let epoch = (step + 1) / ctx.steps_per_epoch;
+        ctx.bar.set_message(match eps {
             Some(e) => format!("epoch {epoch}  loss {mean:.3}  epsilon {e:.3}"),
             None => format!("epoch {epoch}  loss {mean:.3}"),
         });
@@ -437,91 +422,79 @@ fn adam(lr: f64) -> candle_nn::ParamsAdamW {
     candle_nn::ParamsAdamW { lr, weight_decay: 0.0, ..Default::default() }
 }
 
-/// What the DP training loop reads.
-struct Ctx<'a> {
-    args: &'a Args,
-    data: &'a common::Images,
-    train: &'a [usize],
-    varmap: &'a VarMap,
-    model: &'a Mlp,
-    steps: u64,
-    steps_per_epoch: usize,
-    out: &'a std::path::Path,
+/// The same model, sampling and optimizer without DP, for comparison.
+fn train_non_private<O: Optimizer>(ctx: &Ctx, config: O::Config) -> Result<(), AnyError> {
+    let mut opt = O::new(candle_dp::vars_by_name(ctx.varmap), config)?;
+    let mut sampler = PoissonSampler::with_expected_batch_size(ctx.train.len(), ctx.args.batch_size, ctx.args.seed)?;
+    let mut epoch_loss = (0.0, 0usize);
+    for step in 0..ctx.steps {
+        let idx = sampler.sample();
+        if !idx.is_empty() {
+            let (x, y) = ctx.batch(&idx)?;
+            let l = candle_nn::loss::cross_entropy(&ctx.model.forward(&x)?, &y)?;
+            epoch_loss.0 += l.to_scalar::<f32>()? as f64 * idx.len() as f64;
+            epoch_loss.1 += idx.len();
+            opt.backward_step(&l)?;
+        }
+        progress(ctx, step, &mut epoch_loss, None);
+    }
+    Ok(ctx.varmap.save(ctx.out.join("model.safetensors"))?)
 }
 
-/// DP-SGD around the optimizer `O`; returns the ledger, epsilon spent and the noise multiplier.
-#[allow(clippy::too_many_arguments)]
-fn train_dp<O: Optimizer>(
-    ctx: &Ctx,
-    sampler: &mut PoissonSampler,
-    bar: &ProgressBar,
-    noise: GaussianNoise,
-    budget: PrivacyBudget,
-    description: String,
-    config: O::Config,
-    epoch_loss: &mut (f64, usize),
-) -> Result<(candle_dp::accountant::Ledger, f64, f64), AnyError> {
-    let dev = Device::Cpu;
-    // Name order: `VarMap::all_vars` has none, and the noise is drawn in the
-    // variables' order, so a seeded run needs a fixed one.
-    let mut opt = match &ctx.args.resume {
-        // Continue a checkpointed run: weights, ledger (the spent budget),
-        // noise and sampler as they were; Adam's moments restart.
-        Some(dir) => {
-            let mut varmap = ctx.varmap.clone();
-            let vars = candle_dp::vars_by_name(ctx.varmap);
-            let (opt, resumed) = DpOptimizer::<O>::resume(dir.join("checkpoint"), &mut varmap, vars, config)?;
-            if let Some(resumed) = resumed {
-                if resumed.description().dataset_size() != ctx.train.len() {
-                    return Err(format!(
-                        "the checkpoint samples from {} examples, the training set has {}",
-                        resumed.description().dataset_size(),
-                        ctx.train.len()
-                    )
-                    .into());
-                }
-                *sampler = resumed;
-            }
-            bar.set_position(opt.steps());
-            opt
-        }
-        None => DpOptimizer::<O>::builder(candle_dp::vars_by_name(ctx.varmap), sampler.description())
-            .target(budget, ctx.steps)
-            .accountant(ctx.args.accountant)
-            .max_grad_norm(ctx.args.max_grad_norm)
-            .noise(noise)
-            .description(description)
-            .build(config)?,
+/// DP-SGD around the optimizer `O`, from a checkpoint with `--resume`,
+/// checkpointed at every epoch's end and after the last step.
+fn train_dp<O: StatefulOptimizer>(ctx: &Ctx, config: O::Config) -> Result<Private, AnyError> {
+    let (args, checkpoint) = (ctx.args, ctx.out.join("checkpoint"));
+    // Name order: the noise is drawn in the variables' order, so a seeded
+    // run needs a fixed one (`VarMap::all_vars` has none).
+    let vars = candle_dp::vars_by_name(ctx.varmap);
+    let mut opt = match &args.resume {
+        // Weights, ledger (the spent budget), noise, sampler and optimizer
+        // state as they were.
+        Some(_) => DpOptimizer::<O>::resume(&checkpoint, ctx.varmap, vars, config)?,
+        None => DpOptimizer::<O>::builder(
+            vars,
+            PoissonSampler::with_expected_batch_size(ctx.train.len(), args.batch_size, args.seed)?,
+        )
+        .target(PrivacyBudget { epsilon: args.epsilon, delta: args.delta }, ctx.steps)
+        .accountant(args.accountant)
+        .max_grad_norm(args.max_grad_norm)
+        .noise(common::noise(args.seed)?)
+        .description(format!(
+            "digits MLP 64-{}-10, {} epochs, expected batch {}",
+            args.hidden, args.epochs, args.batch_size
+        ))
+        .build(config)?,
     };
-    let mut ema = Ema::new(ctx.varmap, ctx.args.ema)?;
+    let trained_on = opt.config().sampler().dataset_size();
+    if trained_on != ctx.train.len() {
+        return Err(format!(
+            "the checkpoint samples from {trained_on} examples, the training set has {}",
+            ctx.train.len()
+        )
+        .into());
+    }
+    ctx.bar.set_position(opt.steps());
+    let mut ema = Ema::new(ctx.varmap, args.ema)?;
+    let mut epoch_loss = (0.0, 0usize);
     for step in opt.steps()..ctx.steps {
-        let idx: Vec<usize> = sampler.sample().iter().map(|&i| ctx.train[i]).collect();
-        if idx.is_empty() {
-            opt.accumulate_empty();
-        } else {
-            let (x, y) = ctx.data.tensors(&idx, &dev)?;
-            let losses = loss::cross_entropy(&forward(ctx.model, &x)?, &y)?;
-            epoch_loss.0 += losses.tensor().sum_all()?.to_scalar::<f32>()? as f64;
-            epoch_loss.1 += idx.len();
-            opt.accumulate(&losses)?;
-        }
-        opt.step()?;
+        let s = opt.train_step(|idx| {
+            let (x, y) = ctx.batch(idx)?;
+            loss::cross_entropy(&ctx.model.forward(&x)?, &y)
+        })?;
+        epoch_loss = (epoch_loss.0 + s.loss_sum, epoch_loss.1 + s.examples);
         ema.update(ctx.varmap)?;
-        let epoch_end = (step + 1) % ctx.steps_per_epoch as u64 == 0;
-        let eps = if epoch_end { Some(opt.epsilon(budget.delta)?) } else { None };
+        let epoch_end = (step + 1) % ctx.steps_per_epoch == 0;
         // Also after the last step: an interrupted release resumes to it
         // without training again.
         if epoch_end || step + 1 == ctx.steps {
-            opt.save_checkpoint(ctx.out.join("checkpoint"), ctx.varmap, Some(sampler))?;
+            opt.save_checkpoint(&checkpoint, ctx.varmap)?;
         }
-        progress(bar, step, ctx.steps_per_epoch, epoch_loss, eps);
+        progress(ctx, step, &mut epoch_loss, epoch_end.then(|| opt.epsilon(args.delta)).transpose()?);
     }
     ema.apply(ctx.varmap)?;
     // The model file is named in the ledger by its SHA-256: the statement
     // covers exactly these weights.
-    let weights = ctx.out.join("model.safetensors");
-    ctx.varmap.save(&weights)?;
-    opt.record_release("model.safetensors", &candle_dp::checkpoint::sha256_file(&weights)?)?;
-    let ledger = opt.flush_ledger()?.clone();
-    Ok((ledger, opt.epsilon(budget.delta)?, opt.noise_multiplier()))
+    let release = opt.release(ctx.out, ctx.varmap, Some(args.delta))?;
+    Ok(Private { release, noise_multiplier: opt.noise_multiplier() })
 }

@@ -18,11 +18,10 @@ mod common;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Module};
-use candle_dp::accountant::PrivacyReport;
-use candle_dp::{loss, DpOptimizer, GaussianNoise, PoissonSampler, PrivacyBudget};
-use candle_nn::{AdamW, ParamsAdamW, VarBuilder, VarMap};
+use candle_dp::optim::AdamW;
+use candle_dp::{loss, DpOptimizer, PoissonSampler, PrivacyBudget};
+use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
 use clap::Parser;
-use indicatif::{ProgressBar, ProgressStyle};
 
 /// Train a DP CNN on MNIST.
 #[derive(Parser, Debug)]
@@ -94,8 +93,8 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     if args.batch_size == 0 || args.batch_size > n {
         return Err(format!("--batch-size = {}: must be in [1, {n}]", args.batch_size).into());
     }
-    let steps_per_epoch = n.div_ceil(args.batch_size);
-    let steps = (args.epochs * steps_per_epoch) as u64;
+    let steps_per_epoch = n.div_ceil(args.batch_size) as u64;
+    let steps = args.epochs as u64 * steps_per_epoch;
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/mnist-{}", common::utc_stamp())));
     common::refuse_released(&out)?;
 
@@ -104,39 +103,28 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(seed) = args.seed {
         common::init_seeded(&varmap, seed)?;
     }
-    let mut sampler = PoissonSampler::with_expected_batch_size(n, args.batch_size, args.seed)?;
-    let noise = match args.seed {
-        Some(s) => GaussianNoise::from_seed(s.wrapping_add(0x9e37_79b9)),
-        None => GaussianNoise::from_os_entropy()?,
-    };
-    let mut opt = DpOptimizer::<AdamW>::builder(candle_dp::vars_by_name(&varmap), sampler.description())
+    let sampler = PoissonSampler::with_expected_batch_size(n, args.batch_size, args.seed)?;
+    let mut opt = DpOptimizer::<AdamW>::builder(candle_dp::vars_by_name(&varmap), sampler)
         .target(PrivacyBudget { epsilon: args.epsilon, delta: args.delta }, steps)
         .max_grad_norm(args.max_grad_norm)
-        .noise(noise)
+        // A Poisson batch's size is random: bound what one pass holds.
+        .max_physical_batch_size(2 * args.batch_size)
+        .noise(common::noise(args.seed)?)
         .description(format!("MNIST CNN, {} epochs on {n} examples, expected batch {}", args.epochs, args.batch_size))
         .build(ParamsAdamW { lr: args.lr, weight_decay: 0.0, ..Default::default() })?;
 
-    let bar = ProgressBar::new(steps);
-    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps {elapsed_precise}  {msg}")?);
-    if args.json {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
+    let bar = common::progress_bar(steps, args.json)?;
     let started = std::time::Instant::now();
     for step in 0..steps {
-        let idx = sampler.sample();
-        if idx.is_empty() {
-            opt.accumulate_empty();
-        } else {
-            let (x, y) = train_set.tensors(&idx, &dev)?;
-            let losses = loss::cross_entropy(&model.forward(&x)?, &y)?;
-            let mean = losses.tensor().mean_all()?.to_scalar::<f32>()?;
-            opt.accumulate(&losses)?;
-            bar.set_message(format!("loss {mean:.3}"));
-        }
-        opt.step()?;
+        let s = opt.train_step(|idx| {
+            let (x, y) = train_set.tensors(idx, &dev)?;
+            loss::cross_entropy(&model.forward(&x)?, &y)
+        })?;
         bar.inc(1);
-        if (step + 1) % steps_per_epoch as u64 == 0 {
+        if (step + 1) % steps_per_epoch == 0 {
             bar.set_message(format!("epsilon {:.3}", opt.epsilon(args.delta)?));
+        } else if s.examples > 0 {
+            bar.set_message(format!("loss {:.3}", s.loss_sum / s.examples as f64));
         }
     }
     bar.finish_and_clear();
@@ -152,18 +140,10 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let accuracy = correct / all.len() as f64;
 
     // The folder is made only now, with something to put in it.
-    std::fs::create_dir_all(&out)?;
-    let weights = out.join("model.safetensors");
-    varmap.save(&weights)?;
-    opt.record_release("model.safetensors", &candle_dp::checkpoint::sha256_file(&weights)?)?;
-    let ledger = opt.flush_ledger()?.clone();
-    ledger.write(out.join("ledger.json"))?;
-    let report = PrivacyReport::from_ledger(&ledger, Some(args.delta))?;
-    std::fs::write(out.join("report.md"), report.to_markdown())?;
-    std::fs::write(out.join("report.html"), report.to_html())?;
+    let release = opt.release(&out, &varmap, Some(args.delta))?;
     let summary = serde_json::json!({
         "test_accuracy": accuracy,
-        "epsilon": opt.epsilon(args.delta)?,
+        "epsilon": release.report.epsilon,
         "delta": args.delta,
         "noise_multiplier": opt.noise_multiplier(),
         "steps": steps,
@@ -171,12 +151,5 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         "train_examples": n,
         "wall_seconds": started.elapsed().as_secs_f64(),
     });
-    std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
-    if args.json {
-        println!("{summary}");
-    } else {
-        println!("{}", report.to_text());
-        println!("test accuracy {accuracy:.4}; run folder {}", out.display());
-    }
-    Ok(())
+    common::finish(&out, &summary, Some(&release.report), args.json, &format!("test accuracy {accuracy:.4}"))
 }

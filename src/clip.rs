@@ -7,7 +7,8 @@ use crate::error::{Error, Result};
 /// threshold is applied with a relative margin of `1e-4` (a gradient is
 /// scaled to `C (1 - 1e-4)`), so that rounding in the norm computation
 /// cannot let a contribution exceed `C`.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ClipMode {
     /// One norm over all parameters, clipped to `C` (Abadi et al. 2016).
     #[default]

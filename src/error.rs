@@ -159,9 +159,70 @@ pub enum Error {
     /// The operating system's entropy source failed.
     #[error("could not seed the noise generator from the operating system: {0}")]
     Entropy(String),
-    /// A step was requested with nothing accumulated and no empty-batch mark.
-    #[error("step() without accumulate(): call accumulate (or accumulate_empty for an empty Poisson batch) first")]
-    NothingAccumulated,
+    /// A setting the builder needs was not given.
+    #[error("{setting} is not set: {how}")]
+    MissingSetting {
+        /// The setting.
+        setting: &'static str,
+        /// How to set it.
+        how: &'static str,
+    },
+    /// Two settings that cannot be combined.
+    #[error("{setting} cannot be used with {with}: {why}")]
+    Incompatible {
+        /// The refused setting.
+        setting: &'static str,
+        /// What it conflicts with.
+        with: &'static str,
+        /// Why.
+        why: &'static str,
+    },
+    /// A call that needs the other engine.
+    #[error("{call} needs the {needs:?} engine; this optimizer uses {engine:?}: {instead}")]
+    WrongEngine {
+        /// The call.
+        call: &'static str,
+        /// The engine it needs.
+        needs: crate::Engine,
+        /// The optimizer's engine.
+        engine: crate::Engine,
+        /// What to call instead.
+        instead: &'static str,
+    },
+    /// A stage of a step called out of order (see [`crate::DpOptimizer`]).
+    #[error("{call} called {state}: {fix}")]
+    OutOfOrder {
+        /// The call.
+        call: &'static str,
+        /// The state it was called in.
+        state: &'static str,
+        /// What to call first.
+        fix: &'static str,
+    },
+    /// A step whose accumulated examples are not the batch drawn: stepping
+    /// would release a sum over other examples than the ones sampled.
+    #[error(
+        "the batch drawn has {drawn} examples and {accumulated} were accumulated: accumulate exactly the examples of \
+         next_batch() (the step was not taken)"
+    )]
+    BatchMismatch {
+        /// The examples the sampler drew for this step.
+        drawn: usize,
+        /// The examples accumulated.
+        accumulated: usize,
+    },
+    /// An optimizer state that does not fit the optimizer.
+    #[error("optimizer state: {reason}")]
+    OptimizerState {
+        /// What is wrong.
+        reason: String,
+    },
+    /// A serialized configuration that cannot be read.
+    #[error("invalid DpConfig JSON: {reason}")]
+    InvalidConfigFile {
+        /// What is wrong.
+        reason: String,
+    },
     /// A checkpoint that cannot be resumed: altered, incomplete or unknown.
     #[error("checkpoint {path}: {reason}")]
     Checkpoint {

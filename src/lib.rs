@@ -6,8 +6,12 @@
 //! ledger that [`dp_accountant`] (re-exported as [`accountant`]) reads.
 //!
 //! * [`linear()`] and the other DP layers: drop-in replacements for candle-nn's.
-//! * [`DpOptimizer`]: DP-SGD around any `candle_nn::Optimizer`.
+//! * [`DpOptimizer`]: DP-SGD around any `candle_nn::Optimizer`, with its
+//!   sampler, one call per step ([`DpOptimizer::train_step`]), checkpoints
+//!   ([`checkpoint`]) and the release of the model with its statement
+//!   ([`DpOptimizer::release`]).
 //! * [`PoissonSampler`]: the sampling the accounting assumes.
+//! * [`optim::AdamW`]: candle-nn's AdamW with its moments checkpointable.
 //! * [`loss::cross_entropy`]: per-example losses, the only kind the optimizer takes.
 //! * [`kernels`]: the per-example norm, clip-and-accumulate and device-noise
 //!   ops (CPU reference; CUDA and Metal behind features).
@@ -25,37 +29,38 @@
 //! # Example
 //! ```
 //! use candle_core::{DType, Device, Module, Tensor};
-//! use candle_nn::{VarBuilder, VarMap, SGD};
-//! use candle_dp::{loss, DpOptimizer, GaussianNoise, PoissonSampler};
+//! use candle_nn::{VarBuilder, VarMap};
+//! use candle_dp::optim::AdamW;
+//! use candle_dp::{loss, DpOptimizer, GaussianNoise, PoissonSampler, PrivacyBudget};
 //!
 //! let dev = Device::Cpu;
 //! let varmap = VarMap::new();
-//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-//! let model = candle_dp::linear(4, 3, vb.pp("fc"))?;
-//!
-//! let mut sampler = PoissonSampler::seeded(100, 0.1, 0)?;
-//! let mut opt = DpOptimizer::<SGD>::builder(candle_dp::vars_by_name(&varmap), sampler.description())
-//!     .noise_multiplier(1.1)
-//!     .max_grad_norm(1.0)
-//!     .noise(GaussianNoise::from_seed(1))
-//!     .build(0.1)?;
+//! let model = candle_dp::linear(4, 3, VarBuilder::from_varmap(&varmap, DType::F32, &dev).pp("fc"))?;
 //!
 //! // A toy dataset of 100 examples: 4 features, 3 classes.
 //! let x = Tensor::randn(0f32, 1.0, (100, 4), &dev)?;
 //! let y = Tensor::from_vec((0..100u32).map(|i| i % 3).collect(), 100, &dev)?;
 //!
-//! // One DP-SGD step: a Poisson batch, per-example losses, clip, noise, step.
-//! let batch: Vec<u32> = sampler.sample().iter().map(|&i| i as u32).collect();
-//! if batch.is_empty() {
-//!     opt.accumulate_empty();
-//! } else {
-//!     let idx = Tensor::from_vec(batch.clone(), batch.len(), &dev)?;
-//!     let logits = model.forward(&x.index_select(&idx, 0)?)?;
-//!     opt.accumulate(&loss::cross_entropy(&logits, &y.index_select(&idx, 0)?)?)?;
+//! // The optimizer owns its sampler: what it accounts is what it draws.
+//! let mut opt = DpOptimizer::<AdamW>::builder(candle_dp::vars_by_name(&varmap), PoissonSampler::seeded(100, 0.1, 0)?)
+//!     .target(PrivacyBudget { epsilon: 3.0, delta: 1e-5 }, 20)
+//!     .max_grad_norm(1.0)
+//!     .max_physical_batch_size(8)
+//!     .noise(GaussianNoise::from_seed(1))
+//!     .build(Default::default())?;
+//!
+//! // Each step: a Poisson batch of indices in, per-example losses out.
+//! for _ in 0..20 {
+//!     opt.train_step(|batch| {
+//!         let idx = Tensor::from_vec(batch.iter().map(|&i| i as u32).collect(), batch.len(), &dev)?;
+//!         loss::cross_entropy(&model.forward(&x.index_select(&idx, 0)?)?, &y.index_select(&idx, 0)?)
+//!     })?;
 //! }
-//! opt.step()?;
-//! let eps = opt.epsilon(1e-5)?;
-//! assert!(eps > 0.0 && eps.is_finite());
+//! // The weights, their SHA-256 in the ledger, the ledger and the report.
+//! # let dir = std::env::temp_dir().join(format!("candle-dp-doc-{}", std::process::id()));
+//! let release = opt.release(&dir, &varmap, None)?;
+//! assert!(release.report.epsilon <= 3.0);
+//! # std::fs::remove_dir_all(&dir).ok();
 //! # Ok::<(), candle_dp::Error>(())
 //! ```
 #![deny(missing_docs)]
@@ -65,6 +70,7 @@ pub use dp_accountant as accountant;
 
 pub mod checkpoint;
 pub mod clip;
+pub mod config;
 mod error;
 pub mod grad_sample;
 pub mod kernels;
@@ -73,9 +79,11 @@ pub mod loss;
 pub mod noise;
 pub mod optim;
 pub mod optimizer;
+pub mod release;
 pub mod sampler;
 
 pub use clip::ClipMode;
+pub use config::{DpConfig, Engine, PrivacyBudget};
 pub use error::{error_number, Error, Result};
 pub use layers::{
     batch_norm, conv1d, conv2d, embedding, group_norm, layer_norm, linear, linear_no_bias, rms_norm, DpConv,
@@ -83,5 +91,7 @@ pub use layers::{
 };
 pub use loss::PerSampleLoss;
 pub use noise::GaussianNoise;
-pub use optimizer::{vars_by_name, DpOptimizer, DpOptimizerBuilder, Engine, PrivacyBudget};
-pub use sampler::{PoissonSampler, SamplerDescription, ShuffledSampler};
+pub use optim::{OptimizerState, StatefulOptimizer};
+pub use optimizer::{vars_by_name, DpOptimizer, DpOptimizerBuilder, StepSummary};
+pub use release::Release;
+pub use sampler::{PoissonSampler, Sampler, SamplerDescription, ShuffledSampler};

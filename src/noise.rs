@@ -74,6 +74,12 @@ impl GaussianNoise {
         self
     }
 
+    /// Fills large buffers on every core the OS reports (what the optimizer
+    /// uses by default; the values do not depend on it).
+    pub fn with_all_threads(self) -> Self {
+        self.with_threads(std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get))
+    }
+
     /// How this generator was seeded.
     pub fn seeding(&self) -> Seeding {
         self.seeding

@@ -4,6 +4,7 @@
 use dp_accountant::{DpEvent, SamplerKind, Seeding};
 use rand::{seq::SliceRandom, RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{ensure, Error, Result};
 
@@ -14,14 +15,19 @@ use crate::error::{ensure, Error, Result};
 /// description that would divide by zero or state a privacy guarantee for
 /// sampling that never happened (a rate of 0, an empty dataset) cannot be
 /// built. The samplers' `description()` is the normal way to get one.
-#[derive(Debug, Clone, Copy, PartialEq)]
+///
+/// It serializes (as part of [`crate::DpConfig`]); a deserialized one is
+/// validated again wherever it is used.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SamplerDescription {
     scheme: Scheme,
     dataset_size: usize,
     seeding: Seeding,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 enum Scheme {
     /// Each example independently with probability `sample_rate`.
     Poisson { sample_rate: f64 },
@@ -60,12 +66,13 @@ impl SamplerDescription {
         Ok(Self { scheme: Scheme::ShuffledFixedSize { batch_size }, dataset_size, seeding })
     }
 
-    /// Checks the description again (the optimizer's builder does, so that
-    /// no code path can train on one its constructors would refuse).
+    /// Checks the description again (the optimizer does, so that no code
+    /// path, a deserialized configuration included, can train on one its
+    /// constructors would refuse).
     ///
     /// # Errors
     /// As the constructors.
-    pub(crate) fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<()> {
         match self.scheme {
             Scheme::Poisson { sample_rate } => Self::poisson(self.dataset_size, sample_rate, self.seeding),
             Scheme::ShuffledFixedSize { batch_size } => {
@@ -306,6 +313,107 @@ impl ShuffledSampler {
             dataset_size: self.order.len(),
             seeding: self.seeding,
         }
+    }
+}
+
+/// The sampler a [`crate::DpOptimizer`] owns and draws every batch from:
+/// since the optimizer accounts [`Sampler::description`] of the sampler it
+/// holds, the sampling accounted is the sampling used.
+#[derive(Debug, Clone)]
+pub enum Sampler {
+    /// Poisson sampling (amplification by sampling, add-or-remove adjacency).
+    Poisson(PoissonSampler),
+    /// Shuffled fixed-size batches (no amplification, replace-one adjacency).
+    Shuffled(ShuffledSampler),
+}
+
+impl Sampler {
+    /// The indices of the next logical batch, in `0..dataset_size`.
+    pub fn sample(&mut self) -> Vec<usize> {
+        match self {
+            Sampler::Poisson(s) => s.sample(),
+            Sampler::Shuffled(s) => s.sample(),
+        }
+    }
+
+    /// What this sampler does, for the optimizer and the ledger.
+    pub fn description(&self) -> SamplerDescription {
+        match self {
+            Sampler::Poisson(s) => s.description(),
+            Sampler::Shuffled(s) => s.description(),
+        }
+    }
+
+    /// Steps in one pass over the data: `ceil(1 / q)` in expectation for
+    /// Poisson sampling, `floor(N / b)` for shuffled batches.
+    pub fn steps_per_epoch(&self) -> u64 {
+        match self {
+            Sampler::Poisson(s) => s.steps_per_epoch(),
+            Sampler::Shuffled(s) => (s.order.len() / s.batch_size) as u64,
+        }
+    }
+}
+
+impl From<PoissonSampler> for Sampler {
+    fn from(s: PoissonSampler) -> Self {
+        Sampler::Poisson(s)
+    }
+}
+
+impl From<ShuffledSampler> for Sampler {
+    fn from(s: ShuffledSampler) -> Self {
+        Sampler::Shuffled(s)
+    }
+}
+
+impl ShuffledSampler {
+    /// The epoch's permutation and the position of the next batch in it.
+    pub(crate) fn position(&self) -> (&[usize], usize) {
+        (&self.order, self.position)
+    }
+
+    /// The generator's position (see [`PoissonSampler::state`]).
+    pub(crate) fn state(&self) -> ([u8; 32], u64, u128) {
+        (self.rng.get_seed(), self.rng.get_stream(), self.rng.get_word_pos())
+    }
+
+    /// A sampler continuing the epoch `order` at `position`, with the
+    /// generator at `state` (a fixed-seed run) or seeded afresh from the OS.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] unless `order` is a permutation of
+    /// `0..order.len()` (an example twice in an epoch would break the
+    /// accounting), `1 <= batch_size <= order.len()` and `position <=
+    /// order.len()`; [`Error::Entropy`].
+    pub(crate) fn restore(
+        order: Vec<usize>,
+        position: usize,
+        batch_size: usize,
+        state: Option<([u8; 32], u64, u128)>,
+    ) -> Result<Self> {
+        let n = order.len();
+        SamplerDescription::shuffled_fixed_size(n, batch_size, Seeding::Fixed)?;
+        let mut seen = vec![false; n];
+        for &i in &order {
+            if i >= n || std::mem::replace(&mut seen[i], true) {
+                return Err(Error::InvalidConfig {
+                    field: "shuffled sampler order",
+                    value: i as f64,
+                    valid: "a permutation of 0..dataset_size (each example once per epoch)",
+                });
+            }
+        }
+        ensure("shuffled sampler position", position as f64, "at most dataset_size", position <= n)?;
+        let (rng, seeding) = match state {
+            Some((key, stream, word_pos)) => {
+                let mut rng = ChaCha20Rng::from_seed(key);
+                rng.set_stream(stream);
+                rng.set_word_pos(word_pos);
+                (rng, Seeding::Fixed)
+            }
+            None => (ChaCha20Rng::try_from_os_rng().map_err(|e| Error::Entropy(e.to_string()))?, Seeding::OsEntropy),
+        };
+        Ok(Self { order, batch_size, position, rng, seeding })
     }
 }
 

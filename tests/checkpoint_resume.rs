@@ -1,11 +1,18 @@
-//! Checkpoints: resume is bit-identical, the budget continues, tampering is caught.
+//! Checkpoints: resume is bit-identical (SGD and AdamW, Poisson and shuffled
+//! samplers), the budget continues, tampering is caught.
 
 mod common;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_dp::{loss, DpOptimizer, Error, GaussianNoise, PoissonSampler, PrivacyBudget};
-use candle_nn::{VarMap, SGD};
+use candle_dp::optim::AdamW;
+use candle_dp::{
+    loss, DpOptimizer, DpOptimizerBuilder, Error, GaussianNoise, PoissonSampler, PrivacyBudget, Sampler,
+    ShuffledSampler, StatefulOptimizer,
+};
+use candle_nn::{ParamsAdamW, VarMap, SGD};
 use common::{mlp_pair, rehash_manifest as rehash, set_deterministic, take, tensor, vars_by_name};
+
+type Model = common::Mlp<candle_dp::DpLinear>;
 
 fn data() -> (Tensor, Tensor) {
     let x = tensor(&[60, 5], 3, 1.0, DType::F32).unwrap();
@@ -13,274 +20,341 @@ fn data() -> (Tensor, Tensor) {
     (x, y)
 }
 
-/// Runs `steps` DP-SGD steps.
-fn train(model: &impl Module, opt: &mut DpOptimizer<SGD>, sampler: &mut PoissonSampler, steps: usize) {
+/// Runs `steps` DP-SGD steps; returns each step's batch.
+fn train<O: StatefulOptimizer>(model: &Model, opt: &mut DpOptimizer<O>, steps: usize) -> Vec<Vec<usize>> {
     let (x, y) = data();
+    let mut batches = Vec::new();
     for _ in 0..steps {
-        let idx = sampler.sample();
-        if idx.is_empty() {
-            opt.accumulate_empty();
-        } else {
-            opt.accumulate(&loss::cross_entropy(&model.forward(&take(&x, &idx)).unwrap(), &take(&y, &idx)).unwrap())
-                .unwrap();
-        }
-        opt.step().unwrap();
+        opt.train_step(|idx| {
+            batches.push(idx.to_vec());
+            loss::cross_entropy(&model.forward(&take(&x, idx))?, &take(&y, idx))
+        })
+        .unwrap();
     }
+    batches
 }
 
 fn weights(varmap: &VarMap) -> Vec<f32> {
     vars_by_name(varmap).iter().flat_map(|v| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
 }
 
-fn fresh(
-    budget: Option<PrivacyBudget>,
-) -> (VarMap, common::Mlp<candle_dp::DpLinear>, DpOptimizer<SGD>, PoissonSampler) {
+/// A model with fixed weights (`seed`), its variables, and its DP layers (which must live).
+fn model(seed: u64) -> (VarMap, Model) {
     let varmap = VarMap::new();
     let (dp, _) = mlp_pair(&varmap, &[5, 6, 3], DType::F32).unwrap();
-    set_deterministic(&varmap, 7).unwrap();
-    let sampler = PoissonSampler::seeded(60, 0.2, 11).unwrap();
-    let mut b = DpOptimizer::<SGD>::builder(vars_by_name(&varmap), sampler.description())
-        .noise_multiplier(1.3)
-        .noise(GaussianNoise::from_seed(13));
+    set_deterministic(&varmap, seed).unwrap();
+    (varmap, dp)
+}
+
+fn builder<O: StatefulOptimizer>(varmap: &VarMap, sampler: impl Into<Sampler>) -> DpOptimizerBuilder<O> {
+    DpOptimizer::<O>::builder(vars_by_name(varmap), sampler).noise_multiplier(1.3).noise(GaussianNoise::from_seed(13))
+}
+
+fn poisson() -> PoissonSampler {
+    PoissonSampler::seeded(60, 0.2, 11).unwrap()
+}
+
+fn fresh(budget: Option<PrivacyBudget>) -> (VarMap, Model, DpOptimizer<SGD>) {
+    let (varmap, dp) = model(7);
+    let mut b = builder::<SGD>(&varmap, poisson());
     if let Some(budget) = budget {
         b = b.budget(budget);
     }
     let opt = b.build(0.2).unwrap();
-    (varmap, dp, opt, sampler)
+    (varmap, dp, opt)
 }
 
 fn dir(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("candle-dp-ckpt-{}-{name}", std::process::id()))
 }
 
+/// Resumes `d` into a fresh model; returns the model and optimizer.
+fn resume<O: StatefulOptimizer>(
+    d: &std::path::Path,
+    config: O::Config,
+) -> candle_dp::Result<(VarMap, Model, DpOptimizer<O>)> {
+    let (varmap, dp) = model(99);
+    let vars = vars_by_name(&varmap);
+    let opt = DpOptimizer::<O>::resume(d, &varmap, vars, config)?;
+    Ok((varmap, dp, opt))
+}
+
+fn adam() -> ParamsAdamW {
+    ParamsAdamW { lr: 0.01, weight_decay: 0.0, ..Default::default() }
+}
+
+/// N steps, a checkpoint, a resume in a new model and N more steps give the
+/// weights, ledger and epsilon of 2N straight steps, bit for bit.
+fn check_split_run<O: StatefulOptimizer>(what: &str, sampler: impl Fn() -> Sampler, config: impl Fn() -> O::Config) {
+    let (straight_map, straight_model) = model(7);
+    let mut straight = builder::<O>(&straight_map, sampler()).build(config()).unwrap();
+    let straight_batches = train(&straight_model, &mut straight, 30);
+
+    let (map, first_model) = model(7);
+    let mut opt = builder::<O>(&map, sampler()).build(config()).unwrap();
+    let mut batches = train(&first_model, &mut opt, 15);
+    let d = dir(&format!("split-{what}"));
+    opt.save_checkpoint(&d, &map).unwrap();
+    drop((map, first_model, opt));
+
+    let (map2, model2, mut opt2) = resume::<O>(&d, config()).unwrap();
+    assert_eq!(opt2.steps(), 15, "{what}");
+    batches.extend(train(&model2, &mut opt2, 15));
+    assert_eq!(batches, straight_batches, "{what}: the resumed run draws the same batches");
+    assert_eq!(weights(&map2), weights(&straight_map), "{what}: resumed weights differ from the straight run");
+    assert_eq!(opt2.ledger().unwrap().total_steps(), 30, "{what}");
+    let (split, whole) = (opt2.epsilon(1e-5).unwrap(), straight.epsilon(1e-5).unwrap());
+    if opt2.config().sampler().sample_rate().is_some() {
+        assert_eq!(split, whole, "{what}: Poisson steps compose the same in one ledger entry or two");
+    } else {
+        // Each ledger entry of shuffled batches counts its started epochs:
+        // 15 + 15 steps at 7 per epoch are 3 + 3 epochs, 30 steps are 5.
+        assert!(split > whole, "{what}: {split} vs {whole}: the split is accounted conservatively");
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
 #[test]
 fn n_steps_save_resume_n_steps_equals_2n_steps() {
-    let (straight_map, straight_model, mut straight_opt, mut straight_sampler) = fresh(None);
-    train(&straight_model, &mut straight_opt, &mut straight_sampler, 30);
+    check_split_run::<SGD>("sgd-poisson", || poisson().into(), || 0.2);
+    check_split_run::<AdamW>("adamw-poisson", || poisson().into(), adam);
+    // Shuffled batches of 8 out of 60: 7 per epoch, so the checkpoint at
+    // step 15 falls inside the third epoch.
+    let shuffled = || ShuffledSampler::new(60, 8, Some(3)).unwrap().into();
+    check_split_run::<SGD>("sgd-shuffled", shuffled, || 0.2);
+    check_split_run::<AdamW>("adamw-shuffled", shuffled, adam);
+}
 
-    let (map, model, mut opt, mut sampler) = fresh(None);
-    train(&model, &mut opt, &mut sampler, 15);
-    let d = dir("resume");
-    opt.save_checkpoint(&d, &map, Some(&sampler)).unwrap();
-    drop((map, model, opt, sampler));
-
-    let mut map2 = VarMap::new();
-    let (model2, _) = mlp_pair(&map2, &[5, 6, 3], DType::F32).unwrap();
-    let vars2 = vars_by_name(&map2);
-    let (mut opt2, sampler2) = DpOptimizer::<SGD>::resume(&d, &mut map2, vars2, 0.2).unwrap();
-    let mut sampler2 = sampler2.unwrap();
-    assert_eq!(opt2.steps(), 15);
-    train(&model2, &mut opt2, &mut sampler2, 15);
-
-    assert_eq!(weights(&map2), weights(&straight_map), "resumed weights differ from the straight run");
-    assert_eq!(opt2.ledger().unwrap().total_steps(), 30);
-    assert_eq!(opt2.epsilon(1e-5).unwrap(), straight_opt.epsilon(1e-5).unwrap());
+/// An OS-seeded shuffled run resumed mid-epoch finishes that epoch's
+/// permutation: no example appears twice in one epoch (the accounting of
+/// shuffled batches assumes it).
+#[test]
+fn an_os_seeded_shuffled_run_resumes_mid_epoch_without_repeating_examples() {
+    let (map, dp) = model(7);
+    let mut opt = builder::<SGD>(&map, ShuffledSampler::new(60, 8, None).unwrap()).build(0.2).unwrap();
+    let mut batches = train(&dp, &mut opt, 3);
+    let d = dir("shuffled-os");
+    opt.save_checkpoint(&d, &map).unwrap();
+    let (manifest, _) = manifest_file(&d, "weights");
+    let state = &manifest["sampler"]["shuffled"];
+    assert!(state["rng"].is_null() && state["order"].is_array(), "the order, not the generator, of an OS-seeded run");
+    drop((map, dp, opt));
+    let (_map2, model2, mut opt2) = resume::<SGD>(&d, 0.2).unwrap();
+    batches.extend(train(&model2, &mut opt2, 4));
+    let mut epoch: Vec<usize> = batches.concat();
+    assert_eq!(epoch.len(), 56);
+    epoch.sort_unstable();
+    epoch.dedup();
+    assert_eq!(epoch.len(), 56, "the 7 batches of the epoch are disjoint across the resume");
+    std::fs::remove_dir_all(&d).unwrap();
 }
 
 #[test]
 fn resume_keeps_spent_budget() {
     let budget = PrivacyBudget { epsilon: 4.0, delta: 1e-5 };
-    let (map, model, mut opt, mut sampler) = fresh(Some(budget));
+    let (map, model, mut opt) = fresh(Some(budget));
     let max = opt.max_steps().unwrap();
     assert!(max > 10);
-    train(&model, &mut opt, &mut sampler, 10);
+    train(&model, &mut opt, 10);
     let spent = opt.epsilon(1e-5).unwrap();
     let d = dir("budget");
-    opt.save_checkpoint(&d, &map, Some(&sampler)).unwrap();
+    opt.save_checkpoint(&d, &map).unwrap();
 
-    let mut map2 = VarMap::new();
-    let (model2, _) = mlp_pair(&map2, &[5, 6, 3], DType::F32).unwrap();
-    let vars2 = vars_by_name(&map2);
-    let (mut opt2, sampler2) = DpOptimizer::<SGD>::resume(&d, &mut map2, vars2, 0.2).unwrap();
+    let (_map2, model2, mut opt2) = resume::<SGD>(&d, 0.2).unwrap();
     assert_eq!(opt2.epsilon(1e-5).unwrap(), spent, "the spent epsilon carries over");
     assert_eq!(opt2.max_steps(), Some(max));
-    let mut sampler2 = sampler2.unwrap();
-    train(&model2, &mut opt2, &mut sampler2, (max - 10) as usize);
-    opt2.accumulate_empty();
-    assert!(matches!(opt2.step(), Err(Error::BudgetExhausted { .. })), "the budget counts steps before the resume");
+    train(&model2, &mut opt2, (max - 10) as usize);
+    assert!(
+        matches!(opt2.next_batch(), Err(Error::BudgetExhausted { .. })),
+        "the budget counts steps before the resume"
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// The manifest as JSON, and the path of the file it names under `files.<which>`.
+fn manifest_file(d: &std::path::Path, which: &str) -> (serde_json::Value, std::path::PathBuf) {
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("checkpoint.json")).unwrap()).unwrap();
+    let name = manifest["files"][which]["name"].as_str().unwrap().to_string();
+    (manifest, d.join(name))
+}
+
+/// Replaces a file and re-seals the manifest over it, as a forger who also
+/// recomputes the hashes would.
+fn forge(d: &std::path::Path, which: &str, bytes: &[u8]) {
+    use sha2::Digest;
+    let (mut manifest, path) = manifest_file(d, which);
+    std::fs::write(&path, bytes).unwrap();
+    manifest["files"][which]["sha256"] = dp_accountant::ledger::hex(&sha2::Sha256::digest(bytes)).into();
+    rehash(&mut manifest);
+    std::fs::write(d.join("checkpoint.json"), serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
 }
 
 #[test]
 fn tampered_checkpoint_is_detected() {
-    let (map, model, mut opt, mut sampler) = fresh(None);
-    train(&model, &mut opt, &mut sampler, 5);
+    let (map, model, mut opt) = fresh(None);
+    train(&model, &mut opt, 5);
     let d = dir("tamper");
-    opt.save_checkpoint(&d, &map, Some(&sampler)).unwrap();
-    let resume = || {
-        let mut m = VarMap::new();
-        let _model = mlp_pair(&m, &[5, 6, 3], DType::F32).unwrap(); // its DP layers must live
-        let vars = vars_by_name(&m);
-        DpOptimizer::<SGD>::resume(&d, &mut m, vars, 0.2).map(|_| ())
-    };
-    resume().unwrap();
+    opt.save_checkpoint(&d, &map).unwrap();
+    let original_manifest = std::fs::read(d.join("checkpoint.json")).unwrap();
+    let resumes = || resume::<SGD>(&d, 0.2).map(|_| ()).map_err(|e| e.to_string());
+    resumes().unwrap();
 
-    // Altered weights: one byte of the safetensors file.
-    let w = d.join("model.safetensors");
-    let original = std::fs::read(&w).unwrap();
-    let mut bytes = original.clone();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 1;
-    std::fs::write(&w, &bytes).unwrap();
-    let err = resume().unwrap_err().to_string();
-    assert!(err.contains("weights were altered"), "{err}");
-    std::fs::write(&w, &original).unwrap();
+    // Each file, one byte altered: its SHA-256 no longer matches the manifest.
+    for which in ["weights", "ledger"] {
+        let (_, path) = manifest_file(&d, which);
+        let original = std::fs::read(&path).unwrap();
+        let mut bytes = original.clone();
+        let last = bytes.len() - 2;
+        bytes[last] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = resumes().unwrap_err();
+        assert!(err.contains("the file was altered"), "{which}: {err}");
+        std::fs::write(&path, &original).unwrap();
+    }
 
-    // An edited ledger entry (fewer steps recorded) breaks its hash chain.
-    let l = d.join("ledger.json");
-    let text = std::fs::read_to_string(&l).unwrap();
-    std::fs::write(&l, text.replacen("\"count\": 5", "\"count\": 1", 1)).unwrap();
-    let err = resume().unwrap_err().to_string();
+    // An edited ledger entry (fewer steps recorded), hashes recomputed in
+    // the manifest: the ledger's own hash chain breaks.
+    let (_, ledger_path) = manifest_file(&d, "ledger");
+    let text = std::fs::read_to_string(&ledger_path).unwrap();
+    assert!(text.contains("\"count\": 5"));
+    forge(&d, "ledger", text.replacen("\"count\": 5", "\"count\": 1", 1).as_bytes());
+    let err = resumes().unwrap_err();
     assert!(err.contains("ledger entry 0"), "{err}");
     // A consistently rewritten but different ledger fails the manifest's head.
+    std::fs::write(d.join("checkpoint.json"), &original_manifest).unwrap();
     let mut other = dp_accountant::Ledger::new(Default::default());
     other.append(opt.ledger().unwrap().mechanisms().next().unwrap().clone()).unwrap();
-    other.write(&l).unwrap();
-    let err = resume().unwrap_err().to_string();
+    forge(&d, "ledger", other.to_json().as_bytes());
+    let err = resumes().unwrap_err();
     assert!(err.contains("anchored head"), "{err}");
+    // A file name that leaves the folder is refused before anything is read.
+    std::fs::write(d.join("checkpoint.json"), &original_manifest).unwrap();
+    let mut manifest: serde_json::Value = serde_json::from_slice(&original_manifest).unwrap();
+    manifest["files"]["weights"]["name"] = "../../etc/passwd".into();
+    rehash(&mut manifest);
+    std::fs::write(d.join("checkpoint.json"), serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
+    assert!(resumes().unwrap_err().contains("not a plain file name"));
+    std::fs::remove_dir_all(&d).unwrap();
 }
 
 #[test]
 fn every_privacy_setting_of_the_manifest_is_covered() {
-    let (map, model, mut opt, mut sampler) = fresh(Some(PrivacyBudget { epsilon: 8.0, delta: 1e-5 }));
-    train(&model, &mut opt, &mut sampler, 5);
+    let (map, model, mut opt) = fresh(Some(PrivacyBudget { epsilon: 8.0, delta: 1e-5 }));
+    train(&model, &mut opt, 5);
     let d = dir("manifest");
-    opt.save_checkpoint(&d, &map, Some(&sampler)).unwrap();
+    opt.save_checkpoint(&d, &map).unwrap();
     let path = d.join("checkpoint.json");
     let original: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let resume = || {
-        let mut m = VarMap::new();
-        let _model = mlp_pair(&m, &[5, 6, 3], DType::F32).unwrap();
-        let vars = vars_by_name(&m);
-        DpOptimizer::<SGD>::resume(&d, &mut m, vars, 0.2).map(|_| ()).map_err(|e| e.to_string())
-    };
-    resume().unwrap();
+    let resumes = || resume::<SGD>(&d, 0.2).map(|_| ()).map_err(|e| e.to_string());
+    resumes().unwrap();
     let edits: Vec<(&str, serde_json::Value)> = vec![
-        ("max_grad_norm", 10.0.into()),
-        ("noise_multiplier", 0.1.into()),
-        ("sample_rate", 0.9.into()),
-        ("dataset_size", 100_000.into()),
-        ("budget", serde_json::json!([100.0, 1e-5])),
-        ("steps", 4.into()),
-        ("noise_seeding", "os_entropy".into()),
-        ("sampler_seeding", "os_entropy".into()),
+        ("/config/max_grad_norm", 10.0.into()),
+        ("/config/noise_multiplier", 0.1.into()),
+        ("/config/sampler/scheme/poisson/sample_rate", 0.9.into()),
+        ("/config/sampler/dataset_size", 100_000.into()),
+        ("/config/sampler/seeding", "os_entropy".into()),
+        ("/config/budget/epsilon", 100.0.into()),
+        ("/config/accountant", "pld".into()),
+        ("/steps", 4.into()),
+        ("/noise/seeding", "os_entropy".into()),
     ];
     for (field, value) in edits {
         let mut edited = original.clone();
-        assert!(edited.get(field).is_some(), "{field} is in the manifest");
-        edited[field] = value;
+        *edited.pointer_mut(field).unwrap_or_else(|| panic!("{field} is in the manifest")) = value;
         // Edited alone: the manifest's own hash no longer matches.
         std::fs::write(&path, serde_json::to_string_pretty(&edited).unwrap()).unwrap();
-        let err = resume().unwrap_err();
+        let err = resumes().unwrap_err();
         assert!(err.contains("manifest_sha256 does not match"), "{field}: {err}");
-        // Edited and re-hashed: the ledger, which the head anchors, disagrees.
+        // Edited and re-hashed: the ledger, which the head anchors, or the
+        // saved state disagrees (the accountant alone changes no privacy
+        // record, so its edit is checked against the budget it enforces).
         rehash(&mut edited);
         std::fs::write(&path, serde_json::to_string_pretty(&edited).unwrap()).unwrap();
-        let err = resume().expect_err(field);
-        assert!(err.contains("checkpoint") && !err.contains("manifest_sha256"), "{field} re-hashed: {err}");
+        match resumes() {
+            Err(err) => assert!(err.contains("checkpoint") && !err.contains("manifest_sha256"), "{field}: {err}"),
+            Ok(()) => assert_eq!(field, "/config/accountant", "{field} re-hashed was accepted"),
+        }
     }
-    // Noise and sampler state: covered by the manifest's hash.
-    for field in ["noise_state", "sampler_state"] {
+    // Noise, sampler and optimizer state: covered by the manifest's hash.
+    let state_edits: [(&str, serde_json::Value); 3] = [
+        ("/noise/rng/word_pos", "0".into()),
+        ("/sampler/poisson/rng/word_pos", "0".into()),
+        ("/learning_rate", 0.5.into()),
+    ];
+    for (field, value) in state_edits {
         let mut edited = original.clone();
-        edited[field]["word_pos"] = "0".into();
+        *edited.pointer_mut(field).unwrap() = value;
         std::fs::write(&path, serde_json::to_string_pretty(&edited).unwrap()).unwrap();
-        assert!(resume().unwrap_err().contains("manifest_sha256 does not match"), "{field}");
+        assert!(resumes().unwrap_err().contains("manifest_sha256 does not match"), "{field}");
     }
-    // An unknown field is refused, and so is a version-1 manifest.
+    // An unknown field is refused, and so is a version-2 manifest.
     let mut edited = original.clone();
     edited["clip_everything"] = true.into();
     rehash(&mut edited);
     std::fs::write(&path, serde_json::to_string_pretty(&edited).unwrap()).unwrap();
-    assert!(resume().unwrap_err().contains("unknown field"));
+    assert!(resumes().unwrap_err().contains("unknown field"));
     let mut edited = original.clone();
-    edited["version"] = 1.into();
+    edited["version"] = 2.into();
     std::fs::write(&path, serde_json::to_string_pretty(&edited).unwrap()).unwrap();
-    assert!(resume().unwrap_err().contains("version 1: expected"));
+    let err = resumes().unwrap_err();
+    assert!(err.contains("version 2: expected \"candle-dp-checkpoint\" version 3"), "{err}");
     std::fs::write(&path, serde_json::to_string_pretty(&original).unwrap()).unwrap();
-    resume().unwrap();
+    resumes().unwrap();
+    std::fs::remove_dir_all(&d).unwrap();
 }
 
-/// Checkpoints of other configurations resume too (no false "edited"): a
-/// fixed-seed shuffled sampler (whose state is not saved), per-layer
-/// clipping, the PLD accountant, an OS-seeded Poisson run, several ledger
-/// flushes; and a refused checkpoint leaves the caller's weights as they were.
+/// Checkpoints of other configurations resume too (no false "edited"):
+/// per-layer clipping, the PLD accountant, an OS-seeded Poisson run, AdamW,
+/// several ledger flushes; and a refused checkpoint leaves the caller's
+/// weights as they were.
 #[test]
 fn other_configurations_resume_and_a_refused_one_changes_nothing() {
     use candle_dp::accountant::AccountantKind;
-    use candle_dp::{ClipMode, ShuffledSampler};
-    type Make = Box<dyn Fn(&VarMap) -> (DpOptimizer<SGD>, Option<PoissonSampler>)>;
-    let cases: Vec<(&str, Make)> = vec![
-        (
-            "shuffled, fixed seed",
-            Box::new(|m: &VarMap| {
-                let s = ShuffledSampler::new(60, 10, Some(3)).unwrap();
-                let o = DpOptimizer::<SGD>::builder(vars_by_name(m), s.description())
-                    .noise_multiplier(1.3)
-                    .noise(GaussianNoise::from_seed(1))
-                    .build(0.2)
-                    .unwrap();
-                (o, None)
-            }),
-        ),
-        (
-            "per-layer, PLD, OS-seeded sampler",
-            Box::new(|m: &VarMap| {
-                let s = PoissonSampler::new(60, 0.2).unwrap();
-                let o = DpOptimizer::<SGD>::builder(vars_by_name(m), s.description())
-                    .noise_multiplier(1.3)
-                    .clipping(ClipMode::per_layer_uniform(1.0, 2))
-                    .accountant(AccountantKind::Pld)
-                    .budget(PrivacyBudget { epsilon: 50.0, delta: 1e-5 })
-                    .noise(GaussianNoise::from_seed(1))
-                    .build(0.2)
-                    .unwrap();
-                (o, Some(s))
-            }),
-        ),
-    ];
-    for (what, make) in cases {
-        let map = VarMap::new();
-        let (model, _) = mlp_pair(&map, &[5, 6, 3], DType::F32).unwrap();
-        set_deterministic(&map, 7).unwrap();
-        let (mut opt, sampler) = make(&map);
-        let (x, y) = data();
-        for k in 0..6 {
-            opt.accumulate(&loss::cross_entropy(&model.forward(&x).unwrap(), &y).unwrap()).unwrap();
-            opt.step().unwrap();
-            if k % 2 == 1 {
-                opt.flush_ledger().unwrap(); // several ledger entries
-            }
-        }
-        let d = dir(&format!("config-{}", what.len()));
-        opt.save_checkpoint(&d, &map, sampler.as_ref()).unwrap();
-        let mut m = VarMap::new();
-        let _model = mlp_pair(&m, &[5, 6, 3], DType::F32).unwrap();
-        let vars = vars_by_name(&m);
-        let before = weights(&m);
-        let (resumed, _) = DpOptimizer::<SGD>::resume(&d, &mut m, vars.clone(), 0.2).unwrap();
-        assert_eq!(resumed.steps(), 6, "{what}");
-        assert_eq!(resumed.epsilon(1e-5).unwrap(), opt.epsilon(1e-5).unwrap(), "{what}");
-        drop(resumed);
-
-        // Refused (its ledger edited): the caller's variables are untouched.
-        let mut m2 = VarMap::new();
-        let _model2 = mlp_pair(&m2, &[5, 6, 3], DType::F32).unwrap();
-        set_deterministic(&m2, 99).unwrap();
-        let untouched = weights(&m2);
-        let l = d.join("ledger.json");
-        let text = std::fs::read_to_string(&l).unwrap();
-        assert!(text.contains("\"clipping_norm\": 1.0"), "{what}");
-        std::fs::write(&l, text.replacen("\"clipping_norm\": 1.0", "\"clipping_norm\": 2.0", 1)).unwrap();
-        let vars2 = vars_by_name(&m2);
-        assert!(DpOptimizer::<SGD>::resume(&d, &mut m2, vars2, 0.2).is_err(), "{what}");
-        assert_eq!(weights(&m2), untouched, "{what}: a refused checkpoint loads nothing");
-        assert_ne!(before, untouched);
+    use candle_dp::ClipMode;
+    let (map, dp) = model(7);
+    let mut opt = builder::<AdamW>(&map, PoissonSampler::new(60, 0.2).unwrap())
+        .clipping(ClipMode::per_layer_uniform(1.0, 2))
+        .accountant(AccountantKind::Pld)
+        .budget(PrivacyBudget { epsilon: 50.0, delta: 1e-5 })
+        .build(adam())
+        .unwrap();
+    for _ in 0..3 {
+        train(&dp, &mut opt, 2);
+        opt.flush_ledger().unwrap(); // several ledger entries
     }
-    // A fixed-seed Poisson run must be saved with its sampler.
-    let (map, _model, mut opt, _sampler) = fresh(None);
-    opt.accumulate_empty();
-    opt.step().unwrap();
-    let err = opt.save_checkpoint(dir("nosampler"), &map, None).unwrap_err().to_string();
-    assert!(err.contains("pass the sampler"), "{err}");
+    let d = dir("config");
+    opt.save_checkpoint(&d, &map).unwrap();
+    let (resumed_map, _m, resumed) = resume::<AdamW>(&d, adam()).unwrap();
+    assert_eq!(resumed.steps(), 6);
+    assert_eq!(resumed.epsilon(1e-5).unwrap(), opt.epsilon(1e-5).unwrap());
+    assert_eq!(resumed.config(), opt.config());
+    assert_eq!(weights(&resumed_map), weights(&map));
+    drop((resumed_map, _m, resumed));
+
+    // Refused (a ledger edited and its hashes recomputed): the caller's
+    // variables are untouched.
+    let (_, ledger_path) = manifest_file(&d, "ledger");
+    let text = std::fs::read_to_string(&ledger_path).unwrap();
+    assert!(text.contains("\"clipping_norm\": 1.0"));
+    forge(&d, "ledger", text.replacen("\"clipping_norm\": 1.0", "\"clipping_norm\": 2.0", 1).as_bytes());
+    let (m2, _model2) = model(99);
+    let untouched = weights(&m2);
+    assert!(DpOptimizer::<AdamW>::resume(&d, &m2, vars_by_name(&m2), adam()).is_err());
+    assert_eq!(weights(&m2), untouched, "a refused checkpoint loads nothing");
+    assert_ne!(weights(&map), untouched);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// A checkpoint holds whole steps only: saving with a batch drawn and not
+/// stepped on is refused, and writes nothing.
+#[test]
+fn a_checkpoint_is_refused_while_a_batch_is_open() {
+    let (map, _model, mut opt) = fresh(None);
+    opt.next_batch().unwrap();
+    let d = dir("open");
+    assert!(matches!(opt.save_checkpoint(&d, &map), Err(Error::OutOfOrder { call: "save_checkpoint", .. })));
+    assert!(!d.exists());
 }
 
 /// Seeded, bounded fuzz of the manifest a user resumes from: 600 mutations
@@ -289,10 +363,10 @@ fn other_configurations_resume_and_a_refused_one_changes_nothing() {
 /// the same JSON (whitespace changes).
 #[test]
 fn mutated_manifests_are_refused_without_panicking() {
-    let (map, model, mut opt, mut sampler) = fresh(Some(PrivacyBudget { epsilon: 8.0, delta: 1e-5 }));
-    train(&model, &mut opt, &mut sampler, 3);
+    let (map, model, mut opt) = fresh(Some(PrivacyBudget { epsilon: 8.0, delta: 1e-5 }));
+    train(&model, &mut opt, 3);
     let d = dir("fuzz");
-    opt.save_checkpoint(&d, &map, Some(&sampler)).unwrap();
+    opt.save_checkpoint(&d, &map).unwrap();
     let path = d.join("checkpoint.json");
     let original = std::fs::read(&path).unwrap();
     let meaning: serde_json::Value = serde_json::from_slice(&original).unwrap();
@@ -324,12 +398,7 @@ fn mutated_manifests_are_refused_without_panicking() {
             _ => m.truncate(at),
         }
         std::fs::write(&path, &m).unwrap();
-        let outcome = std::panic::catch_unwind(|| {
-            let mut vm = VarMap::new();
-            let _model = mlp_pair(&vm, &[5, 6, 3], DType::F32).unwrap();
-            let vars = vars_by_name(&vm);
-            DpOptimizer::<SGD>::resume(&d, &mut vm, vars, 0.2).map(|_| ())
-        });
+        let outcome = std::panic::catch_unwind(|| resume::<SGD>(&d, 0.2).map(|_| ()));
         match outcome.unwrap_or_else(|_| panic!("resume panicked on:\n{}", String::from_utf8_lossy(&m))) {
             Err(_) => refused += 1,
             Ok(()) => {
@@ -340,4 +409,5 @@ fn mutated_manifests_are_refused_without_panicking() {
         }
     }
     assert!(refused > 500, "{refused} refused, {accepted} accepted");
+    std::fs::remove_dir_all(&d).unwrap();
 }

@@ -135,3 +135,62 @@ fn ledgers_of_real_runs_verify() {
         assert!(ledger.is_ok(), "batch {batch}: {:?}", ledger.err());
     }
 }
+
+/// Waits until `path` holds bytes other than `seen` (a new checkpoint), or
+/// the child ended; a deadline guards against a hang (it measures nothing).
+fn wait_for_change(child: &mut std::process::Child, path: &Path, seen: &[u8]) -> Option<Vec<u8>> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return None;
+        }
+        if let Ok(now) = std::fs::read(path) {
+            if now != seen {
+                return Some(now);
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "hang guard: no new checkpoint in 300 s");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// A run with the defaults (AdamW) killed (SIGKILL) as soon as each new
+/// checkpoint appears, so that the kill lands in training or in the
+/// writing of the next checkpoint, and resumed each time, ends with the
+/// model and the ledger of a run never interrupted, byte for byte.
+#[test]
+fn a_run_killed_again_and_again_resumes_to_the_uninterrupted_model() {
+    let flags = |out: &Path| -> Vec<String> {
+        ["--epochs", "30", "--batch-size", "200", "--seed", "4", "--json", "--out"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([out.display().to_string()])
+            .collect()
+    };
+    let straight = folder("straight");
+    assert!(run(&args(&flags(&straight))).status.success());
+
+    let killed = folder("killed");
+    let manifest = killed.join("checkpoint").join("checkpoint.json");
+    let mut child = digits().args(args(&flags(&killed))).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let (mut seen, mut kills) = (Vec::new(), 0);
+    while kills < 5 {
+        match wait_for_change(&mut child, &manifest, &seen) {
+            Some(now) => seen = now,
+            None => break, // finished before this kill
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+        let resume = ["--resume".to_string(), killed.display().to_string(), "--json".into()];
+        child = digits().args(args(&resume)).stdout(std::process::Stdio::null()).spawn().unwrap();
+    }
+    assert!(child.wait().unwrap().success());
+    assert!(kills >= 2, "the run was killed {kills} times");
+    for file in ["model.safetensors", "ledger.json"] {
+        assert_eq!(std::fs::read(killed.join(file)).unwrap(), std::fs::read(straight.join(file)).unwrap(), "{file}");
+    }
+    for d in [straight, killed] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}

@@ -115,8 +115,8 @@ fn a_short_dp_training_run_on_written_idx_files() {
     let varmap = VarMap::new();
     let model = examples_common::Cnn::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
     examples_common::init_seeded(&varmap, 1).unwrap();
-    let mut sampler = PoissonSampler::seeded(48, 0.25, 2).unwrap();
-    let mut opt = DpOptimizer::<SGD>::builder(candle_dp::vars_by_name(&varmap), sampler.description())
+    let sampler = PoissonSampler::seeded(48, 0.25, 2).unwrap();
+    let mut opt = DpOptimizer::<SGD>::builder(candle_dp::vars_by_name(&varmap), sampler)
         .noise_multiplier(0.5)
         .noise(GaussianNoise::from_seed(3))
         .build(0.05)
@@ -134,14 +134,11 @@ fn a_short_dp_training_run_on_written_idx_files() {
     };
     let before = eval(&model);
     for _ in 0..12 {
-        let idx = sampler.sample();
-        if idx.is_empty() {
-            opt.accumulate_empty();
-        } else {
-            let (x, y) = set.tensors(&idx, &Device::Cpu).unwrap();
-            opt.accumulate(&loss::cross_entropy(&model.forward(&x).unwrap(), &y).unwrap()).unwrap();
-        }
-        opt.step().unwrap();
+        opt.train_step(|idx| {
+            let (x, y) = set.tensors(idx, &Device::Cpu)?;
+            loss::cross_entropy(&model.forward(&x)?, &y)
+        })
+        .unwrap();
     }
     let after = eval(&model);
     assert!(after.is_finite() && after < before, "the loss should fall on separable data: {before} -> {after}");

@@ -61,17 +61,15 @@ fn frozen_layers_capture_nothing_over_100_steps() {
     let (trained, _frozen, dp, _) = models(DType::F32);
     let x = tensor(&[40, 6], 95, 1.0, DType::F32).unwrap();
     let y = Tensor::from_vec((0..40u32).map(|i| i % 3).collect(), 40, &Device::Cpu).unwrap();
-    let mut sampler = PoissonSampler::seeded(40, 0.25, 1).unwrap();
-    let mut opt = DpOptimizer::<SGD>::builder(vars_by_name(&trained), sampler.description())
+    let sampler = PoissonSampler::seeded(40, 0.25, 1).unwrap();
+    let mut opt = DpOptimizer::<SGD>::builder(vars_by_name(&trained), sampler)
         .noise_multiplier(1.0)
         .noise(GaussianNoise::from_seed(2))
         .build(0.05)
         .unwrap();
     for step in 0..100 {
-        let idx = sampler.sample();
-        if idx.is_empty() {
-            opt.accumulate_empty();
-        } else {
+        let idx = opt.next_batch().unwrap();
+        if !idx.is_empty() {
             let logits = dp.forward(&take(&x, &idx)).unwrap();
             assert_eq!(dp.frozen_plain.captured_uses(), 0, "step {step}: frozen (plain tensors) captured");
             assert_eq!(dp.frozen_var.captured_uses(), 0, "step {step}: frozen (untrained Vars) captured");
@@ -152,23 +150,23 @@ fn every_frozen_layer_kind_captures_nothing() {
     let norm = candle_dp::layer_norm(4, 1e-5, vf.pp("norm")).unwrap();
     let conv = candle_dp::conv2d(1, 2, 3, Conv2dConfig { padding: 1, ..Default::default() }, vf.pp("conv")).unwrap();
     let head = candle_dp::linear(4 + 2 * 16, 3, vt.pp("head")).unwrap();
-    let mut opt =
-        DpOptimizer::<SGD>::builder(vars_by_name(&trained), PoissonSampler::seeded(10, 0.5, 1).unwrap().description())
-            .noise_multiplier(1.0)
-            .noise(GaussianNoise::from_seed(3))
-            .build(0.1)
-            .unwrap();
+    // q = 1 over the 3 examples: every batch drawn is all of them.
+    let mut opt = DpOptimizer::<SGD>::builder(vars_by_name(&trained), PoissonSampler::seeded(3, 1.0, 1).unwrap())
+        .noise_multiplier(1.0)
+        .noise(GaussianNoise::from_seed(3))
+        .build(0.1)
+        .unwrap();
     let ids = Tensor::from_vec(vec![1u32, 2, 3], 3, &Device::Cpu).unwrap();
     let img = tensor(&[3, 1, 4, 4], 99, 1.0, DType::F32).unwrap();
+    let labels = Tensor::from_vec(vec![0u32, 1, 2], 3, &Device::Cpu).unwrap();
     for _ in 0..3 {
-        let a = norm.forward(&emb.forward(&ids).unwrap()).unwrap();
-        let c = conv.forward(&img).unwrap().flatten_from(1).unwrap();
+        let idx = opt.next_batch().unwrap();
+        assert_eq!(idx, vec![0, 1, 2]);
+        let a = norm.forward(&emb.forward(&take(&ids, &idx)).unwrap()).unwrap();
+        let c = conv.forward(&take(&img, &idx)).unwrap().flatten_from(1).unwrap();
         let logits = head.forward(&Tensor::cat(&[&a, &c], 1).unwrap()).unwrap();
         assert_eq!((emb.captured_uses(), norm.captured_uses(), conv.captured_uses()), (0, 0, 0));
-        opt.accumulate(
-            &loss::cross_entropy(&logits, &Tensor::from_vec(vec![0u32, 1, 2], 3, &Device::Cpu).unwrap()).unwrap(),
-        )
-        .unwrap();
+        opt.accumulate(&loss::cross_entropy(&logits, &take(&labels, &idx)).unwrap()).unwrap();
         opt.step().unwrap();
     }
 }

@@ -35,8 +35,8 @@ fn rss_is_flat_over_1000_steps_with_a_frozen_layer() {
     let n = 640;
     let x = tensor(&[n, 32], 2, 1.0, DType::F32).unwrap();
     let y = Tensor::from_vec((0..n as u32).map(|i| i % 10).collect(), n, &Device::Cpu).unwrap();
-    let mut sampler = PoissonSampler::seeded(n, 0.1, 3).unwrap();
-    let mut opt = DpOptimizer::<SGD>::builder(vars_by_name(&trained), sampler.description())
+    let sampler = PoissonSampler::seeded(n, 0.1, 3).unwrap();
+    let mut opt = DpOptimizer::<SGD>::builder(vars_by_name(&trained), sampler)
         .noise_multiplier(1.0)
         .noise(GaussianNoise::from_seed(4))
         .build(0.01)
@@ -46,10 +46,8 @@ fn rss_is_flat_over_1000_steps_with_a_frozen_layer() {
         if step == 100 {
             rss_at_100 = rss_bytes();
         }
-        let idx = sampler.sample();
-        if idx.is_empty() {
-            opt.accumulate_empty();
-        } else {
+        let idx = opt.next_batch().unwrap();
+        if !idx.is_empty() {
             let h = first.forward(&take(&x, &idx)).unwrap().relu().unwrap();
             let logits = head.forward(&frozen.forward(&h).unwrap().relu().unwrap()).unwrap();
             opt.accumulate(&loss::cross_entropy(&logits, &take(&y, &idx)).unwrap()).unwrap();

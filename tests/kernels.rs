@@ -343,9 +343,10 @@ fn noise_keys_come_fresh_from_the_generator() {
 
 /// On a GPU the optimizer's noise is the counter noise, made on the device
 /// from keys the optimizer's generator draws, one per variable in order: a
-/// noise-only step moves each variable by exactly `-lr std z / E[B]` with `z`
-/// recomputed here on the CPU. (On the CPU the host sampler is used; its own
-/// tests are in `noise.rs`.)
+/// noise-only step (an empty Poisson batch, drawn by the optimizer at
+/// `E[B] = q N = 0.01`) moves each variable by exactly `-lr std z / E[B]`
+/// with `z` recomputed here on the CPU. (On the CPU the host sampler is
+/// used; its own tests are in `noise.rs`.)
 #[test]
 fn optimizer_noise_on_a_gpu_is_the_counter_noise() {
     use candle_dp::{DpOptimizer, PoissonSampler};
@@ -360,15 +361,18 @@ fn optimizer_noise_on_a_gpu_is_the_counter_noise() {
         let _layer = candle_dp::linear(300, 40, vb.pp("fc")).unwrap();
         let vars = candle_dp::vars_by_name(&varmap);
         let before: Vec<Vec<f64>> = vars.iter().map(|v| f64s(v.as_tensor())).collect();
-        let sampler = PoissonSampler::seeded(1000, 0.05, 1).unwrap();
+        let sampler = PoissonSampler::seeded(1000, 1e-5, 1).unwrap();
         let (sigma, c, lr) = (1.3, 0.7, 0.1);
-        let mut opt = DpOptimizer::<SGD>::builder(vars.clone(), sampler.description())
+        let mut opt = DpOptimizer::<SGD>::builder(vars.clone(), sampler)
             .noise_multiplier(sigma)
             .max_grad_norm(c)
             .noise(GaussianNoise::from_seed(7))
             .build(lr)
             .unwrap();
-        opt.accumulate_empty();
+        let expected_batch = opt.sampler().description().expected_batch_size();
+        assert_eq!(expected_batch, 1000.0 * 1e-5);
+        let idx = opt.next_batch().unwrap();
+        assert!(idx.is_empty(), "a noise-only step needs an empty batch: {idx:?}");
         opt.step().unwrap();
         let mut keys = GaussianNoise::from_seed(7);
         for (var, before) in vars.iter().zip(&before) {
@@ -376,7 +380,7 @@ fn optimizer_noise_on_a_gpu_is_the_counter_noise() {
             let z = f64s(&kernels::add_gaussian_noise(&zeros, &keys.noise_key(), 1.0, 1.0).unwrap());
             let after = f64s(var.as_tensor());
             for (k, ((a, b), z)) in after.iter().zip(before).zip(&z).enumerate() {
-                let expected = b - lr * sigma * c * z / 50.0;
+                let expected = b - lr * sigma * c * z / expected_batch;
                 assert!(
                     (a - expected).abs() <= 1e-6 * (1.0 + expected.abs()),
                     "{dev:?} element {k}: {a} vs {expected}"

@@ -5,16 +5,16 @@
 
 mod common;
 
-use candle_core::DType;
-use candle_dp::accountant::{Ledger, Seeding};
-use candle_dp::{DpOptimizer, GaussianNoise, PrivacyBudget, SamplerDescription};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_dp::accountant::Ledger;
+use candle_dp::{loss, DpOptimizer, GaussianNoise, PoissonSampler, PrivacyBudget, Sampler, ShuffledSampler};
 use candle_nn::{VarMap, SGD};
-use common::{mlp_pair, values, vars_by_name};
+use common::{mlp_pair, tensor, values, vars_by_name};
 
 #[test]
 fn every_ledger_an_optimizer_writes_verifies() {
     let varmap = VarMap::new();
-    let (_dp, _) = mlp_pair(&varmap, &[3, 2], DType::F32).unwrap();
+    let (dp, _) = mlp_pair(&varmap, &[3, 2], DType::F32).unwrap();
     let vars = vars_by_name(&varmap);
     // Uniforms in [0, 1) from the shared deterministic generator.
     let u: Vec<f64> = values(6 * 300, 2026, 1.0).into_iter().map(|v| (v + 1.0) / 2.0).collect();
@@ -24,12 +24,13 @@ fn every_ledger_an_optimizer_writes_verifies() {
         let batch = 1 + (case[1] * (n - 1) as f64) as usize;
         let steps = 1 + (case[2] * 4.0) as u64;
         let c = 0.01 + case[3] * 10.0;
-        let d = if case[4] < 0.2 {
-            SamplerDescription::shuffled_fixed_size(n, batch, Seeding::Fixed).unwrap()
+        let sampler: Sampler = if case[4] < 0.2 {
+            ShuffledSampler::new(n, batch, Some(checked as u64)).unwrap().into()
         } else {
-            SamplerDescription::poisson(n, batch as f64 / n as f64, Seeding::OsEntropy).unwrap()
+            PoissonSampler::new(n, batch as f64 / n as f64).unwrap().into()
         };
-        let builder = DpOptimizer::<SGD>::builder(vars.clone(), d).max_grad_norm(c).noise(GaussianNoise::from_seed(1));
+        let builder =
+            DpOptimizer::<SGD>::builder(vars.clone(), sampler).max_grad_norm(c).noise(GaussianNoise::from_seed(1));
         let builder = if case[5] < 0.3 {
             // Calibrated to a random target: the noise multiplier is a bisection's output.
             builder.target(PrivacyBudget { epsilon: 0.5 + case[5] * 30.0, delta: 1e-5 }, steps)
@@ -37,9 +38,14 @@ fn every_ledger_an_optimizer_writes_verifies() {
             builder.noise_multiplier(0.3 + case[5] * 20.0)
         };
         let Ok(mut opt) = builder.build(0.1) else { continue };
-        for _ in 0..steps {
-            opt.accumulate_empty();
-            opt.step().unwrap();
+        for step in 0..steps {
+            // The examples' features do not matter here, only that every one drawn is accumulated.
+            opt.train_step(|idx| {
+                let x = tensor(&[idx.len(), 3], step, 1.0, DType::F32)?;
+                let y = Tensor::from_vec(idx.iter().map(|&i| (i % 2) as u32).collect(), idx.len(), &Device::Cpu)?;
+                loss::cross_entropy(&dp.forward(&x)?, &y)
+            })
+            .unwrap();
         }
         opt.record_release("model.safetensors", &"ab".repeat(32)).unwrap();
         let written = opt.ledger().unwrap();

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_dp::accountant::Seeding;
 use candle_dp::{loss, DpOptimizer, Error, GaussianNoise, PoissonSampler, PrivacyBudget, SamplerDescription};
 use candle_nn::{VarMap, SGD};
-use common::{mlp_pair, tensor, vars_by_name};
+use common::{mlp_pair, take, tensor, vars_by_name};
 
 fn field_of(e: Error) -> &'static str {
     match e {
@@ -47,16 +47,19 @@ fn a_valid_description_trains_and_spends_epsilon() {
     let varmap = VarMap::new();
     let (dp, _) = mlp_pair(&varmap, &[4, 2], DType::F32).unwrap();
     let d = SamplerDescription::poisson(100, 0.1, Seeding::Fixed).unwrap();
-    let mut opt = DpOptimizer::<SGD>::builder(vars_by_name(&varmap), d)
+    let sampler = PoissonSampler::seeded(100, 0.1, 1).unwrap();
+    assert_eq!(sampler.description(), d);
+    let mut opt = DpOptimizer::<SGD>::builder(vars_by_name(&varmap), sampler)
         .noise_multiplier(1.0)
         .budget(PrivacyBudget { epsilon: 8.0, delta: 1e-5 })
         .noise(GaussianNoise::from_seed(1))
         .build(0.1)
         .unwrap();
-    let x = tensor(&[3, 4], 1, 1.0, DType::F32).unwrap();
-    let y = Tensor::from_vec(vec![0u32, 1, 0], 3, &Device::Cpu).unwrap();
-    opt.accumulate(&loss::cross_entropy(&dp.forward(&x).unwrap(), &y).unwrap()).unwrap();
-    opt.step().unwrap();
+    assert_eq!(opt.config().sampler(), d);
+    let x = tensor(&[100, 4], 1, 1.0, DType::F32).unwrap();
+    let y = Tensor::from_vec((0..100u32).map(|i| i % 2).collect(), 100, &Device::Cpu).unwrap();
+    let summary = opt.train_step(|idx| loss::cross_entropy(&dp.forward(&take(&x, idx))?, &take(&y, idx))).unwrap();
+    assert!(summary.examples > 0, "a batch with examples: {summary:?}");
     let eps = opt.epsilon(1e-5).unwrap();
     assert!(eps > 0.0 && eps.is_finite(), "{eps}");
 }
@@ -65,33 +68,38 @@ fn a_valid_description_trains_and_spends_epsilon() {
 fn a_checkpoint_with_an_invalid_sampler_is_refused() {
     let varmap = VarMap::new();
     let (dp, _) = mlp_pair(&varmap, &[4, 2], DType::F32).unwrap();
-    let mut sampler = PoissonSampler::seeded(20, 0.5, 1).unwrap();
-    let mut opt = DpOptimizer::<SGD>::builder(vars_by_name(&varmap), sampler.description())
+    let sampler = PoissonSampler::seeded(20, 0.5, 1).unwrap();
+    let mut opt = DpOptimizer::<SGD>::builder(vars_by_name(&varmap), sampler)
         .noise_multiplier(1.0)
         .noise(GaussianNoise::from_seed(1))
         .build(0.1)
         .unwrap();
     let x = tensor(&[20, 4], 2, 1.0, DType::F32).unwrap();
     let y = Tensor::from_vec((0..20u32).map(|i| i % 2).collect(), 20, &Device::Cpu).unwrap();
-    let idx = sampler.sample();
+    let idx = opt.next_batch().unwrap();
     let idx = Tensor::from_vec(idx.iter().map(|&i| i as u32).collect(), idx.len(), &Device::Cpu).unwrap();
     let logits = dp.forward(&x.index_select(&idx, 0).unwrap()).unwrap();
     opt.accumulate(&loss::cross_entropy(&logits, &y.index_select(&idx, 0).unwrap()).unwrap()).unwrap();
     opt.step().unwrap();
     let dir = std::env::temp_dir().join(format!("candle-dp-sampler-{}", std::process::id()));
-    opt.save_checkpoint(&dir, &varmap, Some(&sampler)).unwrap();
+    opt.save_checkpoint(&dir, &varmap).unwrap();
     let manifest = dir.join("checkpoint.json");
     let original: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
-    for (field, value) in [("sample_rate", serde_json::json!(0.0)), ("dataset_size", serde_json::json!(0))] {
+    for (field, pointer, saved, value) in [
+        ("sample_rate", "/config/sampler/scheme/poisson/sample_rate", serde_json::json!(0.5), serde_json::json!(0.0)),
+        ("dataset_size", "/config/sampler/dataset_size", serde_json::json!(20), serde_json::json!(0)),
+    ] {
         // Edited and re-hashed, so that the sampler's own validation is what refuses it.
         let mut edited = original.clone();
-        edited[field] = value;
+        let slot = edited.pointer_mut(pointer).unwrap_or_else(|| panic!("the manifest has {pointer}"));
+        assert_eq!(*slot, saved, "{pointer}");
+        *slot = value;
         common::rehash_manifest(&mut edited);
         std::fs::write(&manifest, serde_json::to_string(&edited).unwrap()).unwrap();
-        let mut m = VarMap::new();
+        let m = VarMap::new();
         let _model = mlp_pair(&m, &[4, 2], DType::F32).unwrap();
         let vars = vars_by_name(&m);
-        let err = DpOptimizer::<SGD>::resume(&dir, &mut m, vars, 0.1).unwrap_err().to_string();
+        let err = DpOptimizer::<SGD>::resume(&dir, &m, vars, 0.1).unwrap_err().to_string();
         assert!(err.contains("invalid sampler") && err.contains(field), "{err}");
     }
     std::fs::remove_dir_all(&dir).unwrap();

@@ -243,3 +243,43 @@ impl candle_core::Module for Cnn {
         self.fc.forward(&h.flatten_from(1)?)
     }
 }
+
+/// The noise generator of a run: from the seed (offset, so that it is not
+/// the initialization's stream) or from the OS.
+pub fn noise(seed: Option<u64>) -> Result<candle_dp::GaussianNoise, candle_dp::Error> {
+    Ok(match seed {
+        Some(s) => candle_dp::GaussianNoise::from_seed(s.wrapping_add(0x9e37_79b9)),
+        None => candle_dp::GaussianNoise::from_os_entropy()?.with_all_threads(),
+    })
+}
+
+/// A progress bar over `steps` steps, hidden when stdout is for `--json`.
+pub fn progress_bar(steps: u64, hidden: bool) -> Result<indicatif::ProgressBar, Box<dyn std::error::Error>> {
+    let bar = indicatif::ProgressBar::new(steps);
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps {elapsed_precise}  {msg}")?);
+    if hidden {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    Ok(bar)
+}
+
+/// Writes `summary.json` into `out` and prints the summary (`--json`: one
+/// line, last on stdout) or the report and `done`.
+pub fn finish(
+    out: &Path,
+    summary: &serde_json::Value,
+    report: Option<&candle_dp::accountant::PrivacyReport>,
+    json: bool,
+    done: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
+    std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(summary)?)?;
+    if json {
+        println!("{summary}");
+        return Ok(());
+    }
+    if let Some(r) = report {
+        println!("{}", r.to_text());
+    }
+    println!("{done}; run folder {}", out.display());
+    Ok(())
+}

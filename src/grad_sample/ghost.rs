@@ -144,7 +144,7 @@ impl GhostEngine {
         if b == 0 {
             return Err(Error::Shape {
                 what: "per-sample losses",
-                expected: "at least one example (for an empty Poisson batch call accumulate_empty)",
+                expected: "at least one example (an empty Poisson batch accumulates nothing: call step() directly)",
                 got: vec![0],
             });
         }

@@ -34,10 +34,10 @@ pub fn check_plain(vars: &[Var]) -> Result<()> {
 /// # Errors
 /// [`Error::NonFinite`] for a NaN or infinite loss or gradient norm;
 /// [`Error::Shape`] if a loss is not a scalar; Candle's errors otherwise.
-pub fn clip_microbatch(
+pub fn clip_microbatch<E: Into<Error>>(
     vars: &[Var],
     batch_size: usize,
-    mut loss_of: impl FnMut(usize) -> candle_core::Result<Tensor>,
+    mut loss_of: impl FnMut(usize) -> std::result::Result<Tensor, E>,
     max_grad_norm: f64,
 ) -> Result<ClippedBatch> {
     check_max_grad_norm(max_grad_norm)?;
@@ -47,7 +47,7 @@ pub fn clip_microbatch(
     let mut norms = Vec::with_capacity(batch_size);
     let mut received = vec![false; vars.len()];
     for i in 0..batch_size {
-        let loss = loss_of(i)?;
+        let loss = loss_of(i).map_err(Into::into)?;
         if loss.rank() != 0 {
             return Err(Error::Shape { what: "microbatch loss", expected: "a scalar", got: loss.dims().to_vec() });
         }

@@ -83,6 +83,11 @@ impl Optimizer for AdamW {
 }
 
 impl AdamW {
+    /// The number of `(m, v)` pairs: one per float variable.
+    pub(crate) fn num_moments(&self) -> usize {
+        self.slots.len()
+    }
+
     /// The step count and the moments (copies), in the variables' order.
     ///
     /// # Errors

@@ -1,0 +1,280 @@
+//! Checkpoints that lose nothing privacy-relevant, written crash-safely.
+//!
+//! A checkpoint is a folder: the weights (`model-<sha>.safetensors`), the
+//! wrapped optimizer's tensors (`optimizer-<sha>.safetensors`, e.g. AdamW's
+//! moments), the ledger (`ledger-<head>.json`, every step so far) and
+//! `checkpoint.json`, a manifest with the step count, the [`DpConfig`], the
+//! noise, sampler and optimizer state, and the SHA-256 of every file.
+//!
+//! # Crash safety
+//! Files are named by their content and written atomically, the manifest
+//! last (see [`atomic`]): a run killed at any moment, even while writing a
+//! checkpoint, resumes from the last complete one. Files no manifest names
+//! are removed by the next save.
+//!
+//! # What is checked on resume
+//! * `manifest_sha256`: the SHA-256 of the manifest's canonical JSON with
+//!   this field empty, so any edit of a field that does not also recompute
+//!   it is refused; unknown fields are refused.
+//! * Every file's SHA-256 against the manifest, the ledger's head, and the
+//!   ledger's own hash chain.
+//! * The manifest against the ledger, the privacy truth a reviewer reads:
+//!   every mechanism recorded must be exactly what the resumed configuration
+//!   records (noise multiplier, clipping norm, sampler, adjacency, seeding),
+//!   the declared budget and dataset size must be the ledger header's, and
+//!   the step counts must agree. Rewriting a privacy setting therefore means
+//!   rewriting the ledger, which changes its head.
+//!
+//! Resuming rebuilds the accountant from the ledger (the spent budget is
+//! never reset) and continues the noise, the batches and the optimizer
+//! exactly where they were for a fixed-seed run: N steps, a checkpoint, a
+//! resume and N more steps give the same weights, bit for bit, as 2N steps.
+//!
+//! # Security
+//! For a run seeded from the OS, neither the noise generator's nor the
+//! sampler's generator state is written: the resumed run re-seeds both from
+//! the OS. A fixed-seed run stores their ChaCha20 state, which lets anyone who
+//! reads the checkpoint regenerate the noise: such runs are for research, and
+//! the ledger already says so. A shuffled sampler's epoch permutation is
+//! always stored (its accounting does not rely on the batches being secret).
+
+pub(crate) mod atomic;
+mod manifest;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{Device, Tensor, Var};
+use candle_nn::VarMap;
+use dp_accountant::Ledger;
+use sha2::{Digest, Sha256};
+
+use self::atomic::{io, Writer};
+use self::manifest::{FileRef, Files, Manifest, NoiseState, SamplerState, FORMAT, MANIFEST, VERSION};
+use crate::error::{Error, Result};
+use crate::optim::{OptimizerState, StatefulOptimizer};
+use crate::optimizer::DpOptimizer;
+
+/// The SHA-256 of a file's bytes, lower-case hex.
+///
+/// # Errors
+/// [`Error::Io`].
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    Ok(dp_accountant::ledger::hex(&Sha256::digest(bytes)))
+}
+
+/// Writes `varmap`'s weights to `dir/name(sha)` atomically; returns the
+/// file's name and SHA-256.
+pub(crate) fn write_weights(
+    writer: &mut Writer,
+    dir: &Path,
+    varmap: &VarMap,
+    name: impl Fn(&str) -> String,
+) -> Result<(String, String)> {
+    writer.write_with(dir, name, |tmp| Ok(varmap.save(tmp)?))
+}
+
+/// The resumed configuration must be the one the ledger recorded: every
+/// mechanism entry equal to what `opt` records for that many steps, and the
+/// header's budget and dataset size equal to the configuration's.
+fn check_against_ledger<O: candle_nn::Optimizer>(opt: &DpOptimizer<O>, ledger: &Ledger, path: &Path) -> Result<()> {
+    let bad = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
+    let config = opt.config();
+    for (k, m) in ledger.mechanisms().enumerate() {
+        if *m != opt.record(m.event.steps()) {
+            return Err(bad(format!(
+                "mechanism {k} of the ledger differs from the checkpoint's configuration (noise multiplier {}, \
+                 clipping norm {}, sampler {:?}): the manifest does not describe this run",
+                config.noise_multiplier(),
+                config.max_grad_norm(),
+                config.sampler()
+            )));
+        }
+    }
+    let header = ledger.header();
+    let declared = header.target.map(|t| (t.epsilon, t.delta));
+    let budget = config.budget().map(|b| (b.epsilon, b.delta));
+    if declared != budget {
+        return Err(bad(format!("budget {budget:?} differs from the ledger's declared target {declared:?}")));
+    }
+    let n = config.sampler().dataset_size();
+    if header.dataset_size != Some(n as u64) {
+        return Err(bad(format!("dataset_size {n} differs from the ledger's {:?}", header.dataset_size)));
+    }
+    Ok(())
+}
+
+/// Checks a file's SHA-256 against the manifest; returns its path.
+fn verified(dir: &Path, file: &FileRef) -> Result<std::path::PathBuf> {
+    let path = file.path(dir)?;
+    let found = sha256_file(&path)?;
+    if found != file.sha256 {
+        return Err(Error::Checkpoint {
+            path,
+            reason: format!("SHA-256 {found} differs from the manifest's {}: the file was altered", file.sha256),
+        });
+    }
+    Ok(path)
+}
+
+/// Loads `path`'s tensors into `varmap`, all or none: every variable must
+/// be in the file with its shape and dtype before any is set.
+fn load_weights(varmap: &VarMap, path: &Path) -> Result<()> {
+    let data = varmap.data().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let device = data.values().next().map_or(Device::Cpu, |v| v.device().clone());
+    let tensors = candle_core::safetensors::load(path, &device)?;
+    let bad = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
+    for (name, var) in data.iter() {
+        match tensors.get(name) {
+            Some(t) if t.dims() == var.dims() && t.dtype() == var.dtype() => {}
+            Some(t) => {
+                return Err(bad(format!(
+                    "{name}: shape {:?} {:?}, the model has {:?}",
+                    t.dims(),
+                    t.dtype(),
+                    var.dims()
+                )))
+            }
+            None => return Err(bad(format!("{name}: not in the weights file"))),
+        }
+    }
+    for (name, var) in data.iter() {
+        var.set(&tensors[name])?;
+    }
+    Ok(())
+}
+
+/// Removes the files of `dir` that belong to no manifest: earlier
+/// checkpoints' files and temporary files a crash left. Files that are not
+/// ours are left alone.
+fn remove_unreferenced(dir: &Path, files: &Files) -> Result<()> {
+    let keep: Vec<&str> = files.all().map(|f| f.name.as_str()).collect();
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let entry = entry.map_err(io(dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ours =
+            atomic::is_temporary(&name) || ["model-", "optimizer-", "ledger-"].iter().any(|p| name.starts_with(p));
+        if ours && !keep.contains(&name.as_str()) {
+            std::fs::remove_file(entry.path()).map_err(io(&entry.path()))?;
+        }
+    }
+    Ok(())
+}
+
+/// A content name: `prefix-<first 16 hex digits>.ext`.
+fn content_name(prefix: &'static str, ext: &'static str) -> impl Fn(&str) -> String {
+    move |sha: &str| format!("{prefix}-{}.{ext}", &sha[..16])
+}
+
+impl<O: StatefulOptimizer> DpOptimizer<O> {
+    /// Writes a checkpoint of the run to `dir` (created if needed): the
+    /// weights of `varmap`, the optimizer's state, the ledger (flushed), the
+    /// configuration, the sampler and the noise, crash-safely (see the
+    /// module docs).
+    ///
+    /// # Errors
+    /// [`Error::OutOfOrder`] while a batch is open (between
+    /// [`DpOptimizer::next_batch`] and [`DpOptimizer::step`]);
+    /// [`Error::Io`] and Candle's errors.
+    pub fn save_checkpoint(&mut self, dir: impl AsRef<Path>, varmap: &VarMap) -> Result<()> {
+        self.save_checkpoint_with(dir.as_ref(), varmap, &mut Writer::default())
+    }
+
+    fn save_checkpoint_with(&mut self, dir: &Path, varmap: &VarMap, writer: &mut Writer) -> Result<()> {
+        if self.batch_open() {
+            return Err(Error::OutOfOrder {
+                call: "save_checkpoint",
+                state: "while a batch is open",
+                fix: "step() or cancel_batch() first: a checkpoint holds whole steps only",
+            });
+        }
+        let ledger = self.flush_ledger()?.clone();
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let (name, sha256) = write_weights(writer, dir, varmap, content_name("model", "safetensors"))?;
+        let weights = FileRef { name, sha256 };
+        let state = self.inner().save_state()?;
+        let optimizer = if state.tensors.is_empty() {
+            None
+        } else {
+            let (name, sha256) = writer.write_with(dir, content_name("optimizer", "safetensors"), |tmp| {
+                Ok(candle_core::safetensors::save(
+                    &state.tensors.iter().map(|(k, t)| (k.as_str(), t.clone())).collect::<HashMap<_, _>>(),
+                    tmp,
+                )?)
+            })?;
+            Some(FileRef { name, sha256 })
+        };
+        let ledger_bytes = ledger.to_json().into_bytes();
+        let ledger_file = FileRef {
+            name: format!("ledger-{}.json", &ledger.head()[..16]),
+            sha256: dp_accountant::ledger::hex(&Sha256::digest(&ledger_bytes)),
+        };
+        writer.write(dir, &ledger_file.name, &ledger_bytes)?;
+        let manifest = Manifest {
+            format: FORMAT.into(),
+            version: VERSION,
+            steps: self.steps(),
+            config: self.config().clone(),
+            learning_rate: self.learning_rate(),
+            optimizer_counters: state.counters,
+            noise: NoiseState::of(self.noise()),
+            sampler: SamplerState::of(self.sampler()),
+            files: Files { weights, optimizer, ledger: ledger_file },
+            ledger_head: ledger.head(),
+            manifest_sha256: String::new(),
+        }
+        .sealed();
+        let text = serde_json::to_string_pretty(&manifest)
+            .map_err(|e| Error::Checkpoint { path: dir.join(MANIFEST), reason: e.to_string() })?;
+        writer.write(dir, MANIFEST, text.as_bytes())?;
+        remove_unreferenced(dir, &manifest.files)
+    }
+
+    /// Resumes a run from the checkpoint in `dir`: verifies every file
+    /// against the manifest and the manifest against the ledger, rebuilds the
+    /// optimizer over `vars` (in the same order as when saved) with the saved
+    /// configuration, sampler, noise and optimizer state and its spent
+    /// budget, and only then loads the weights into `varmap`.
+    ///
+    /// # Errors
+    /// [`Error::Checkpoint`] for a missing, unknown or altered file (one
+    /// whose SHA-256, or a ledger whose head, differs from the manifest's) or
+    /// a manifest that contradicts the ledger; [`Error::OptimizerState`];
+    /// [`Error::Io`]; the builder's, the accountant's and Candle's errors. A
+    /// refused checkpoint changes nothing.
+    pub fn resume(dir: impl AsRef<Path>, varmap: &VarMap, vars: Vec<Var>, config: O::Config) -> Result<Self> {
+        let dir = dir.as_ref();
+        let m = Manifest::read(dir)?;
+        let manifest_path = dir.join(MANIFEST);
+        let weights = verified(dir, &m.files.weights)?;
+        let ledger_path = verified(dir, &m.files.ledger)?;
+        let optimizer_path = m.files.optimizer.as_ref().map(|f| verified(dir, f)).transpose()?;
+        let bad = |path: &Path, reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
+        let ledger = Ledger::read(&ledger_path)?;
+        ledger.verify_head(&m.ledger_head).map_err(|e| bad(&ledger_path, e.to_string()))?;
+        if ledger.total_steps() != m.steps {
+            return Err(bad(
+                &ledger_path,
+                format!("{} steps recorded, the manifest says {}", ledger.total_steps(), m.steps),
+            ));
+        }
+        let sampler = m.sampler.restore(&m.config, &manifest_path)?;
+        let noise = m.noise.restore(&manifest_path)?;
+        let device = vars.first().map_or(Device::Cpu, |v| v.device().clone());
+        let mut opt = Self::assemble(vars, sampler, noise, m.config, config, ledger.clone())?;
+        check_against_ledger(&opt, &ledger, &ledger_path)?;
+        let tensors: BTreeMap<String, Tensor> = match &optimizer_path {
+            Some(p) => candle_core::safetensors::load(p, &device)?.into_iter().collect(),
+            None => BTreeMap::new(),
+        };
+        opt.inner_mut().load_state(&OptimizerState { counters: m.optimizer_counters, tensors })?;
+        opt.set_learning_rate(m.learning_rate);
+        // Only now, with every check passed: a refused checkpoint changes nothing.
+        load_weights(varmap, &weights)?;
+        Ok(opt)
+    }
+}
+
+#[cfg(test)]
+mod tests;

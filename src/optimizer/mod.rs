@@ -1,0 +1,316 @@
+//! `DpOptimizer`: DP-SGD around any Candle optimizer.
+//!
+//! # One step
+//! [`DpOptimizer::train_step`] runs a whole logical step from a closure that
+//! maps a batch of example indices to their per-example losses: it draws the
+//! batch from the optimizer's own sampler, splits it into physical chunks
+//! ([`DpOptimizerBuilder::max_physical_batch_size`]), clips and sums each
+//! chunk's per-example gradients, adds the noise once, steps and accounts.
+//! An empty Poisson batch is handled (the step still adds noise and is
+//! accounted: skipping it would change the sampling the accountant assumes).
+//!
+//! # The stages, for those who need them
+//! 1. [`DpOptimizer::next_batch`] draws the logical batch (refused, before
+//!    anything is drawn, when the budget cannot pay for the step).
+//! 2. [`DpOptimizer::accumulate`] (ghost engine, per-sample losses of a model
+//!    built from DP layers) or [`DpOptimizer::accumulate_microbatch`] (any
+//!    model, one example at a time), once per physical chunk of the batch:
+//!    each example's gradient is clipped to `C` (flat or per layer) and the
+//!    clipped gradients are summed.
+//! 3. [`DpOptimizer::step`] once the batch's every example was accumulated:
+//!    Gaussian noise `N(0, (sigma C)^2)` on each coordinate of the sum, a
+//!    division by the **expected** batch size, the inner optimizer's step on
+//!    the result, and the accounting.
+//!    [`DpOptimizer::cancel_batch`] instead puts the batch back.
+//!
+//! The inner optimizer and the sampler are built into the optimizer, so it
+//! can neither be stepped around with unclipped gradients nor accounted for
+//! a sampling other than the one it draws.
+
+mod builder;
+mod step;
+
+use candle_core::{Tensor, Var};
+use candle_nn::{Optimizer, VarMap};
+use dp_accountant::{max_steps_with, AccountantKind, Ledger, MechanismRecord, NoiseGenerator, NoiseSource};
+
+pub use builder::DpOptimizerBuilder;
+pub use step::StepSummary;
+
+use crate::config::{DpConfig, Engine, PrivacyBudget};
+use crate::error::{Error, Result};
+use crate::grad_sample::ghost::GhostEngine;
+use crate::noise::GaussianNoise;
+use crate::sampler::Sampler;
+
+/// The logical batch of the step in progress.
+#[derive(Debug)]
+struct OpenBatch {
+    /// The examples drawn.
+    size: usize,
+    /// The examples clipped and summed so far.
+    accumulated: usize,
+    /// Their clipped sums, per variable (`None` before the first chunk).
+    sums: Option<Vec<Tensor>>,
+    /// The sampler as it was before the draw, for [`DpOptimizer::cancel_batch`].
+    sampler_before: Sampler,
+}
+
+/// DP-SGD around the Candle optimizer `O` (SGD, AdamW, or any implementation).
+#[derive(Debug)]
+pub struct DpOptimizer<O: Optimizer> {
+    inner: O,
+    vars: Vec<Var>,
+    config: DpConfig,
+    sampler: Sampler,
+    noise: GaussianNoise,
+    ghost: Option<GhostEngine>,
+    batch: Option<OpenBatch>,
+    ledger: Ledger,
+    pending_steps: u64,
+    steps: u64,
+    max_steps: Option<u64>,
+}
+
+impl<O: Optimizer> DpOptimizer<O> {
+    /// Starts building an optimizer over `vars` that draws its batches from
+    /// `sampler` (a [`crate::PoissonSampler`] or [`crate::ShuffledSampler`]).
+    ///
+    /// The noise is drawn in the order of `vars`: for runs that reproduce
+    /// with a fixed seed, pass them in a fixed order ([`vars_by_name`];
+    /// `VarMap::all_vars` returns hash order, which changes between processes).
+    pub fn builder(vars: Vec<Var>, sampler: impl Into<Sampler>) -> DpOptimizerBuilder<O> {
+        DpOptimizerBuilder::new(vars, sampler.into())
+    }
+
+    /// The optimizer of a validated `dp` over `vars`, continuing `ledger`.
+    ///
+    /// # Errors
+    /// As [`DpOptimizerBuilder::build`]; [`Error::Incompatible`] if the
+    /// sampler is not the one `dp` describes.
+    pub(crate) fn assemble(
+        vars: Vec<Var>,
+        sampler: Sampler,
+        noise: GaussianNoise,
+        dp: DpConfig,
+        config: O::Config,
+        ledger: Ledger,
+    ) -> Result<Self> {
+        dp.validate()?;
+        if sampler.description() != dp.sampler {
+            return Err(Error::Incompatible {
+                setting: "the sampler",
+                with: "the configuration's sampler description",
+                why: "the sampling accounted must be the sampling used",
+            });
+        }
+        let ghost = match dp.engine {
+            Engine::Ghost => {
+                let g = GhostEngine::new(&vars)?;
+                dp.clipping.validate(dp.max_grad_norm, g.num_layers()?)?;
+                Some(g)
+            }
+            Engine::Microbatch => {
+                crate::grad_sample::microbatch::check_plain(&vars)?;
+                None
+            }
+        };
+        let max_steps = dp.budget.map(|b| max_steps_within(&dp, b)).transpose()?;
+        let steps = ledger.total_steps();
+        let inner = O::new(vars.clone(), config)?;
+        Ok(Self {
+            inner,
+            vars,
+            config: dp,
+            sampler,
+            noise,
+            ghost,
+            batch: None,
+            ledger,
+            pending_steps: 0,
+            steps,
+            max_steps,
+        })
+    }
+
+    /// The privacy configuration (calibrated, if a target was given).
+    pub fn config(&self) -> &DpConfig {
+        &self.config
+    }
+
+    /// The epsilon spent so far at `delta`, by the optimizer's accountant.
+    ///
+    /// # Errors
+    /// The accountant's, for a `delta` outside `(0, 1)`.
+    pub fn epsilon(&self, delta: f64) -> Result<f64> {
+        self.epsilon_after(self.pending_steps, delta)
+    }
+
+    /// Epsilon of the ledger with `pending` steps since the last flush, as
+    /// the reviewer will account it.
+    fn epsilon_after(&self, pending: u64, delta: f64) -> Result<f64> {
+        let mut ledger = self.ledger.clone();
+        if pending > 0 {
+            ledger.append(self.record(pending))?;
+        }
+        Ok(ledger.epsilon(self.config.accountant, delta)?)
+    }
+
+    /// Refuses, before anything is drawn or changed, a step the budget cannot pay for.
+    fn check_budget(&self) -> Result<()> {
+        let (Some(budget), Some(max_steps)) = (self.config.budget, self.max_steps) else { return Ok(()) };
+        // Poisson steps compose exactly like one event of all the steps, so
+        // the step count decides. Shuffled-batch entries round their epochs
+        // up separately, so there the ledger itself is accounted.
+        let exact = self.config.sampler.sample_rate().is_none();
+        if self.steps >= max_steps || exact {
+            let would_spend = self.epsilon_after(self.pending_steps + 1, budget.delta)?;
+            if self.steps >= max_steps || would_spend > budget.epsilon {
+                return Err(Error::BudgetExhausted { would_spend, budget: budget.epsilon, delta: budget.delta });
+            }
+        }
+        Ok(())
+    }
+
+    /// The ledger as it stands, with the steps since the last flush as one entry.
+    ///
+    /// # Errors
+    /// The ledger's, which cannot occur for records this optimizer makes.
+    pub fn ledger(&self) -> Result<Ledger> {
+        let mut ledger = self.ledger.clone();
+        if self.pending_steps > 0 {
+            ledger.append(self.record(self.pending_steps))?;
+        }
+        Ok(ledger)
+    }
+
+    /// Appends the steps since the last flush to the ledger as one entry.
+    ///
+    /// # Errors
+    /// As [`DpOptimizer::ledger`].
+    pub fn flush_ledger(&mut self) -> Result<&Ledger> {
+        if self.pending_steps > 0 {
+            self.ledger.append(self.record(self.pending_steps))?;
+            self.pending_steps = 0;
+        }
+        Ok(&self.ledger)
+    }
+
+    /// Records in the ledger that the model file `file` (SHA-256
+    /// `weights_sha256`, hex) was saved now, after all steps so far: the
+    /// weights the privacy statement covers. [`DpOptimizer::release`] does
+    /// this and writes the files.
+    ///
+    /// # Errors
+    /// The ledger's, for a malformed hash.
+    pub fn record_release(&mut self, file: &str, weights_sha256: &str) -> Result<()> {
+        self.flush_ledger()?;
+        self.ledger.append_release(file, weights_sha256)?;
+        Ok(())
+    }
+
+    /// What `steps` steps of this optimizer record in the ledger.
+    pub(crate) fn record(&self, steps: u64) -> MechanismRecord {
+        let sampler = self.config.sampler;
+        MechanismRecord {
+            event: sampler.event(self.config.noise_multiplier, steps),
+            adjacency: sampler.adjacency(),
+            clipping_norm: self.config.max_grad_norm,
+            sampler: sampler.kind(),
+            noise: NoiseSource { generator: NoiseGenerator::Chacha20, seed: self.noise.seeding() },
+            sampler_seed: sampler.seeding(),
+        }
+    }
+
+    /// The noise multiplier (calibrated, if a target was given).
+    pub fn noise_multiplier(&self) -> f64 {
+        self.config.noise_multiplier
+    }
+
+    /// The clipping norm `C`.
+    pub fn max_grad_norm(&self) -> f64 {
+        self.config.max_grad_norm
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// The accountant that enforces the budget and answers [`DpOptimizer::epsilon`].
+    pub fn accountant(&self) -> AccountantKind {
+        self.config.accountant
+    }
+
+    /// The most steps the budget allows, if one is enforced.
+    pub fn max_steps(&self) -> Option<u64> {
+        self.max_steps
+    }
+
+    /// The sampler the batches are drawn from.
+    pub fn sampler(&self) -> &Sampler {
+        &self.sampler
+    }
+
+    /// The inner optimizer's learning rate.
+    pub fn learning_rate(&self) -> f64 {
+        self.inner.learning_rate()
+    }
+
+    /// Sets the inner optimizer's learning rate (privacy is unaffected).
+    pub fn set_learning_rate(&mut self, lr: f64) {
+        self.inner.set_learning_rate(lr)
+    }
+
+    /// The trained variables.
+    pub fn vars(&self) -> &[Var] {
+        &self.vars
+    }
+
+    /// Whether a batch is drawn and not yet stepped on.
+    pub(crate) fn batch_open(&self) -> bool {
+        self.batch.is_some()
+    }
+
+    /// The inner optimizer, for its state.
+    pub(crate) fn inner(&self) -> &O {
+        &self.inner
+    }
+
+    /// The inner optimizer, to restore its state.
+    pub(crate) fn inner_mut(&mut self) -> &mut O {
+        &mut self.inner
+    }
+
+    /// The noise generator, for its state.
+    pub(crate) fn noise(&self) -> &GaussianNoise {
+        &self.noise
+    }
+}
+
+/// The variables of `varmap` in name order.
+///
+/// The optimizer draws its noise in the order of its variables, and
+/// `VarMap::all_vars` returns them in hash order, which changes from one
+/// process to the next: pass this to the builder for a seeded run to
+/// reproduce.
+pub fn vars_by_name(varmap: &VarMap) -> Vec<Var> {
+    let data = varmap.data().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    names.into_iter().map(|n| data[n].clone()).collect()
+}
+
+/// The largest number of steps of `dp` that stays within `budget`.
+fn max_steps_within(dp: &DpConfig, budget: PrivacyBudget) -> Result<u64> {
+    let (sampler, sigma, accountant) = (dp.sampler, dp.noise_multiplier, dp.accountant);
+    let calibration = max_steps_with(budget.epsilon, |n| {
+        accountant.epsilon(sampler.adjacency(), [&sampler.event(sigma, n)], budget.delta)
+    });
+    match calibration {
+        Ok(c) => Ok(c.steps),
+        // More than 2^40 steps fit: no practical limit.
+        Err(dp_accountant::Error::Calibration { .. }) => Ok(u64::MAX),
+        Err(e) => Err(e.into()),
+    }
+}

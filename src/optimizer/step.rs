@@ -1,0 +1,273 @@
+//! The stages of a DP-SGD step, and [`DpOptimizer::train_step`], which runs them all.
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor};
+use candle_nn::Optimizer;
+
+use super::{DpOptimizer, OpenBatch};
+use crate::config::Engine;
+use crate::error::{Error, Result};
+use crate::grad_sample::ghost::ClippedBatch;
+use crate::grad_sample::microbatch::clip_microbatch;
+use crate::loss::PerSampleLoss;
+use crate::noise::GaussianNoise;
+
+/// What one [`DpOptimizer::train_step`] did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepSummary {
+    /// Examples in the logical batch (Poisson: random, possibly 0).
+    pub examples: usize,
+    /// Physical chunks it was split into.
+    pub chunks: usize,
+    /// The sum of the per-example losses over the batch (0 for an empty one).
+    ///
+    /// Computed from the private examples **without noise**: it is not
+    /// covered by the privacy guarantee. Show it to whoever may see the
+    /// training data, never release it.
+    pub loss_sum: f64,
+}
+
+impl<O: Optimizer> DpOptimizer<O> {
+    /// One whole logical DP-SGD step: draws the next batch from the sampler,
+    /// calls `losses_of` on each physical chunk of its indices (at most
+    /// [`crate::DpOptimizerBuilder::max_physical_batch_size`] of them; one
+    /// at a time with the microbatch engine) for their per-example losses,
+    /// clips and sums, adds the noise once, steps the inner optimizer and
+    /// accounts the step. An empty batch calls nothing and still steps.
+    ///
+    /// Indices are in `0..dataset_size` of the sampler, in increasing order
+    /// for Poisson sampling.
+    ///
+    /// # Errors
+    /// [`Error::BudgetExhausted`] before anything is drawn;
+    /// [`Error::Shape`] if `losses_of` returns another number of losses than
+    /// indices; `losses_of`'s own errors; as [`DpOptimizer::accumulate`] and
+    /// [`DpOptimizer::step`]. On any error nothing is changed, the sampler
+    /// included: the same batch is drawn again next time, so a failing
+    /// example is never skipped silently (a data-dependent skip would change
+    /// the sampling the accountant assumes).
+    pub fn train_step(&mut self, mut losses_of: impl FnMut(&[usize]) -> Result<PerSampleLoss>) -> Result<StepSummary> {
+        let batch = self.next_batch()?;
+        let result = self.accumulate_batch(&batch, &mut losses_of).and_then(|summary| {
+            self.step()?;
+            Ok(summary)
+        });
+        if result.is_err() {
+            self.cancel_batch();
+        }
+        result
+    }
+
+    /// Clips and sums every example of `batch`, chunk by chunk.
+    fn accumulate_batch(
+        &mut self,
+        batch: &[usize],
+        losses_of: &mut impl FnMut(&[usize]) -> Result<PerSampleLoss>,
+    ) -> Result<StepSummary> {
+        let mut summary = StepSummary { examples: batch.len(), chunks: 0, loss_sum: 0.0 };
+        let mut losses_checked = |indices: &[usize]| -> Result<PerSampleLoss> {
+            let losses = losses_of(indices)?;
+            if losses.len() != indices.len() {
+                return Err(Error::Shape {
+                    what: "the losses train_step's closure returned",
+                    expected: "one per index it was given",
+                    got: losses.tensor().dims().to_vec(),
+                });
+            }
+            summary.loss_sum += losses.tensor().to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+            summary.chunks += 1;
+            Ok(losses)
+        };
+        match self.config.engine {
+            Engine::Ghost => {
+                let chunk = self.config.max_physical_batch_size.unwrap_or(usize::MAX);
+                for indices in batch.chunks(chunk) {
+                    let losses = losses_checked(indices)?;
+                    self.accumulate(&losses)?;
+                }
+            }
+            Engine::Microbatch => self.accumulate_microbatch_with(batch.len(), |k| -> Result<Tensor> {
+                Ok(losses_checked(&batch[k..k + 1])?.tensor().sum_all()?)
+            })?,
+        }
+        Ok(summary)
+    }
+
+    /// Stage 1: draws the next logical batch from the sampler and opens the
+    /// step; returns its example indices (possibly none).
+    ///
+    /// # Errors
+    /// [`Error::BudgetExhausted`] (nothing is drawn); [`Error::OutOfOrder`]
+    /// while a batch is open.
+    pub fn next_batch(&mut self) -> Result<Vec<usize>> {
+        if self.batch.is_some() {
+            return Err(Error::OutOfOrder {
+                call: "next_batch()",
+                state: "while the batch drawn before is open",
+                fix: "step() or cancel_batch() closes it",
+            });
+        }
+        self.check_budget()?;
+        let sampler_before = self.sampler.clone();
+        let batch = self.sampler.sample();
+        self.batch = Some(OpenBatch { size: batch.len(), accumulated: 0, sums: None, sampler_before });
+        Ok(batch)
+    }
+
+    /// Closes the open batch without a step and puts it back: the sampler is
+    /// as it was before [`DpOptimizer::next_batch`], so the next call draws
+    /// the same batch. Does nothing without an open batch.
+    pub fn cancel_batch(&mut self) {
+        if let Some(open) = self.batch.take() {
+            self.sampler = open.sampler_before;
+        }
+    }
+
+    /// Stage 2 (ghost engine): clips and accumulates one physical chunk of
+    /// the open batch from its per-example losses (their sum is
+    /// back-propagated here).
+    ///
+    /// Only the backward pass run here counts: gradients that a backward of
+    /// your own left in the DP layers are discarded first.
+    ///
+    /// # Errors
+    /// Nothing is accumulated on error: [`Error::OutOfOrder`] without an
+    /// open batch; [`Error::BatchMismatch`] for more examples than the batch
+    /// drew; [`Error::NonFinite`], [`Error::MissingGradient`],
+    /// [`Error::NonDpUse`] (a trained variable also used by a plain Candle
+    /// op), [`Error::Shape`] (uses of another batch reached the loss),
+    /// [`Error::CaptureMismatch`]; [`Error::WrongEngine`] with the
+    /// microbatch engine.
+    pub fn accumulate(&mut self, losses: &PerSampleLoss) -> Result<()> {
+        let Some(ghost) = &self.ghost else {
+            return Err(Error::WrongEngine {
+                call: "accumulate",
+                needs: Engine::Ghost,
+                engine: Engine::Microbatch,
+                instead: "use accumulate_microbatch (or train_step, which calls the right one)",
+            });
+        };
+        self.check_room(losses.len())?;
+        let clipped = ghost.clip(losses, &self.config.clipping, self.config.max_grad_norm)?;
+        self.add(clipped)
+    }
+
+    /// Stage 2 (any engine): clips and accumulates `count` examples of the
+    /// open batch one at a time; `loss_of(i)` returns the `i`-th one's
+    /// scalar loss.
+    ///
+    /// # Errors
+    /// As [`DpOptimizer::accumulate`]; Candle's errors.
+    pub fn accumulate_microbatch(
+        &mut self,
+        count: usize,
+        loss_of: impl FnMut(usize) -> candle_core::Result<Tensor>,
+    ) -> Result<()> {
+        self.accumulate_microbatch_with(count, loss_of)
+    }
+
+    fn accumulate_microbatch_with<E: Into<Error>>(
+        &mut self,
+        count: usize,
+        loss_of: impl FnMut(usize) -> std::result::Result<Tensor, E>,
+    ) -> Result<()> {
+        self.check_room(count)?;
+        let clipped = clip_microbatch(&self.vars, count, loss_of, self.config.max_grad_norm)?;
+        self.add(clipped)
+    }
+
+    /// Refuses a chunk without an open batch, or one beyond its size.
+    fn check_room(&self, count: usize) -> Result<()> {
+        let open = self.batch.as_ref().ok_or_else(no_open_batch)?;
+        if open.accumulated + count > open.size {
+            return Err(Error::BatchMismatch { drawn: open.size, accumulated: open.accumulated + count });
+        }
+        Ok(())
+    }
+
+    fn add(&mut self, clipped: ClippedBatch) -> Result<()> {
+        let open = self.batch.as_mut().ok_or_else(no_open_batch)?;
+        let count = clipped.norms.len();
+        let summed = match &open.sums {
+            None => clipped.clipped_sums,
+            Some(acc) => {
+                acc.iter().zip(&clipped.clipped_sums).map(|(a, b)| a + b).collect::<candle_core::Result<_>>()?
+            }
+        };
+        open.sums = Some(summed);
+        open.accumulated += count;
+        Ok(())
+    }
+
+    /// Stage 3: noise, scaling, the inner optimizer's step, accounting; it
+    /// closes the batch.
+    ///
+    /// # Errors
+    /// Before anything is touched: [`Error::BudgetExhausted`];
+    /// [`Error::OutOfOrder`] without an open batch; [`Error::BatchMismatch`]
+    /// unless every example drawn was accumulated. Candle's errors.
+    pub fn step(&mut self) -> Result<()> {
+        let Some(open) = &self.batch else {
+            return Err(Error::OutOfOrder {
+                call: "step()",
+                state: "without an open batch",
+                fix: "next_batch() draws the batch to step on (or use train_step)",
+            });
+        };
+        if open.accumulated != open.size {
+            return Err(Error::BatchMismatch { drawn: open.size, accumulated: open.accumulated });
+        }
+        self.check_budget()?;
+        let sums = match &open.sums {
+            Some(s) => s.clone(),
+            None => self.vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?,
+        };
+        let std = self.config.noise_multiplier * self.config.max_grad_norm;
+        let scale = 1.0 / self.config.sampler.expected_batch_size();
+        // Draw all noise before changing anything: a failure leaves the
+        // optimizer, the variables and the ledger as they were.
+        let mut noise = self.noise.clone();
+        let mut grads = GradStore::default();
+        for (var, sum) in self.vars.iter().zip(&sums) {
+            grads.insert(var.as_tensor(), noisy_mean(sum, &mut noise, std, scale)?.to_dtype(var.dtype())?);
+        }
+        self.inner.step(&grads)?;
+        self.noise = noise;
+        self.pending_steps += 1;
+        self.steps += 1;
+        self.batch = None;
+        Ok(())
+    }
+}
+
+fn no_open_batch() -> Error {
+    Error::OutOfOrder {
+        call: "accumulate",
+        state: "without an open batch",
+        fix: "next_batch() draws the batch to accumulate (or use train_step)",
+    }
+}
+
+/// `(sum + N(0, std^2)) * scale`, elementwise, computed in `f64` and
+/// rounded once to the sum's dtype (`f32` directly; others through `f64`).
+///
+/// On the CPU the host sampler fills the values. On a GPU the noise is made
+/// on the device ([`crate::kernels::add_gaussian_noise`]) from a fresh key
+/// drawn from the same generator: no gradient crosses to the host and back.
+fn noisy_mean(sum: &Tensor, noise: &mut GaussianNoise, std: f64, scale: f64) -> Result<Tensor> {
+    if !sum.device().is_cpu() {
+        return crate::kernels::add_gaussian_noise(sum, &noise.noise_key(), std, scale);
+    }
+    if sum.dtype() == DType::F32 {
+        let mut values = sum.flatten_all()?.to_vec1::<f32>()?;
+        noise.add_scaled_to_f32(&mut values, std, scale);
+        return Ok(Tensor::from_vec(values, sum.shape(), sum.device())?);
+    }
+    let dtype = sum.dtype();
+    let mut values = sum.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    noise.add_to_f64(&mut values, std);
+    for v in &mut values {
+        *v *= scale;
+    }
+    Ok(Tensor::from_vec(values, sum.shape(), sum.device())?.to_dtype(dtype)?)
+}
