@@ -76,6 +76,7 @@ pub mod grad_sample;
 pub mod kernels;
 pub mod layers;
 pub mod loss;
+pub mod models;
 pub mod noise;
 pub mod optim;
 pub mod optimizer;
@@ -86,8 +87,8 @@ pub use clip::ClipMode;
 pub use config::{DpConfig, Engine, PrivacyBudget};
 pub use error::{error_number, Error, Result};
 pub use layers::{
-    batch_norm, conv1d, conv2d, embedding, group_norm, layer_norm, linear, linear_no_bias, rms_norm, DpConv,
-    DpEmbedding, DpLinear, DpNorm,
+    batch_norm, conv1d, conv2d, embedding, group_norm, layer_norm, linear, linear_no_bias, lora_linear, rms_norm,
+    DpConv, DpEmbedding, DpLinear, DpNorm, LoraConfig, LoraLinear,
 };
 pub use loss::PerSampleLoss;
 pub use noise::GaussianNoise;

@@ -78,3 +78,27 @@ pub fn mse(predictions: &Tensor, targets: &Tensor) -> Result<PerSampleLoss> {
     let diff = (predictions - targets)?;
     PerSampleLoss::new(diff.sqr()?.reshape((b, ()))?.mean(1)?)
 }
+
+/// Cross-entropy of each sequence, averaged over its positions: `logits
+/// [B, T, V]`, `targets [B, T]` (u32 token ids) -> `[B]`. The privacy unit is
+/// then the sequence (one example = one sequence of `T` tokens).
+///
+/// # Errors
+/// [`Error::Shape`] for mismatched shapes; Candle's errors otherwise.
+pub fn sequence_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<PerSampleLoss> {
+    let (b, t, _) = logits.dims3().map_err(|_| Error::Shape {
+        what: "logits",
+        expected: "[B, T, V]",
+        got: logits.dims().to_vec(),
+    })?;
+    if targets.dims() != [b, t] {
+        return Err(Error::Shape {
+            what: "targets",
+            expected: "[B, T], one token id per position",
+            got: targets.dims().to_vec(),
+        });
+    }
+    let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let picked = log_probs.gather(&targets.to_dtype(DType::U32)?.unsqueeze(2)?, 2)?.squeeze(2)?;
+    PerSampleLoss::new(picked.neg()?.mean(1)?)
+}
