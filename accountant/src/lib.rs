@@ -57,6 +57,7 @@
 #![deny(missing_debug_implementations)]
 #![doc(test(attr(deny(warnings))))]
 
+pub mod accountant;
 pub mod calibrate;
 pub mod conversion;
 mod error;
@@ -70,6 +71,7 @@ pub mod report;
 mod report_html;
 pub mod signing;
 
+pub use accountant::{Epsilon, PrivacyAccountant};
 pub use calibrate::{
     calibrate_noise_multiplier, calibrate_noise_multiplier_pld, calibrate_with, max_steps, max_steps_pld,
     max_steps_with, EpsilonAnswer, NoiseCalibration, StepsCalibration,
