@@ -274,10 +274,18 @@ fn shuffled_batches_are_recorded_as_such() {
     assert_eq!(record.sampler, dp_accountant::SamplerKind::ShuffledFixedSize);
     assert_eq!(record.adjacency, dp_accountant::Adjacency::ReplaceOne);
     // 7 steps of 5 per epoch: 2 started epochs, each a Gaussian of sensitivity 2C.
-    let rdp = ledger.rdp_accountant().unwrap().rdp_at(4.0).unwrap();
+    let rdp = ledger.compose_into(dp_accountant::RdpAccountant::new(ledger.adjacency())).unwrap().rdp_at(4.0).unwrap();
     assert!((rdp - 2.0 * 4.0 * 4.0 / (2.0 * 4.0)).abs() < 1e-12, "{rdp}");
     // The optimizer's epsilon is the ledger's, as a reviewer accounts it.
-    assert_eq!(opt.epsilon(1e-5).unwrap(), ledger.rdp_accountant().unwrap().epsilon(1e-5).unwrap().epsilon);
+    assert_eq!(
+        opt.epsilon(1e-5).unwrap(),
+        ledger
+            .compose_into(dp_accountant::RdpAccountant::new(ledger.adjacency()))
+            .unwrap()
+            .epsilon(1e-5)
+            .unwrap()
+            .epsilon
+    );
 }
 
 #[test]
@@ -313,7 +321,12 @@ fn shuffled_batches_respect_the_budget_across_ledger_flushes() {
         assert!(taken < 1000);
     }
     let ledger = opt.ledger().unwrap();
-    let spent = ledger.rdp_accountant().unwrap().epsilon(1e-5).unwrap().epsilon;
+    let spent = ledger
+        .compose_into(dp_accountant::RdpAccountant::new(ledger.adjacency()))
+        .unwrap()
+        .epsilon(1e-5)
+        .unwrap()
+        .epsilon;
     assert!(spent <= 6.0, "the ledger as accounted stays within the budget: {spent}");
     assert!(taken > 0);
 }

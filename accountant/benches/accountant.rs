@@ -29,7 +29,16 @@ fn epsilon_100k_steps(c: &mut Criterion) {
         })
     });
     group.bench_function("calibrate/eps=3,delta=1e-5,q=0.01,steps=10000", |b| {
-        b.iter(|| calibrate_noise_multiplier(black_box(3.0), 1e-5, 0.01, 10_000).unwrap())
+        b.iter(|| {
+            calibrate_noise_multiplier(
+                &RdpAccountant::new(Adjacency::AddOrRemoveOne),
+                black_box(3.0),
+                1e-5,
+                0.01,
+                10_000,
+            )
+            .unwrap()
+        })
     });
     group.bench_function("rdp/one_fractional_order/q=0.01,sigma=1.0,alpha=1.1", |b| {
         b.iter(|| rdp_poisson_subsampled_gaussian(black_box(0.01), black_box(1.0), black_box(1.1)).unwrap())

@@ -2,11 +2,11 @@
 
 use serde::Serialize;
 
+use crate::accountant::{Epsilon, PrivacyAccountant};
 use crate::conversion::EpsilonBound;
 use crate::error::{ensure, Error, Result, Valid};
-use crate::event::{Adjacency, DpEvent};
-use crate::pld::{PldAccountant, PldEpsilon};
-use crate::rdp::RdpAccountant;
+use crate::event::DpEvent;
+use crate::pld::PldEpsilon;
 
 /// An accountant's answer whose `epsilon` is an upper bound: what
 /// calibration compares with the target.
@@ -22,6 +22,12 @@ impl EpsilonAnswer for EpsilonBound {
 }
 
 impl EpsilonAnswer for PldEpsilon {
+    fn epsilon_upper(&self) -> f64 {
+        self.epsilon
+    }
+}
+
+impl EpsilonAnswer for Epsilon {
     fn epsilon_upper(&self) -> f64 {
         self.epsilon
     }
@@ -44,9 +50,10 @@ const MAX_NOISE_MULTIPLIER: f64 = 1e6;
 const MAX_STEPS: u64 = 1 << 40;
 
 /// A calibrated noise multiplier and the epsilon it gives (the accountant's
-/// answer: [`EpsilonBound`] for RDP, [`PldEpsilon`] for PLD).
+/// answer: an [`Epsilon`] from [`calibrate_noise_multiplier`], whatever the
+/// closure returns from [`calibrate_with`]).
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct NoiseCalibration<B = EpsilonBound> {
+pub struct NoiseCalibration<B = Epsilon> {
     /// The smallest noise multiplier found whose epsilon meets the target.
     pub noise_multiplier: f64,
     /// The epsilon at that noise multiplier (never above the target).
@@ -55,7 +62,7 @@ pub struct NoiseCalibration<B = EpsilonBound> {
 
 /// A step budget and the epsilon it spends.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct StepsCalibration<B = EpsilonBound> {
+pub struct StepsCalibration<B = Epsilon> {
     /// The largest number of steps whose epsilon meets the target (0 if even
     /// one step exceeds it).
     pub steps: u64,
@@ -63,9 +70,15 @@ pub struct StepsCalibration<B = EpsilonBound> {
     pub epsilon: B,
 }
 
-/// The smallest noise multiplier with which `steps` steps of DP-SGD with
-/// Poisson sampling at rate `sample_rate` are `(target_epsilon, delta)`-DP
-/// under add-or-remove-one adjacency, by the RDP accountant.
+/// The smallest noise multiplier with which `steps` more steps of DP-SGD
+/// with Poisson sampling at rate `sample_rate` keep `accountant` within
+/// `(target_epsilon, delta)`, by that accountant's bound.
+///
+/// Each candidate is composed into a copy of `accountant`, on top of what it
+/// holds: a fresh accountant (`AccountantKind::new_accountant`,
+/// [`crate::RdpAccountant::new`], a configured [`crate::PldAccountant`])
+/// calibrates a whole run, one that holds the steps already taken calibrates
+/// the rest. The adjacency is the accountant's.
 ///
 /// # Numerics
 /// Bracketing by doubling, then regula falsi (Illinois) in `ln sigma`. The
@@ -78,8 +91,10 @@ pub struct StepsCalibration<B = EpsilonBound> {
 /// [`Error::InvalidParameter`] for a parameter out of range
 /// (`target_epsilon > 0`, `delta` in `(0, 1)`, `sample_rate` in `(0, 1]`,
 /// `steps >= 1`); [`Error::Calibration`] if no multiplier in
-/// `[1e-3, 1e6]` meets the target that closely.
+/// `[1e-3, 1e6]` meets the target that closely; the accountant's errors
+/// (an event unsupported under its adjacency; PLD: a grid or work too large).
 pub fn calibrate_noise_multiplier(
+    accountant: &dyn PrivacyAccountant,
     target_epsilon: f64,
     delta: f64,
     sample_rate: f64,
@@ -90,9 +105,9 @@ pub fn calibrate_noise_multiplier(
     ensure("sample_rate", sample_rate, Valid::HalfOpenUnit)?;
     ensure("steps", steps as f64, Valid::AtLeastOne)?;
     calibrate_with(target_epsilon, |sigma| {
-        let mut acc = RdpAccountant::new(Adjacency::AddOrRemoveOne);
+        let mut acc = accountant.boxed_clone();
         acc.compose(&DpEvent::poisson_sampled_gaussian(sample_rate, sigma), steps)?;
-        acc.epsilon(delta)
+        acc.epsilon_at(delta)
     })
 }
 
@@ -186,72 +201,39 @@ pub fn calibrate_with<B: EpsilonAnswer>(
     Ok(NoiseCalibration { noise_multiplier: x_hi.exp(), epsilon: e_hi })
 }
 
-/// The largest number of DP-SGD steps (Poisson rate `sample_rate`, noise
-/// multiplier `noise_multiplier`) that stays within `(target_epsilon, delta)`.
+/// The largest number of further DP-SGD steps (Poisson rate `sample_rate`,
+/// noise multiplier `noise_multiplier`) that keeps `accountant` within
+/// `(target_epsilon, delta)`, by that accountant's bound; composed, as in
+/// [`calibrate_noise_multiplier`], into copies of `accountant`.
 ///
 /// # Numerics
-/// Doubling then bisection over the step count, with the per-step RDP
-/// computed once (RDP composes linearly). The answer `n` has
-/// `epsilon(n) <= target < epsilon(n + 1)`.
+/// Doubling then bisection over the step count: the answer `n` has
+/// `epsilon(n) <= target < epsilon(n + 1)`. One step is composed up front
+/// and each count `n` is that copy plus `n - 1` more, so an accountant that
+/// keeps per-step work in its copies (RDP's series) does it once for the
+/// whole search.
 ///
 /// # Errors
 /// [`Error::InvalidParameter`] for a parameter out of range;
-/// [`Error::Calibration`] if more than `2^40` steps fit.
-pub fn max_steps(target_epsilon: f64, delta: f64, sample_rate: f64, noise_multiplier: f64) -> Result<StepsCalibration> {
-    ensure("delta", delta, Valid::OpenUnit)?;
-    ensure("sample_rate", sample_rate, Valid::HalfOpenUnit)?;
-    ensure("noise_multiplier", noise_multiplier, Valid::Positive)?;
-    let mut acc = RdpAccountant::new(Adjacency::AddOrRemoveOne);
-    acc.compose(&DpEvent::poisson_sampled_gaussian(sample_rate, noise_multiplier), 1)?;
-    // The per-step RDP is computed once; n steps scale it (RDP composes linearly).
-    max_steps_with(target_epsilon, |n| Ok(acc.epsilon_repeated(delta, n as f64)))
-}
-
-/// [`calibrate_noise_multiplier`] by the PLD accountant with error
-/// `epsilon_error` (the default is [`crate::DEFAULT_EPSILON_ERROR`]): its
-/// tighter upper bound allows less noise for the same target.
-///
-/// # Errors
-/// As [`calibrate_noise_multiplier`], and [`Error::InvalidParameter`] unless
-/// `epsilon_error > 0`; [`Error::GridTooLarge`] if the error is too fine.
-pub fn calibrate_noise_multiplier_pld(
-    target_epsilon: f64,
-    delta: f64,
-    sample_rate: f64,
-    steps: u64,
-    epsilon_error: f64,
-) -> Result<NoiseCalibration<PldEpsilon>> {
-    ensure("target_epsilon", target_epsilon, Valid::Positive)?;
-    ensure("delta", delta, Valid::OpenUnit)?;
-    ensure("sample_rate", sample_rate, Valid::HalfOpenUnit)?;
-    ensure("steps", steps as f64, Valid::AtLeastOne)?;
-    ensure("epsilon_error", epsilon_error, Valid::Positive)?;
-    calibrate_with(target_epsilon, |sigma| {
-        let mut acc = PldAccountant::with_epsilon_error(Adjacency::AddOrRemoveOne, epsilon_error)?;
-        acc.compose(&DpEvent::poisson_sampled_gaussian(sample_rate, sigma), steps)?;
-        acc.epsilon(delta)
-    })
-}
-
-/// [`max_steps`] by the PLD accountant with error `epsilon_error`.
-///
-/// # Errors
-/// As [`max_steps`] and [`calibrate_noise_multiplier_pld`].
-pub fn max_steps_pld(
+/// [`Error::Calibration`] if more than `2^40` steps fit; the accountant's
+/// errors.
+pub fn max_steps(
+    accountant: &dyn PrivacyAccountant,
     target_epsilon: f64,
     delta: f64,
     sample_rate: f64,
     noise_multiplier: f64,
-    epsilon_error: f64,
-) -> Result<StepsCalibration<PldEpsilon>> {
+) -> Result<StepsCalibration> {
     ensure("delta", delta, Valid::OpenUnit)?;
     ensure("sample_rate", sample_rate, Valid::HalfOpenUnit)?;
     ensure("noise_multiplier", noise_multiplier, Valid::Positive)?;
-    ensure("epsilon_error", epsilon_error, Valid::Positive)?;
+    let step = DpEvent::poisson_sampled_gaussian(sample_rate, noise_multiplier);
+    let mut one_step = accountant.boxed_clone();
+    one_step.compose(&step, 1)?;
     max_steps_with(target_epsilon, |n| {
-        let mut acc = PldAccountant::with_epsilon_error(Adjacency::AddOrRemoveOne, epsilon_error)?;
-        acc.compose(&DpEvent::poisson_sampled_gaussian(sample_rate, noise_multiplier), n)?;
-        acc.epsilon(delta)
+        let mut acc = if n == 0 { accountant.boxed_clone() } else { one_step.boxed_clone() };
+        acc.compose(&step, n.saturating_sub(1))?;
+        acc.epsilon_at(delta)
     })
 }
 

@@ -29,6 +29,18 @@ pub enum Error {
         /// Why, and what to use instead.
         reason: &'static str,
     },
+    /// A ledger composed into an accountant built for another adjacency: its
+    /// answers would be about another unit of privacy.
+    #[error(
+        "the ledger's mechanisms are accounted under {ledger} adjacency but the accountant under {accountant}: \
+         build the accountant with the ledger's adjacency (Ledger::adjacency)"
+    )]
+    AdjacencyMismatch {
+        /// The ledger's adjacency.
+        ledger: Adjacency,
+        /// The accountant's.
+        accountant: Adjacency,
+    },
     /// Calibration found no parameter meeting the target within its search range.
     #[error("calibration: {reason}")]
     Calibration {

@@ -5,6 +5,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::accountant::PrivacyAccountant;
 use crate::error::Result;
 use crate::event::{Adjacency, DpEvent};
 use crate::pld::PldAccountant;
@@ -34,8 +35,18 @@ impl AccountantKind {
         }
     }
 
+    /// An empty accountant of this kind, at its default settings, under
+    /// `adjacency`: [`RdpAccountant::new`] or [`PldAccountant::new`].
+    pub fn new_accountant(self, adjacency: Adjacency) -> Box<dyn PrivacyAccountant> {
+        match self {
+            AccountantKind::Rdp => Box::new(RdpAccountant::new(adjacency)),
+            AccountantKind::Pld => Box::new(PldAccountant::new(adjacency)),
+        }
+    }
+
     /// The upper bound on epsilon at `delta` of `events`, applied in
-    /// sequence, under `adjacency` (one event: `[&event]`).
+    /// sequence, under `adjacency` (one event: `[&event]`), by
+    /// [`AccountantKind::new_accountant`].
     ///
     /// # Errors
     /// The accountant's: a bad parameter, an unsupported event, or (PLD) a
@@ -46,18 +57,9 @@ impl AccountantKind {
         events: impl IntoIterator<Item = &'a DpEvent>,
         delta: f64,
     ) -> Result<f64> {
-        Ok(match self {
-            AccountantKind::Rdp => {
-                let mut acc = RdpAccountant::new(adjacency);
-                events.into_iter().try_for_each(|e| acc.compose(e, 1))?;
-                acc.epsilon(delta)?.epsilon
-            }
-            AccountantKind::Pld => {
-                let mut acc = PldAccountant::new(adjacency);
-                events.into_iter().try_for_each(|e| acc.compose(e, 1))?;
-                acc.epsilon(delta)?.epsilon
-            }
-        })
+        let mut acc = self.new_accountant(adjacency);
+        events.into_iter().try_for_each(|e| acc.compose(e, 1))?;
+        Ok(acc.epsilon_at(delta)?.epsilon)
     }
 }
 

@@ -60,10 +60,10 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::accountant::PrivacyAccountant;
 use crate::error::{ensure, Error, LedgerError, Result, Valid};
 use crate::event::{Adjacency, DpEvent};
 use crate::kind::AccountantKind;
-use crate::pld::PldAccountant;
 use crate::rdp::RdpAccountant;
 use crate::signing::{PublicKey, SecretKey};
 
@@ -352,35 +352,29 @@ impl Ledger {
         self.first_adjacency().unwrap_or(Adjacency::AddOrRemoveOne)
     }
 
-    /// An RDP accountant with every entry composed.
+    /// `accountant` with every mechanism of the ledger composed into it, in
+    /// order: the ledger accounted by any accountant, at any settings, e.g.
+    /// `ledger.compose_into(RdpAccountant::new(ledger.adjacency()))?.rdp_at(4.0)?`.
     ///
     /// # Errors
-    /// None for a ledger that loaded or was built by [`Ledger::append`]; the
-    /// accountant's own errors otherwise.
-    pub fn rdp_accountant(&self) -> Result<RdpAccountant> {
-        let mut acc = RdpAccountant::new(self.adjacency());
-        for m in self.mechanisms() {
-            acc.compose(&m.event, 1)?;
+    /// [`Error::AdjacencyMismatch`] if the ledger records mechanisms and the
+    /// accountant's adjacency is not theirs; the accountant's own errors
+    /// otherwise (none from composing a ledger that loaded or was built by
+    /// [`Ledger::append`]).
+    pub fn compose_into<A: PrivacyAccountant>(&self, mut accountant: A) -> Result<A> {
+        if let Some(ledger) = self.first_adjacency().filter(|&a| a != accountant.adjacency()) {
+            return Err(Error::AdjacencyMismatch { ledger, accountant: accountant.adjacency() });
         }
-        Ok(acc)
-    }
-
-    /// A PLD accountant (default error) with every mechanism of the ledger composed.
-    ///
-    /// # Errors
-    /// As [`Ledger::rdp_accountant`].
-    pub fn pld_accountant(&self) -> Result<PldAccountant> {
-        let mut acc = PldAccountant::new(self.adjacency());
         for m in self.mechanisms() {
-            acc.compose(&m.event, 1)?;
+            accountant.compose(&m.event, 1)?;
         }
-        Ok(acc)
+        Ok(accountant)
     }
 
     /// The upper bound on epsilon at `delta` of everything recorded, by `accountant`.
     ///
     /// # Errors
-    /// As [`Ledger::rdp_accountant`], and the accountant's for a bad `delta`.
+    /// As [`Ledger::compose_into`], and the accountant's for a bad `delta`.
     pub fn epsilon(&self, accountant: AccountantKind, delta: f64) -> Result<f64> {
         accountant.epsilon(self.adjacency(), self.mechanisms().map(|m| &m.event), delta)
     }

@@ -11,9 +11,12 @@
 //!   `(epsilon, delta)` over a grid of orders refined between grid points.
 //! * [`PldAccountant`]: the privacy loss distributions composed by FFT,
 //!   tighter than RDP, with proven upper and lower bounds on epsilon.
+//! * [`PrivacyAccountant`]: what both accountants answer (compose events,
+//!   epsilon at a delta, delta at an epsilon), so that everything below is
+//!   written once; [`AccountantKind`] names one (`rdp`, `pld`) and makes it.
 //! * [`calibrate_noise_multiplier`] and [`max_steps`]: the noise a training
-//!   plan needs for a target epsilon, and the steps a budget allows; always
-//!   on the conservative side.
+//!   plan needs for a target epsilon, and the steps a budget allows, by any
+//!   accountant; always on the conservative side.
 //! * [`Ledger`]: an append-only, SHA-256-chained JSON record of every
 //!   mechanism applied, verified on every load.
 //! * [`SecretKey`] and [`PublicKey`]: an optional Ed25519 signature over a
@@ -57,6 +60,7 @@
 #![deny(missing_debug_implementations)]
 #![doc(test(attr(deny(warnings))))]
 
+pub mod accountant;
 pub mod calibrate;
 pub mod conversion;
 mod error;
@@ -70,9 +74,10 @@ pub mod report;
 mod report_html;
 pub mod signing;
 
+pub use accountant::{Epsilon, PrivacyAccountant};
 pub use calibrate::{
-    calibrate_noise_multiplier, calibrate_noise_multiplier_pld, calibrate_with, max_steps, max_steps_pld,
-    max_steps_with, EpsilonAnswer, NoiseCalibration, StepsCalibration,
+    calibrate_noise_multiplier, calibrate_with, max_steps, max_steps_with, EpsilonAnswer, NoiseCalibration,
+    StepsCalibration,
 };
 pub use conversion::{DeltaBound, EpsilonBound};
 pub use error::{Error, LedgerError, Result, Valid};

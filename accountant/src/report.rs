@@ -4,11 +4,13 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::accountant::PrivacyAccountant;
+use crate::conversion::EpsilonBound;
 use crate::error::{ensure, Result, Valid};
 use crate::event::{Adjacency, DpEvent};
 use crate::kind::AccountantKind;
 use crate::ledger::{Ledger, ModelRelease, NoiseSource, PrivacyTarget, SamplerKind, Seeding};
-use crate::pld::PldAccountant;
+use crate::pld::{PldAccountant, PldEpsilon};
 use crate::rdp::RdpAccountant;
 
 /// The most work of the report's PLD composition, in the units of
@@ -167,128 +169,18 @@ impl PrivacyReport {
     /// [`crate::Error::PldWorkTooLarge`] (past about three seconds of work).
     pub fn from_ledger_with(ledger: &Ledger, delta: Option<f64>, accountant: AccountantKind) -> Result<Self> {
         let header = ledger.header();
-        let (delta, delta_source) = match (delta, header.target) {
-            (Some(d), _) => (ensure("delta", d, Valid::OpenUnit)?, DeltaSource::Given),
-            (None, Some(t)) => (ensure("delta", t.delta, Valid::OpenUnit)?, DeltaSource::LedgerTarget),
-            (None, None) => (DEFAULT_DELTA, DeltaSource::Default),
-        };
-        let acc = ledger.rdp_accountant()?;
-        let bound = acc.epsilon(delta)?;
-        // PLD beside RDP; if it cannot run (a grid too large), only a statement by PLD fails.
-        let pld = ledger.pld_accountant().and_then(|p| p.with_max_work(REPORT_PLD_MAX_WORK));
-        let (pld, pld_failure) = match pld.and_then(|p| p.epsilon(delta).map(|b| (p, b))) {
-            Ok(x) => (Some(x), None),
-            Err(e) if accountant == AccountantKind::Pld => return Err(e),
-            Err(e) => (None, Some(e.to_string())),
-        };
-        let stated = |d: f64| -> Result<f64> {
-            match (&pld, accountant) {
-                (Some((p, _)), AccountantKind::Pld) => Ok(p.epsilon(d)?.epsilon),
-                _ => Ok(acc.epsilon(d)?.epsilon),
-            }
-        };
-        let epsilon = stated(delta)?;
-        let (epsilon_at_target_delta, within_target) = match header.target {
-            Some(t) => {
-                let e = stated(ensure("target.delta", t.delta, Valid::OpenUnit)?)?;
-                (Some(e), Some(e <= t.epsilon))
-            }
-            None => (None, None),
-        };
+        let (delta, delta_source) = resolve_delta(delta, header.target)?;
+        let accounted = Accounted::new(ledger, delta, accountant)?;
+        let epsilon = accounted.statement.epsilon_at(delta)?.epsilon;
+        let (epsilon_at_target_delta, within_target) = target_verdict(header.target, &*accounted.statement)?;
         let mechanisms = summarize(ledger);
-        let mut caveats = Vec::new();
-        if ledger.entries().is_empty() {
-            caveats.push("The ledger records no mechanism: nothing was released under it.".to_string());
-        }
-        if mechanisms.iter().any(|m| m.sampler == SamplerKind::ShuffledFixedSize) {
-            caveats.push(
-                "Batches were shuffled fixed-size batches, not Poisson samples: the guarantee is accounted without \
-                 amplification by sampling (each started epoch counts as a full Gaussian release), under replace-one \
-                 adjacency."
-                    .to_string(),
-            );
-        }
-        if ledger.mechanisms().any(|m| m.sampler_seed == Seeding::Fixed && m.sampler != SamplerKind::FullBatch) {
-            caveats.push(
-                "The batches were drawn with a fixed seed: whoever knows it knows which examples each step used, and \
-                 the amplification by sampling that the accounting relies on assumes they are secret."
-                    .to_string(),
-            );
-        }
-        if mechanisms.iter().any(|m| m.noise.seed == Seeding::Fixed) {
-            caveats.push(
-                "The noise came from a fixed seed: anyone who knows it can regenerate and subtract the noise, which \
-                 voids the guarantee. Keep the seed as secret as the data, or retrain with OS entropy before release."
-                    .to_string(),
-            );
-        }
-        if delta_source == DeltaSource::Default {
-            caveats
-                .push(format!("No delta was given and the ledger declares none: delta = {DEFAULT_DELTA:e} was used."));
-        }
-        if let Some(n) = header.dataset_size {
-            if n > 0 && delta >= 1.0 / n as f64 {
-                caveats.push(format!(
-                    "delta = {delta:e} is not below 1/N = {:e}: releasing one random example outright meets such a \
-                     delta. Use a delta well below 1/N.",
-                    1.0 / n as f64
-                ));
-            }
-        }
-        if !bound.dropped_orders.is_empty() {
-            caveats.push(format!(
-                "RDP orders {:?} could not be computed to the required accuracy and were left out (this can only \
-                 raise epsilon).",
-                bound.dropped_orders
-            ));
-        }
-        if bound.order_at_range_edge && bound.epsilon > 0.0 && bound.epsilon.is_finite() {
-            caveats.push(format!(
-                "The best RDP order ({}) is at the end of the order grid: a wider grid might give a smaller epsilon \
-                 (the stated one remains valid).",
-                fmt_num(bound.order)
-            ));
-        }
-        if let (Some(t), Some(false)) = (header.target, within_target) {
-            caveats.push(format!(
-                "The declared budget (epsilon {} at delta {:e}) is EXCEEDED: epsilon at that delta is {}.",
-                fmt_num(t.epsilon),
-                t.delta,
-                fmt_num(epsilon_at_target_delta.unwrap_or(f64::NAN))
-            ));
-        }
-        if let Some(why) = pld_failure {
-            caveats.push(format!("The PLD accountant was not run on this ledger ({why}); only RDP is shown."));
-        }
-        // A PLD curve composes a prefix per point: as many points as about
-        // eight full compositions' work allows (4 to 40).
-        let max_points = match &pld {
-            Some((p, _)) if accountant == AccountantKind::Pld => {
-                let work = p.work()?.max(1.0);
-                (REPORT_PLD_WORK / work).clamp(4.0, 40.0) as u64
-            }
-            _ => 40,
-        };
-        let epsilon_by_step = epsilon_by_step(ledger, delta, accountant, max_points)?;
-        // The curve by delta: grid-only RDP (a valid, slightly looser bound;
-        // refining every point would sum every distinct step's series again).
-        let grid = acc.clone().with_refinement(false);
-        let mut epsilon_by_delta = Vec::new();
-        for k in 0..=30 {
-            let d = 10f64.powf(-12.0 + 10.0 * f64::from(k) / 30.0);
-            let e = match (&pld, accountant) {
-                (Some((p, _)), AccountantKind::Pld) => p.epsilon(d)?.epsilon,
-                _ => grid.epsilon(d)?.epsilon,
-            };
-            epsilon_by_delta.push((d, e));
-        }
-        let (accountant_name, accountant_reference, conversion, conversion_reference) = match accountant {
-            AccountantKind::Rdp => (ACCOUNTANT, ACCOUNTANT_REFERENCE, CONVERSION, CONVERSION_REFERENCE),
-            AccountantKind::Pld => (PLD_ACCOUNTANT, PLD_REFERENCE, PLD_CONVERSION, PLD_CONVERSION_REFERENCE),
-        };
+        let mut caveats = record_caveats(ledger, &mechanisms);
+        caveats.extend(delta_caveats(delta, delta_source, header.dataset_size));
+        caveats.extend(accounting_caveats(&accounted, header.target, epsilon_at_target_delta, within_target));
+        let (accountant_name, accountant_reference, conversion, conversion_reference) = method_text(accountant);
         Ok(Self {
-            epsilon_by_step,
-            epsilon_by_delta,
+            epsilon_by_step: epsilon_by_step(ledger, delta, accounted.by_step, accounted.step_points)?,
+            epsilon_by_delta: epsilon_by_delta(&*accounted.by_delta)?,
             ledger_head: ledger.head(),
             ledger_entries: ledger.entries().len(),
             signature: ledger.signer().map(|k| SignatureSummary {
@@ -307,10 +199,10 @@ impl PrivacyReport {
             delta,
             delta_source,
             statement_accountant: accountant,
-            epsilon_rdp: bound.epsilon,
-            epsilon_pld: pld.as_ref().map(|(_, b)| b.epsilon),
-            epsilon_pld_lower: pld.as_ref().map(|(_, b)| b.epsilon_lower),
-            order: bound.order,
+            epsilon_rdp: accounted.rdp.epsilon,
+            epsilon_pld: accounted.pld.as_ref().map(|b| b.epsilon),
+            epsilon_pld_lower: accounted.pld.as_ref().map(|b| b.epsilon_lower),
+            order: accounted.rdp.order,
             target: header.target,
             epsilon_at_target_delta,
             within_target,
@@ -485,37 +377,188 @@ impl PrivacyReport {
     }
 }
 
-/// The accountant a report's curves are drawn with. RDP curves are
-/// grid-only (no refinement between orders): a valid, slightly looser upper
-/// bound, and each distinct step's series is then summed once for every
-/// point, since clones share the per-step cache.
-#[derive(Clone)]
-enum Running {
-    Rdp(RdpAccountant),
-    Pld(PldAccountant),
+/// The ledger accounted for a report: RDP always (its epsilon, order and
+/// caveats are reported), PLD beside it when it can run, and the accountants
+/// the statement and its curves are drawn from. The one place where a report
+/// tells RDP and PLD apart.
+struct Accounted {
+    /// RDP's answer at the report's delta.
+    rdp: EpsilonBound,
+    /// PLD's answer at the report's delta, if it ran.
+    pld: Option<PldEpsilon>,
+    /// Why PLD did not run (only where the statement is RDP's).
+    pld_failure: Option<String>,
+    /// The whole ledger, by the accountant that states epsilon.
+    statement: Box<dyn PrivacyAccountant>,
+    /// The whole ledger, for the curve against delta.
+    by_delta: Box<dyn PrivacyAccountant>,
+    /// Empty, for the curve against steps.
+    by_step: Box<dyn PrivacyAccountant>,
+    /// The most points the curve against steps may have.
+    step_points: u64,
 }
 
-impl Running {
-    fn new(kind: AccountantKind, adjacency: Adjacency) -> Self {
-        match kind {
-            AccountantKind::Rdp => Running::Rdp(RdpAccountant::new(adjacency).with_refinement(false)),
-            AccountantKind::Pld => Running::Pld(PldAccountant::new(adjacency)),
-        }
+impl Accounted {
+    fn new(ledger: &Ledger, delta: f64, kind: AccountantKind) -> Result<Self> {
+        let adjacency = ledger.adjacency();
+        let rdp = ledger.compose_into(RdpAccountant::new(adjacency))?;
+        let rdp_bound = rdp.epsilon(delta)?;
+        // PLD beside RDP; if it cannot run (a grid too large), only a statement by PLD fails.
+        let pld = PldAccountant::new(adjacency)
+            .with_max_work(REPORT_PLD_MAX_WORK)
+            .and_then(|p| ledger.compose_into(p))
+            .and_then(|p| p.epsilon(delta).map(|b| (p, b)));
+        let (pld, pld_failure) = match pld {
+            Ok(x) => (Some(x), None),
+            Err(e) if kind == AccountantKind::Pld => return Err(e),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        let (statement, by_delta, by_step, step_points) = match &pld {
+            // (A statement by PLD that could not run has returned above.)
+            Some((p, _)) if kind == AccountantKind::Pld => {
+                // A PLD curve composes a prefix per point: as many points as
+                // about eight full compositions' work allows (4 to 40).
+                let points = (REPORT_PLD_WORK / p.work()?.max(1.0)).clamp(4.0, 40.0) as u64;
+                (p.boxed_clone(), p.boxed_clone(), PldAccountant::new(adjacency).boxed_clone(), points)
+            }
+            // RDP curves are grid-only (no refinement between orders): a valid,
+            // slightly looser upper bound, and each distinct step's series is
+            // then summed once for every point, since clones share the
+            // per-step cache.
+            _ => {
+                let by_delta = rdp.clone().with_refinement(false).boxed_clone();
+                let by_step = RdpAccountant::new(adjacency).with_refinement(false).boxed_clone();
+                (rdp.boxed_clone(), by_delta, by_step, 40)
+            }
+        };
+        Ok(Self { rdp: rdp_bound, pld: pld.map(|(_, b)| b), pld_failure, statement, by_delta, by_step, step_points })
     }
+}
 
-    fn compose(&mut self, event: &DpEvent, count: u64) -> Result<()> {
-        match self {
-            Running::Rdp(a) => a.compose(event, count),
-            Running::Pld(a) => a.compose(event, count),
-        }
+/// The report's delta and where it came from: the reviewer's, else the
+/// ledger's declared one, else [`DEFAULT_DELTA`].
+fn resolve_delta(given: Option<f64>, target: Option<PrivacyTarget>) -> Result<(f64, DeltaSource)> {
+    Ok(match (given, target) {
+        (Some(d), _) => (ensure("delta", d, Valid::OpenUnit)?, DeltaSource::Given),
+        (None, Some(t)) => (ensure("delta", t.delta, Valid::OpenUnit)?, DeltaSource::LedgerTarget),
+        (None, None) => (DEFAULT_DELTA, DeltaSource::Default),
+    })
+}
+
+/// Epsilon at the declared target's delta, and whether it is within the
+/// target (both `None` without a target).
+fn target_verdict(
+    target: Option<PrivacyTarget>,
+    statement: &dyn PrivacyAccountant,
+) -> Result<(Option<f64>, Option<bool>)> {
+    let Some(t) = target else { return Ok((None, None)) };
+    let e = statement.epsilon_at(ensure("target.delta", t.delta, Valid::OpenUnit)?)?.epsilon;
+    Ok((Some(e), Some(e <= t.epsilon)))
+}
+
+/// The accountant's and the conversion's names and references:
+/// `(accountant, accountant_reference, conversion, conversion_reference)`.
+fn method_text(kind: AccountantKind) -> (&'static str, &'static str, &'static str, &'static str) {
+    match kind {
+        AccountantKind::Rdp => (ACCOUNTANT, ACCOUNTANT_REFERENCE, CONVERSION, CONVERSION_REFERENCE),
+        AccountantKind::Pld => (PLD_ACCOUNTANT, PLD_REFERENCE, PLD_CONVERSION, PLD_CONVERSION_REFERENCE),
     }
+}
 
-    fn epsilon(&self, delta: f64) -> Result<f64> {
-        Ok(match self {
-            Running::Rdp(a) => a.epsilon(delta)?.epsilon,
-            Running::Pld(a) => a.epsilon(delta)?.epsilon,
+/// What the records themselves qualify: nothing recorded, no amplification
+/// by sampling, batches or noise that someone could predict.
+fn record_caveats(ledger: &Ledger, mechanisms: &[MechanismSummary]) -> Vec<String> {
+    let mut caveats = Vec::new();
+    if ledger.entries().is_empty() {
+        caveats.push("The ledger records no mechanism: nothing was released under it.".to_string());
+    }
+    if mechanisms.iter().any(|m| m.sampler == SamplerKind::ShuffledFixedSize) {
+        caveats.push(
+            "Batches were shuffled fixed-size batches, not Poisson samples: the guarantee is accounted without \
+             amplification by sampling (each started epoch counts as a full Gaussian release), under replace-one \
+             adjacency."
+                .to_string(),
+        );
+    }
+    if ledger.mechanisms().any(|m| m.sampler_seed == Seeding::Fixed && m.sampler != SamplerKind::FullBatch) {
+        caveats.push(
+            "The batches were drawn with a fixed seed: whoever knows it knows which examples each step used, and \
+             the amplification by sampling that the accounting relies on assumes they are secret."
+                .to_string(),
+        );
+    }
+    if mechanisms.iter().any(|m| m.noise.seed == Seeding::Fixed) {
+        caveats.push(
+            "The noise came from a fixed seed: anyone who knows it can regenerate and subtract the noise, which \
+             voids the guarantee. Keep the seed as secret as the data, or retrain with OS entropy before release."
+                .to_string(),
+        );
+    }
+    caveats
+}
+
+/// What the delta qualifies: a default one, or one too large for the dataset.
+fn delta_caveats(delta: f64, source: DeltaSource, dataset_size: Option<u64>) -> Vec<String> {
+    let mut caveats = Vec::new();
+    if source == DeltaSource::Default {
+        caveats.push(format!("No delta was given and the ledger declares none: delta = {DEFAULT_DELTA:e} was used."));
+    }
+    if let Some(n) = dataset_size.filter(|&n| n > 0 && delta >= 1.0 / n as f64) {
+        caveats.push(format!(
+            "delta = {delta:e} is not below 1/N = {:e}: releasing one random example outright meets such a \
+             delta. Use a delta well below 1/N.",
+            1.0 / n as f64
+        ));
+    }
+    caveats
+}
+
+/// What the accounting qualifies: RDP orders dropped or at the grid's end,
+/// an exceeded budget, PLD not run.
+fn accounting_caveats(
+    accounted: &Accounted,
+    target: Option<PrivacyTarget>,
+    epsilon_at_target_delta: Option<f64>,
+    within_target: Option<bool>,
+) -> Vec<String> {
+    let mut caveats = Vec::new();
+    let bound = &accounted.rdp;
+    if !bound.dropped_orders.is_empty() {
+        caveats.push(format!(
+            "RDP orders {:?} could not be computed to the required accuracy and were left out (this can only \
+             raise epsilon).",
+            bound.dropped_orders
+        ));
+    }
+    if bound.order_at_range_edge && bound.epsilon > 0.0 && bound.epsilon.is_finite() {
+        caveats.push(format!(
+            "The best RDP order ({}) is at the end of the order grid: a wider grid might give a smaller epsilon \
+             (the stated one remains valid).",
+            fmt_num(bound.order)
+        ));
+    }
+    if let (Some(t), Some(false)) = (target, within_target) {
+        caveats.push(format!(
+            "The declared budget (epsilon {} at delta {:e}) is EXCEEDED: epsilon at that delta is {}.",
+            fmt_num(t.epsilon),
+            t.delta,
+            fmt_num(epsilon_at_target_delta.unwrap_or(f64::NAN))
+        ));
+    }
+    if let Some(why) = &accounted.pld_failure {
+        caveats.push(format!("The PLD accountant was not run on this ledger ({why}); only RDP is shown."));
+    }
+    caveats
+}
+
+/// Epsilon at the end against delta, `1e-12` to `1e-2`, log-spaced (31 points).
+fn epsilon_by_delta(accountant: &dyn PrivacyAccountant) -> Result<Vec<(f64, f64)>> {
+    (0..=30)
+        .map(|k| {
+            let d = 10f64.powf(-12.0 + 10.0 * f64::from(k) / 30.0);
+            Ok((d, accountant.epsilon_at(d)?.epsilon))
         })
-    }
+        .collect()
 }
 
 /// The ledger's steps in order, as segments `(event, copies)`: composed
@@ -574,10 +617,11 @@ fn first_steps(event: &DpEvent, steps: u64) -> DpEvent {
 
 /// Epsilon after about 40 evenly spaced step counts: the steps before each
 /// count composed (composed and repeated mechanisms cut exactly at it).
+/// `running` is the empty accountant the prefixes are composed into.
 fn epsilon_by_step(
     ledger: &Ledger,
     delta: f64,
-    accountant: AccountantKind,
+    mut running: Box<dyn PrivacyAccountant>,
     max_points: u64,
 ) -> Result<Vec<(u64, f64)>> {
     let total = ledger.total_steps();
@@ -586,7 +630,6 @@ fn epsilon_by_step(
         return Ok(points);
     }
     let n_points = total.min(max_points.max(1));
-    let mut running = Running::new(accountant, ledger.adjacency());
     let segments = segments(ledger);
     let mut next = segments.iter().peekable();
     let mut done = 0u64;
@@ -612,9 +655,9 @@ fn epsilon_by_step(
                     cut.compose(&first_steps(event, left % per), 1)?;
                 }
                 debug_assert!(left / per < copies);
-                cut.epsilon(delta)?
+                cut.epsilon_at(delta)?.epsilon
             }
-            _ => running.epsilon(delta)?,
+            _ => running.epsilon_at(delta)?.epsilon,
         };
         points.push((target, epsilon));
     }

@@ -303,7 +303,8 @@ fn report_formats_contain_the_ledgers_numbers() {
     let ledger = sample_ledger();
     let path = temp_file("report.json", &ledger.to_json());
     let p = path.to_str().unwrap();
-    let expected = ledger.rdp_accountant().unwrap().epsilon(1e-6).unwrap();
+    let expected =
+        ledger.compose_into(dp_accountant::RdpAccountant::new(ledger.adjacency())).unwrap().epsilon(1e-6).unwrap();
     let eps_text = format!("{}", (expected.epsilon * 1e5).round() / 1e5);
 
     let json = json_out(&["report", p, "--delta", "1e-6", "--format", "json"]);

@@ -28,7 +28,10 @@ fn round_trip_preserves_everything() {
         acc.compose(&DpEvent::poisson_sampled_gaussian(0.0445, 2.1), 224).unwrap();
         acc.epsilon(1e-5).unwrap()
     };
-    assert_eq!(back.rdp_accountant().unwrap().epsilon(1e-5).unwrap(), direct);
+    assert_eq!(
+        back.compose_into(dp_accountant::RdpAccountant::new(back.adjacency())).unwrap().epsilon(1e-5).unwrap(),
+        direct
+    );
 }
 
 #[test]
@@ -204,7 +207,7 @@ fn shuffled_fixed_size_batches_are_recorded_and_accounted_without_amplification(
     let ledger = Ledger::from_json(&ledger.to_json()).unwrap();
     // 25 steps of 10 per epoch: 3 started epochs, each a Gaussian release of
     // sensitivity 2C: RDP = 3 * alpha * 4 / (2 sigma^2) = 1.5 alpha.
-    let acc = ledger.rdp_accountant().unwrap();
+    let acc = ledger.compose_into(dp_accountant::RdpAccountant::new(ledger.adjacency())).unwrap();
     assert!((acc.rdp_at(3.0).unwrap() - 4.5).abs() < 1e-12);
 }
 
@@ -230,4 +233,23 @@ fn a_model_release_is_chained_and_checked() {
     v["entries"][3]["record"]["release"]["after_steps"] = Value::from(5);
     common::rehash_canonical(&mut v);
     assert!(load(&v).unwrap_err().to_string().contains("after_steps = 5"));
+}
+
+#[test]
+fn a_ledger_is_refused_by_an_accountant_of_another_adjacency() {
+    let ledger = sample_ledger();
+    let err = ledger.compose_into(dp_accountant::PldAccountant::new(Adjacency::ReplaceOne)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            dp_accountant::Error::AdjacencyMismatch {
+                ledger: Adjacency::AddOrRemoveOne,
+                accountant: Adjacency::ReplaceOne
+            }
+        ),
+        "{err}"
+    );
+    // An empty ledger records no unit of privacy: any accountant takes it.
+    let empty = Ledger::new(Default::default());
+    assert!(empty.compose_into(dp_accountant::RdpAccountant::new(Adjacency::ReplaceOne)).is_ok());
 }

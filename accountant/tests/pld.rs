@@ -197,8 +197,8 @@ fn report_shows_both_accountants_and_says_which_one_it_states() {
         .unwrap();
     let by_pld = PrivacyReport::from_ledger_with(&ledger, Some(1e-5), AccountantKind::Pld).unwrap();
     let by_rdp = PrivacyReport::from_ledger(&ledger, Some(1e-5)).unwrap();
-    let pld = ledger.pld_accountant().unwrap().epsilon(1e-5).unwrap();
-    let rdp = ledger.rdp_accountant().unwrap().epsilon(1e-5).unwrap().epsilon;
+    let pld = ledger.compose_into(PldAccountant::new(ledger.adjacency())).unwrap().epsilon(1e-5).unwrap();
+    let rdp = ledger.compose_into(RdpAccountant::new(ledger.adjacency())).unwrap().epsilon(1e-5).unwrap().epsilon;
     assert_eq!(by_pld.epsilon, pld.epsilon);
     assert_eq!(by_rdp.epsilon, rdp);
     for r in [&by_pld, &by_rdp] {

@@ -343,17 +343,6 @@ impl RdpAccountant {
         Ok(conversion::delta(&self.orders, &rdp, &skipped, epsilon, self.refiner()))
     }
 
-    /// Epsilon at `delta` if everything composed so far were repeated
-    /// `repetitions` times (RDP scales linearly): the budget search of
-    /// calibration, without recomputing the series.
-    pub(crate) fn epsilon_repeated(&self, delta: f64, repetitions: f64) -> EpsilonBound {
-        let (rdp, skipped) =
-            self.composition.rdp_pruned(&self.orders, |a, r| epsilon_at_order(a, r * repetitions, delta));
-        let rdp: Vec<f64> = rdp.iter().map(|r| r * repetitions).collect();
-        let refine = self.refine.then_some(|alpha| repetitions * self.composition.rdp_at(alpha));
-        conversion::epsilon(&self.orders, &rdp, &skipped, delta, refine)
-    }
-
     fn refiner(&self) -> Option<impl Fn(f64) -> f64 + '_> {
         self.refine.then_some(|alpha| self.composition.rdp_at(alpha))
     }
