@@ -372,6 +372,16 @@ impl ShuffledSampler {
         (&self.order, self.position)
     }
 
+    /// Batches of the current epoch already drawn (0 at an epoch boundary,
+    /// where the next batch starts a new permutation).
+    pub fn batches_into_epoch(&self) -> usize {
+        if self.position + self.batch_size > self.order.len() {
+            0
+        } else {
+            self.position / self.batch_size
+        }
+    }
+
     /// The generator's position (see [`PoissonSampler::state`]).
     pub(crate) fn state(&self) -> ([u8; 32], u64, u128) {
         (self.rng.get_seed(), self.rng.get_stream(), self.rng.get_word_pos())

@@ -411,3 +411,39 @@ fn mutated_manifests_are_refused_without_panicking() {
     assert!(refused > 500, "{refused} refused, {accepted} accepted");
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// Shuffled batches are accounted in epochs counted from the run's first
+/// step: a sampler handed to the builder mid-epoch (it could show an
+/// example twice in one accounted epoch) is refused, one that drew whole
+/// epochs is accepted, and a checkpoint whose sampler position disagrees
+/// with its step count does not resume.
+#[test]
+fn a_shuffled_sampler_must_be_where_the_ledger_says() {
+    let (map, dp) = model(7);
+    let mut s = ShuffledSampler::new(60, 8, Some(1)).unwrap();
+    s.sample();
+    let err = builder::<SGD>(&map, s.clone()).build(0.2).unwrap_err();
+    assert!(
+        matches!(err, Error::Incompatible { setting: "a shuffled sampler in the middle of an epoch", .. }),
+        "{err}"
+    );
+    for _ in 0..6 {
+        s.sample(); // the rest of the epoch: 7 batches of 8 out of 60
+    }
+    assert_eq!(s.batches_into_epoch(), 0);
+    let mut opt = builder::<SGD>(&map, s).build(0.2).unwrap();
+    train(&dp, &mut opt, 3);
+    let d = dir("shuffled-position");
+    opt.save_checkpoint(&d, &map).unwrap();
+    drop(opt);
+    resume::<SGD>(&d, 0.2).unwrap();
+    let path = d.join("checkpoint.json");
+    let mut manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(manifest["sampler"]["shuffled"]["position"], 24);
+    manifest["sampler"]["shuffled"]["position"] = 8.into();
+    rehash(&mut manifest);
+    std::fs::write(&path, serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
+    let err = resume::<SGD>(&d, 0.2).map(|_| ()).unwrap_err();
+    assert!(matches!(err, Error::Incompatible { .. }), "{err}");
+    std::fs::remove_dir_all(&d).unwrap();
+}

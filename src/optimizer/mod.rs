@@ -104,6 +104,7 @@ impl<O: Optimizer> DpOptimizer<O> {
                 why: "the sampling accounted must be the sampling used",
             });
         }
+        check_epoch_alignment(&sampler, ledger.total_steps())?;
         let ghost = match dp.engine {
             Engine::Ghost => {
                 let g = GhostEngine::new(&vars)?;
@@ -299,6 +300,24 @@ pub fn vars_by_name(varmap: &VarMap) -> Vec<Var> {
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
     names.into_iter().map(|n| data[n].clone()).collect()
+}
+
+/// A shuffled sampler must be as far into its epoch as the ledger's steps
+/// say: the accounting of shuffled batches counts epochs from the run's
+/// first step, so a sampler handed over mid-epoch could show an example
+/// twice in one accounted epoch.
+fn check_epoch_alignment(sampler: &Sampler, steps: u64) -> Result<()> {
+    let Sampler::Shuffled(s) = sampler else { return Ok(()) };
+    let expected = steps % sampler.steps_per_epoch();
+    if s.batches_into_epoch() as u64 != expected {
+        return Err(Error::Incompatible {
+            setting: "a shuffled sampler in the middle of an epoch",
+            with: "the ledger's step count",
+            why: "its epochs are accounted from the run's first step, so it must start at an epoch boundary \
+                  (a new sampler, or one that drew whole epochs only)",
+        });
+    }
+    Ok(())
 }
 
 /// The largest number of steps of `dp` that stays within `budget`.
