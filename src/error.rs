@@ -211,6 +211,18 @@ pub enum Error {
         /// The examples accumulated.
         accumulated: usize,
     },
+    /// A trained variable missing from the `VarMap` given to save or release
+    /// the model: the file would not hold what was trained.
+    #[error(
+        "trained variable #{index} (shape {shape:?}) is not in the VarMap given: pass the VarMap the optimizer's \
+         variables come from"
+    )]
+    UnknownVariable {
+        /// Its position in the optimizer's variable list.
+        index: usize,
+        /// Its shape.
+        shape: Vec<usize>,
+    },
     /// An optimizer state that does not fit the optimizer.
     #[error("optimizer state: {reason}")]
     OptimizerState {

@@ -42,7 +42,9 @@ impl<O: Optimizer> DpOptimizer<O> {
     /// later steps after it, and a later release covers them.
     ///
     /// # Errors
-    /// [`crate::Error::OutOfOrder`] while a batch is open; [`crate::Error::Io`];
+    /// [`crate::Error::OutOfOrder`] while a batch is open;
+    /// [`crate::Error::UnknownVariable`] for a trained variable not in
+    /// `varmap`; [`crate::Error::Io`];
     /// the accountant's (a `delta` outside `(0, 1)`) and Candle's errors.
     pub fn release(&mut self, dir: impl AsRef<Path>, varmap: &VarMap, delta: Option<f64>) -> Result<Release> {
         let dir = dir.as_ref();
@@ -54,18 +56,22 @@ impl<O: Optimizer> DpOptimizer<O> {
             });
         }
         let delta = delta.or(self.config().budget().map(|b| b.delta));
+        self.variable_names(varmap)?;
         // Checked before anything is written or recorded.
-        let mut ledger = self.ledger()?;
-        PrivacyReport::from_ledger_with(&ledger, delta, self.accountant())?;
+        PrivacyReport::from_ledger_with(&self.ledger()?, delta, self.accountant())?;
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let mut writer = Writer::default();
         let (_, weights_sha256) = write_weights(&mut writer, dir, varmap, |_| WEIGHTS.to_string())?;
-        self.record_release(WEIGHTS, &weights_sha256)?;
-        ledger = self.ledger()?;
+        // The release is recorded in the optimizer's ledger only once every
+        // file is written: a failed release can be retried without a second
+        // release record.
+        let mut ledger = self.ledger()?;
+        ledger.append_release(WEIGHTS, &weights_sha256)?;
         let report = PrivacyReport::from_ledger_with(&ledger, delta, self.accountant())?;
         writer.write(dir, LEDGER, ledger.to_json().as_bytes())?;
         writer.write(dir, REPORT_MD, report.to_markdown().as_bytes())?;
         writer.write(dir, REPORT_HTML, report.to_html().as_bytes())?;
+        self.record_release(WEIGHTS, &weights_sha256)?;
         Ok(Release { weights: dir.join(WEIGHTS), weights_sha256, ledger, report })
     }
 }

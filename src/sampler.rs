@@ -220,16 +220,17 @@ impl PoissonSampler {
 
     /// The indices of the next batch, in increasing order (possibly none).
     pub fn sample(&mut self) -> Vec<usize> {
-        let threshold = self.sample_rate;
-        (0..self.dataset_size)
-            .filter(|_| ((self.rng.next_u64() >> 11) as f64) * (1.0 / (1u64 << 53) as f64) < threshold)
-            .collect()
+        // Included when a 53-bit integer is below floor(q 2^53): the
+        // inclusion probability is q rounded down, never above the q the
+        // accountant uses (the product is exact; the cast truncates).
+        let threshold = (self.sample_rate * (1u64 << 53) as f64) as u64;
+        (0..self.dataset_size).filter(|_| (self.rng.next_u64() >> 11) < threshold).collect()
     }
 
     /// The generator's position, for checkpoints: `(seed, stream, word
     /// position)`. Only a fixed-seed sampler has one worth saving; an
     /// OS-seeded sampler is re-seeded from the OS when resumed.
-    pub fn state(&self) -> ([u8; 32], u64, u128) {
+    pub(crate) fn state(&self) -> ([u8; 32], u64, u128) {
         (self.rng.get_seed(), self.rng.get_stream(), self.rng.get_word_pos())
     }
 
@@ -237,7 +238,7 @@ impl PoissonSampler {
     ///
     /// # Errors
     /// As [`PoissonSampler::new`].
-    pub fn restore(dataset_size: usize, sample_rate: f64, state: ([u8; 32], u64, u128)) -> Result<Self> {
+    pub(crate) fn restore(dataset_size: usize, sample_rate: f64, state: ([u8; 32], u64, u128)) -> Result<Self> {
         let mut rng = ChaCha20Rng::from_seed(state.0);
         rng.set_stream(state.1);
         rng.set_word_pos(state.2);
@@ -298,6 +299,12 @@ impl ShuffledSampler {
     /// The indices of the next batch (always `batch_size` of them).
     pub fn sample(&mut self) -> Vec<usize> {
         if self.position + self.batch_size > self.order.len() {
+            // Each epoch permutes 0..N afresh, so the permutation depends on
+            // the generator's state alone (a resume at an epoch's end draws
+            // the same one).
+            for (k, i) in self.order.iter_mut().enumerate() {
+                *i = k;
+            }
             self.order.shuffle(&mut self.rng);
             self.position = 0;
         }
@@ -367,11 +374,6 @@ impl From<ShuffledSampler> for Sampler {
 }
 
 impl ShuffledSampler {
-    /// The epoch's permutation and the position of the next batch in it.
-    pub(crate) fn position(&self) -> (&[usize], usize) {
-        (&self.order, self.position)
-    }
-
     /// Batches of the current epoch already drawn (0 at an epoch boundary,
     /// where the next batch starts a new permutation).
     pub fn batches_into_epoch(&self) -> usize {
@@ -387,43 +389,34 @@ impl ShuffledSampler {
         (self.rng.get_seed(), self.rng.get_stream(), self.rng.get_word_pos())
     }
 
-    /// A sampler continuing the epoch `order` at `position`, with the
+    /// A sampler over `dataset_size` examples that starts a new epoch, its
     /// generator at `state` (a fixed-seed run) or seeded afresh from the OS.
     ///
+    /// A resumed run starts a new permutation rather than finishing the
+    /// saved one: the ledger entry before the checkpoint counts its partial
+    /// epoch as a whole one, and the entry after it starts a fresh count,
+    /// so nothing stored in the checkpoint (which can be rewritten) decides
+    /// how often an example is used. A checkpoint at an epoch's end resumes
+    /// exactly.
+    ///
     /// # Errors
-    /// [`Error::InvalidConfig`] unless `order` is a permutation of
-    /// `0..order.len()` (an example twice in an epoch would break the
-    /// accounting), `1 <= batch_size <= order.len()` and `position <=
-    /// order.len()`; [`Error::Entropy`].
+    /// [`Error::InvalidConfig`] unless `1 <= batch_size <= dataset_size`;
+    /// [`Error::Entropy`].
     pub(crate) fn restore(
-        order: Vec<usize>,
-        position: usize,
+        dataset_size: usize,
         batch_size: usize,
         state: Option<([u8; 32], u64, u128)>,
     ) -> Result<Self> {
-        let n = order.len();
-        SamplerDescription::shuffled_fixed_size(n, batch_size, Seeding::Fixed)?;
-        let mut seen = vec![false; n];
-        for &i in &order {
-            if i >= n || std::mem::replace(&mut seen[i], true) {
-                return Err(Error::InvalidConfig {
-                    field: "shuffled sampler order",
-                    value: i as f64,
-                    valid: "a permutation of 0..dataset_size (each example once per epoch)",
-                });
-            }
-        }
-        ensure("shuffled sampler position", position as f64, "at most dataset_size", position <= n)?;
-        let (rng, seeding) = match state {
+        match state {
             Some((key, stream, word_pos)) => {
-                let mut rng = ChaCha20Rng::from_seed(key);
-                rng.set_stream(stream);
-                rng.set_word_pos(word_pos);
-                (rng, Seeding::Fixed)
+                let mut s = Self::new(dataset_size, batch_size, Some(0))?;
+                s.rng = ChaCha20Rng::from_seed(key);
+                s.rng.set_stream(stream);
+                s.rng.set_word_pos(word_pos);
+                Ok(s)
             }
-            None => (ChaCha20Rng::try_from_os_rng().map_err(|e| Error::Entropy(e.to_string()))?, Seeding::OsEntropy),
-        };
-        Ok(Self { order, batch_size, position, rng, seeding })
+            None => Self::new(dataset_size, batch_size, None),
+        }
     }
 }
 

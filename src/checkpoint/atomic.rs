@@ -109,11 +109,6 @@ fn tmp_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.tmp"))
 }
 
-/// Whether `name` is one of this module's temporary files.
-pub(crate) fn is_temporary(name: &str) -> bool {
-    name.ends_with(".tmp")
-}
-
 /// Flushes a folder's entries (the renames in it) to disk.
 fn sync_dir(dir: &Path) -> Result<()> {
     // Windows cannot open a folder as a file; its renames are durable

@@ -55,17 +55,14 @@ fn saved_rng(seeding: Seeding, state: RawRng) -> Option<RngState> {
     (seeding == Seeding::Fixed).then(|| RngState::new(state))
 }
 
-/// Where the sampler is.
+/// Where the sampler is: its generator, if fixed-seed. A shuffled sampler
+/// resumes at a new epoch ([`ShuffledSampler`]'s restore says why), so its
+/// permutation is not stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub(super) enum SamplerState {
-    /// A Poisson sampler: its generator, if fixed-seed.
     Poisson { rng: Option<RngState> },
-    /// A shuffled sampler: the epoch's permutation and the next batch's
-    /// position in it (kept even for an OS-seeded run, whose resume must not
-    /// start a new permutation mid-epoch: an example would then appear twice
-    /// in one epoch), and its generator, if fixed-seed.
-    Shuffled { rng: Option<RngState>, order: Vec<usize>, position: usize },
+    Shuffled { rng: Option<RngState> },
 }
 
 impl SamplerState {
@@ -73,10 +70,7 @@ impl SamplerState {
         let seeding = sampler.description().seeding();
         match sampler {
             Sampler::Poisson(s) => SamplerState::Poisson { rng: saved_rng(seeding, s.state()) },
-            Sampler::Shuffled(s) => {
-                let (order, position) = s.position();
-                SamplerState::Shuffled { rng: saved_rng(seeding, s.state()), order: order.to_vec(), position }
-            }
+            Sampler::Shuffled(s) => SamplerState::Shuffled { rng: saved_rng(seeding, s.state()) },
         }
     }
 
@@ -84,9 +78,7 @@ impl SamplerState {
     pub(super) fn restore(&self, config: &DpConfig, path: &Path) -> Result<Sampler> {
         let d = config.sampler();
         let bad = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
-        let rng = match self {
-            SamplerState::Poisson { rng } | SamplerState::Shuffled { rng, .. } => rng,
-        };
+        let (SamplerState::Poisson { rng } | SamplerState::Shuffled { rng }) = self;
         if rng.is_some() != (d.seeding() == Seeding::Fixed) {
             return Err(bad(format!("sampler seeding {:?} contradicts the saved sampler state", d.seeding())));
         }
@@ -100,15 +92,8 @@ impl SamplerState {
                 }
                 .map_err(invalid)?,
             ),
-            (SamplerState::Shuffled { order, position, .. }, None, Some(b)) => {
-                if order.len() != d.dataset_size() {
-                    return Err(bad(format!(
-                        "{} examples in the order, {} in the dataset",
-                        order.len(),
-                        d.dataset_size()
-                    )));
-                }
-                Sampler::Shuffled(ShuffledSampler::restore(order.clone(), *position, b, state).map_err(invalid)?)
+            (SamplerState::Shuffled { .. }, None, Some(b)) => {
+                Sampler::Shuffled(ShuffledSampler::restore(d.dataset_size(), b, state).map_err(invalid)?)
             }
             _ => return Err(bad("the sampler state is not of the configuration's sampler".into())),
         })
@@ -191,6 +176,9 @@ pub(super) struct Manifest {
     pub(super) version: u64,
     pub(super) steps: u64,
     pub(super) config: DpConfig,
+    /// The trained variables' names in the optimizer's order (the
+    /// optimizer's state is stored by position).
+    pub(super) variables: Vec<String>,
     pub(super) learning_rate: f64,
     pub(super) optimizer_counters: BTreeMap<String, u64>,
     pub(super) noise: NoiseState,

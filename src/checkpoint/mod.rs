@@ -28,15 +28,22 @@
 //! Resuming rebuilds the accountant from the ledger (the spent budget is
 //! never reset) and continues the noise, the batches and the optimizer
 //! exactly where they were for a fixed-seed run: N steps, a checkpoint, a
-//! resume and N more steps give the same weights, bit for bit, as 2N steps.
+//! resume and N more steps give the same weights, bit for bit, as 2N steps
+//! (for shuffled batches, when N ends an epoch).
 //!
 //! # Security
 //! For a run seeded from the OS, neither the noise generator's nor the
 //! sampler's generator state is written: the resumed run re-seeds both from
 //! the OS. A fixed-seed run stores their ChaCha20 state, which lets anyone who
 //! reads the checkpoint regenerate the noise: such runs are for research, and
-//! the ledger already says so. A shuffled sampler's epoch permutation is
-//! always stored (its accounting does not rely on the batches being secret).
+//! the ledger already says so. A shuffled sampler resumes at a new epoch (a
+//! checkpoint at an epoch's end, the usual place, resumes exactly): nothing
+//! the checkpoint stores decides how often an example is used, and the
+//! ledger counts the partial epoch before the checkpoint as a whole one.
+//!
+//! The trained variables' names are stored in the optimizer's order (its
+//! state is stored by position): a resume with other variables, or the same
+//! in another order, is refused.
 
 pub(crate) mod atomic;
 mod manifest;
@@ -153,13 +160,25 @@ fn remove_unreferenced(dir: &Path, files: &Files) -> Result<()> {
     for entry in std::fs::read_dir(dir).map_err(io(dir))? {
         let entry = entry.map_err(io(dir))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let ours =
-            atomic::is_temporary(&name) || ["model-", "optimizer-", "ledger-"].iter().any(|p| name.starts_with(p));
+        let ours = is_content_name(name.strip_suffix(".tmp").unwrap_or(&name))
+            || name == "staged.tmp"
+            || name == format!("{MANIFEST}.tmp");
         if ours && !keep.contains(&name.as_str()) {
             std::fs::remove_file(entry.path()).map_err(io(&entry.path()))?;
         }
     }
     Ok(())
+}
+
+/// Whether `name` is one [`content_name`] makes: with the temporary files
+/// of the writer, the only files a save removes.
+fn is_content_name(name: &str) -> bool {
+    let named = |prefix: &str, ext: &str| {
+        name.strip_prefix(prefix)
+            .and_then(|r| r.strip_suffix(ext))
+            .is_some_and(|hex| hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    };
+    named("model-", ".safetensors") || named("optimizer-", ".safetensors") || named("ledger-", ".json")
 }
 
 /// A content name: `prefix-<first 16 hex digits>.ext`.
@@ -189,6 +208,7 @@ impl<O: StatefulOptimizer> DpOptimizer<O> {
                 fix: "step() or cancel_batch() first: a checkpoint holds whole steps only",
             });
         }
+        let variables = self.variable_names(varmap)?;
         let ledger = self.flush_ledger()?.clone();
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let (name, sha256) = write_weights(writer, dir, varmap, content_name("model", "safetensors"))?;
@@ -216,6 +236,7 @@ impl<O: StatefulOptimizer> DpOptimizer<O> {
             version: VERSION,
             steps: self.steps(),
             config: self.config().clone(),
+            variables,
             learning_rate: self.learning_rate(),
             optimizer_counters: state.counters,
             noise: NoiseState::of(self.noise()),
@@ -257,6 +278,17 @@ impl<O: StatefulOptimizer> DpOptimizer<O> {
             return Err(bad(
                 &ledger_path,
                 format!("{} steps recorded, the manifest says {}", ledger.total_steps(), m.steps),
+            ));
+        }
+        let names = crate::optimizer::names_in(varmap, &vars)?;
+        if names != m.variables {
+            return Err(bad(
+                &manifest_path,
+                format!(
+                    "the variables given are {names:?}, the checkpoint trained {:?}: pass the same variables in the \
+                     same order (vars_by_name)",
+                    m.variables
+                ),
             ));
         }
         let sampler = m.sampler.restore(&m.config, &manifest_path)?;

@@ -104,7 +104,7 @@ impl<O: Optimizer> DpOptimizer<O> {
                 why: "the sampling accounted must be the sampling used",
             });
         }
-        check_epoch_alignment(&sampler, ledger.total_steps())?;
+        check_epoch_alignment(&sampler)?;
         let ghost = match dp.engine {
             Engine::Ghost => {
                 let g = GhostEngine::new(&vars)?;
@@ -268,6 +268,15 @@ impl<O: Optimizer> DpOptimizer<O> {
         &self.vars
     }
 
+    /// The names in `varmap` of the trained variables, in the optimizer's
+    /// order (found by identity, not by shape).
+    ///
+    /// # Errors
+    /// [`Error::UnknownVariable`] for a trained variable not in `varmap`.
+    pub fn variable_names(&self, varmap: &VarMap) -> Result<Vec<String>> {
+        names_in(varmap, &self.vars)
+    }
+
     /// Whether a batch is drawn and not yet stepped on.
     pub(crate) fn batch_open(&self) -> bool {
         self.batch.is_some()
@@ -302,22 +311,35 @@ pub fn vars_by_name(varmap: &VarMap) -> Vec<Var> {
     names.into_iter().map(|n| data[n].clone()).collect()
 }
 
-/// A shuffled sampler must be as far into its epoch as the ledger's steps
-/// say: the accounting of shuffled batches counts epochs from the run's
-/// first step, so a sampler handed over mid-epoch could show an example
-/// twice in one accounted epoch.
-fn check_epoch_alignment(sampler: &Sampler, steps: u64) -> Result<()> {
-    let Sampler::Shuffled(s) = sampler else { return Ok(()) };
-    let expected = steps % sampler.steps_per_epoch();
-    if s.batches_into_epoch() as u64 != expected {
-        return Err(Error::Incompatible {
+/// A shuffled sampler must start at an epoch boundary: the accounting of
+/// shuffled batches counts each ledger entry's epochs from its first step,
+/// so a sampler handed over mid-epoch could show an example twice in one
+/// accounted epoch. (A resumed one starts a new epoch.)
+fn check_epoch_alignment(sampler: &Sampler) -> Result<()> {
+    match sampler {
+        Sampler::Shuffled(s) if s.batches_into_epoch() != 0 => Err(Error::Incompatible {
             setting: "a shuffled sampler in the middle of an epoch",
-            with: "the ledger's step count",
-            why: "its epochs are accounted from the run's first step, so it must start at an epoch boundary \
-                  (a new sampler, or one that drew whole epochs only)",
-        });
+            with: "a new run",
+            why: "its epochs are accounted from the run's first step, so it must start at an epoch boundary (a \
+                  new sampler, or one that drew whole epochs only)",
+        }),
+        _ => Ok(()),
     }
-    Ok(())
+}
+
+/// The names in `varmap` of `vars`, by identity.
+pub(crate) fn names_in(varmap: &VarMap, vars: &[Var]) -> Result<Vec<String>> {
+    let data = varmap.data().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let by_id: std::collections::HashMap<_, _> = data.iter().map(|(n, v)| (v.as_tensor().id(), n)).collect();
+    vars.iter()
+        .enumerate()
+        .map(|(index, v)| {
+            by_id
+                .get(&v.as_tensor().id())
+                .map(|n| n.to_string())
+                .ok_or_else(|| Error::UnknownVariable { index, shape: v.dims().to_vec() })
+        })
+        .collect()
 }
 
 /// The largest number of steps of `dp` that stays within `budget`.

@@ -205,7 +205,11 @@ impl<O: Optimizer> DpOptimizer<O> {
     /// # Errors
     /// Before anything is touched: [`Error::BudgetExhausted`];
     /// [`Error::OutOfOrder`] without an open batch; [`Error::BatchMismatch`]
-    /// unless every example drawn was accumulated. Candle's errors.
+    /// unless every example drawn was accumulated; [`Error::InvalidConfig`]
+    /// for a noisy gradient that overflows the variables' dtype. If the inner
+    /// optimizer itself fails, the step counts as taken (it may have applied
+    /// part of the update): it is accounted, its noise is spent, the batch is
+    /// closed, and the inner optimizer's error is returned.
     pub fn step(&mut self) -> Result<()> {
         let Some(open) = &self.batch else {
             return Err(Error::OutOfOrder {
@@ -229,14 +233,42 @@ impl<O: Optimizer> DpOptimizer<O> {
         let mut noise = self.noise.clone();
         let mut grads = GradStore::default();
         for (var, sum) in self.vars.iter().zip(&sums) {
-            grads.insert(var.as_tensor(), noisy_mean(sum, &mut noise, std, scale)?.to_dtype(var.dtype())?);
+            let noisy = noisy_mean(sum, &mut noise, std, scale)?.to_dtype(var.dtype())?;
+            if var.dtype() != DType::F32 || !var.device().is_cpu() {
+                // The f32 host path checked its values as it made them.
+                check_finite(&noisy, std * scale)?;
+            }
+            grads.insert(var.as_tensor(), noisy);
         }
-        self.inner.step(&grads)?;
+        let stepped = self.inner.step(&grads);
+        // Committed even when the inner step failed: it may have applied part
+        // of the noisy update, which is then released. It is accounted, and
+        // its noise is spent (a retry with the same noise would release the
+        // same draw twice).
         self.noise = noise;
         self.pending_steps += 1;
         self.steps += 1;
         self.batch = None;
+        Ok(stepped?)
+    }
+}
+
+/// Refuses a noisy gradient that overflowed its dtype (an `f32` or half
+/// precision model with an enormous noise scale): never a silent inf.
+fn check_finite(t: &Tensor, noise_scale: f64) -> Result<()> {
+    let largest = t.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    if largest.is_finite() {
         Ok(())
+    } else {
+        Err(overflow(noise_scale))
+    }
+}
+
+fn overflow(noise_scale: f64) -> Error {
+    Error::InvalidConfig {
+        field: "noise_multiplier * max_grad_norm / expected_batch_size",
+        value: noise_scale,
+        valid: "small enough that the noisy gradient stays finite in the variables' dtype (the step was not taken)",
     }
 }
 
@@ -261,6 +293,9 @@ fn noisy_mean(sum: &Tensor, noise: &mut GaussianNoise, std: f64, scale: f64) -> 
     if sum.dtype() == DType::F32 {
         let mut values = sum.flatten_all()?.to_vec1::<f32>()?;
         noise.add_scaled_to_f32(&mut values, std, scale);
+        if !values.iter().all(|v| v.is_finite()) {
+            return Err(overflow(std * scale));
+        }
         return Ok(Tensor::from_vec(values, sum.shape(), sum.device())?);
     }
     let dtype = sum.dtype();
