@@ -56,9 +56,14 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<PerSampleLoss>
             got: targets.dims().to_vec(),
         });
     }
+    PerSampleLoss::new(negative_log_likelihood(logits, targets)?)
+}
+
+/// `-log softmax(logits)[target]` along the last axis: `[..., C]`, `[...]` -> `[...]`.
+fn negative_log_likelihood(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    let picked = log_probs.gather(&targets.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?.squeeze(1)?;
-    PerSampleLoss::new(picked.neg()?)
+    let picked = log_probs.gather(&targets.to_dtype(DType::U32)?.unsqueeze(D::Minus1)?, D::Minus1)?;
+    Ok(picked.squeeze(D::Minus1)?.neg()?)
 }
 
 /// Mean squared error of each example over its features:
@@ -98,7 +103,5 @@ pub fn sequence_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<PerSa
             got: targets.dims().to_vec(),
         });
     }
-    let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    let picked = log_probs.gather(&targets.to_dtype(DType::U32)?.unsqueeze(2)?, 2)?.squeeze(2)?;
-    PerSampleLoss::new(picked.neg()?.mean(1)?)
+    PerSampleLoss::new(negative_log_likelihood(logits, targets)?.mean(1)?)
 }
