@@ -3,12 +3,12 @@
 //! A checkpoint is a folder: the weights (`model-<sha>.safetensors`), the
 //! wrapped optimizer's tensors (`optimizer-<sha>.safetensors`, e.g. AdamW's
 //! moments), the ledger (`ledger-<head>.json`, every step so far) and
-//! `checkpoint.json`, a manifest with the step count, the [`DpConfig`], the
+//! `checkpoint.json`, a manifest with the step count, the [`crate::DpConfig`], the
 //! noise, sampler and optimizer state, and the SHA-256 of every file.
 //!
 //! # Crash safety
 //! Files are named by their content and written atomically, the manifest
-//! last (see [`atomic`]): a run killed at any moment, even while writing a
+//! last (`src/checkpoint/atomic.rs`): a run killed at any moment, even while writing a
 //! checkpoint, resumes from the last complete one. Files no manifest names
 //! are removed by the next save.
 //!
