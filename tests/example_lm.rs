@@ -1,7 +1,8 @@
 //! The lm example as a user runs it, on a slice of the shipped private text
 //! (`--limit`): DP LoRA fine-tuning of the shipped base model writes a run
-//! folder whose ledger verifies and names the adapter it released, and its
-//! `--json` summary has the fields the README promises.
+//! folder whose ledger verifies and names the adapter it released, full
+//! fine-tuning releases every weight, and the `--json` summary has the
+//! fields the README promises.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -64,6 +65,26 @@ fn dp_lora_fine_tuning_releases_the_adapter_under_a_verified_ledger() {
         std::fs::read_to_string(out.join("report.md")).unwrap().contains("one window"),
         "the privacy unit is stated"
     );
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn dp_full_fine_tuning_releases_every_weight() {
+    let out = folder("full");
+    let s = summary(&lm(&quick(&out, &["--full"])));
+    assert_eq!(s["fine_tuning"], "full");
+    assert!(s["epsilon"].as_f64().unwrap() <= 8.0 && s["bits_per_byte"].as_f64().unwrap().is_finite(), "{s}");
+    let tensors = candle_core::safetensors::load(out.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let base = candle_core::safetensors::load(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/lm-base.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    let mut base_names: Vec<&String> = base.keys().collect();
+    names.sort();
+    base_names.sort();
+    assert_eq!(names, base_names, "the whole model, under the base model's names");
     std::fs::remove_dir_all(&out).unwrap();
 }
 
