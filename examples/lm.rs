@@ -148,7 +148,8 @@ fn data_path(name: &str) -> PathBuf {
 
 /// A text cut into windows of [`WINDOW`] bytes (the last partial one dropped).
 struct Windows {
-    bytes: Vec<u8>,
+    /// The whole text, shared by the sets cut from it.
+    bytes: std::rc::Rc<[u8]>,
     /// Window starts, by example index.
     starts: Vec<usize>,
 }
@@ -158,7 +159,7 @@ impl Windows {
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(&mut common::open(&data_path(name), "shipped in examples/data")?, &mut bytes)?;
         let starts = (0..bytes.len() / WINDOW).map(|k| k * WINDOW).collect();
-        Ok(Self { bytes, starts })
+        Ok(Self { bytes: bytes.into(), starts })
     }
 
     /// The first `n` windows (all if fewer).
@@ -170,7 +171,7 @@ impl Windows {
     /// Every `k`-th window as its own set (the held-out part), the rest as the other.
     fn split(&self, k: usize) -> (Windows, Windows) {
         let pick = |held: bool| Windows {
-            bytes: self.bytes.clone(),
+            bytes: std::rc::Rc::clone(&self.bytes),
             starts: self.starts.iter().enumerate().filter(|(i, _)| (i % k == k - 1) == held).map(|(_, &s)| s).collect(),
         };
         (pick(false), pick(true))

@@ -58,8 +58,7 @@ impl GaussianNoise {
     /// # Errors
     /// [`Error::Entropy`] if the operating system cannot provide entropy.
     pub fn from_os_entropy() -> Result<Self> {
-        let rng = ChaCha20Rng::try_from_os_rng().map_err(|e| Error::Entropy(e.to_string()))?;
-        Ok(Self { rng, seeding: Seeding::OsEntropy, threads: 1 })
+        Ok(Self { rng: os_rng()?, seeding: Seeding::OsEntropy, threads: 1 })
     }
 
     /// A reproducible generator (ChaCha20 keyed by `seed`), recorded as such.
@@ -144,17 +143,38 @@ impl GaussianNoise {
     }
 
     /// The generator's position, for checkpoints: (seed, stream, word position).
-    pub fn state(&self) -> ([u8; 32], u64, u128) {
-        (self.rng.get_seed(), self.rng.get_stream(), self.rng.get_word_pos())
+    pub fn state(&self) -> ChaChaState {
+        chacha_position(&self.rng)
     }
 
     /// A generator restored from [`GaussianNoise::state`].
-    pub fn restore(state: ([u8; 32], u64, u128), seeding: Seeding) -> Self {
-        let mut rng = ChaCha20Rng::from_seed(state.0);
-        rng.set_stream(state.1);
-        rng.set_word_pos(state.2);
-        Self { rng, seeding, threads: 1 }
+    pub fn restore(state: ChaChaState, seeding: Seeding) -> Self {
+        Self { rng: chacha_at(state), seeding, threads: 1 }
     }
+}
+
+/// A ChaCha20 generator seeded from the operating system (the noise's and the samplers').
+///
+/// # Errors
+/// [`Error::Entropy`] if the operating system cannot provide entropy.
+pub(crate) fn os_rng() -> Result<ChaCha20Rng> {
+    ChaCha20Rng::try_from_os_rng().map_err(|e| Error::Entropy(e.to_string()))
+}
+
+/// A ChaCha20 generator's position: key, stream, word position.
+pub type ChaChaState = ([u8; 32], u64, u128);
+
+/// Where `rng` is, for checkpoints (the noise's and the samplers' generators).
+pub(crate) fn chacha_position(rng: &ChaCha20Rng) -> ChaChaState {
+    (rng.get_seed(), rng.get_stream(), rng.get_word_pos())
+}
+
+/// A generator at `state`, as [`chacha_position`] gave it.
+pub(crate) fn chacha_at(state: ChaChaState) -> ChaCha20Rng {
+    let mut rng = ChaCha20Rng::from_seed(state.0);
+    rng.set_stream(state.1);
+    rng.set_word_pos(state.2);
+    rng
 }
 
 /// `(z1 + z2) / sqrt 2` from two independent Ziggurat draws.

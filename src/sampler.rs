@@ -6,7 +6,8 @@ use rand::{seq::SliceRandom, RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ensure, Error, Result};
+use crate::error::{ensure, Result};
+use crate::noise::{chacha_at, chacha_position, os_rng, ChaChaState};
 
 /// What a sampler does, as the optimizer accounts it and records it in the
 /// ledger: the accounting always matches the sampling actually used.
@@ -43,7 +44,7 @@ impl SamplerDescription {
     /// Poisson sampling of `dataset_size` examples at rate `sample_rate`.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] unless `dataset_size >= 1` and `sample_rate`
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) unless `dataset_size >= 1` and `sample_rate`
     /// is in `(0, 1]` (and not subnormal).
     pub fn poisson(dataset_size: usize, sample_rate: f64, seeding: Seeding) -> Result<Self> {
         check_dataset_size(dataset_size)?;
@@ -54,7 +55,7 @@ impl SamplerDescription {
     /// Shuffled fixed-size batches of `batch_size` out of `dataset_size`.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] unless `1 <= batch_size <= dataset_size`.
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) unless `1 <= batch_size <= dataset_size`.
     pub fn shuffled_fixed_size(dataset_size: usize, batch_size: usize, seeding: Seeding) -> Result<Self> {
         check_dataset_size(dataset_size)?;
         ensure(
@@ -174,11 +175,10 @@ impl PoissonSampler {
     /// A sampler over `dataset_size` examples with inclusion probability `sample_rate`.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] unless `dataset_size >= 1` and
-    /// `sample_rate` is in `(0, 1]`; [`Error::Entropy`] if the OS has none.
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) unless `dataset_size >= 1` and
+    /// `sample_rate` is in `(0, 1]`; [`Error::Entropy`](crate::Error::Entropy) if the OS has none.
     pub fn new(dataset_size: usize, sample_rate: f64) -> Result<Self> {
-        let rng = ChaCha20Rng::try_from_os_rng().map_err(|e| Error::Entropy(e.to_string()))?;
-        Self::build(dataset_size, sample_rate, rng, Seeding::OsEntropy)
+        Self::build(dataset_size, sample_rate, os_rng()?, Seeding::OsEntropy)
     }
 
     /// A reproducible sampler (ChaCha20 keyed by `seed`).
@@ -230,19 +230,16 @@ impl PoissonSampler {
     /// The generator's position, for checkpoints: `(seed, stream, word
     /// position)`. Only a fixed-seed sampler has one worth saving; an
     /// OS-seeded sampler is re-seeded from the OS when resumed.
-    pub(crate) fn state(&self) -> ([u8; 32], u64, u128) {
-        (self.rng.get_seed(), self.rng.get_stream(), self.rng.get_word_pos())
+    pub(crate) fn state(&self) -> ChaChaState {
+        chacha_position(&self.rng)
     }
 
     /// A sampler restored at `state` (see [`PoissonSampler::state`]).
     ///
     /// # Errors
     /// As [`PoissonSampler::new`].
-    pub(crate) fn restore(dataset_size: usize, sample_rate: f64, state: ([u8; 32], u64, u128)) -> Result<Self> {
-        let mut rng = ChaCha20Rng::from_seed(state.0);
-        rng.set_stream(state.1);
-        rng.set_word_pos(state.2);
-        Self::build(dataset_size, sample_rate, rng, Seeding::Fixed)
+    pub(crate) fn restore(dataset_size: usize, sample_rate: f64, state: ChaChaState) -> Result<Self> {
+        Self::build(dataset_size, sample_rate, chacha_at(state), Seeding::Fixed)
     }
 
     /// What this sampler does, for the optimizer and the ledger.
@@ -283,17 +280,20 @@ impl ShuffledSampler {
     /// seeded from `seed`, or from the OS when `None`.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] unless `1 <= batch_size <= dataset_size`.
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) unless `1 <= batch_size <= dataset_size`.
     pub fn new(dataset_size: usize, batch_size: usize, seed: Option<u64>) -> Result<Self> {
+        match seed {
+            Some(s) => Self::with_rng(dataset_size, batch_size, ChaCha20Rng::seed_from_u64(s), Seeding::Fixed),
+            None => Self::with_rng(dataset_size, batch_size, os_rng()?, Seeding::OsEntropy),
+        }
+    }
+
+    /// A sampler that starts a new epoch with the generator `rng`.
+    fn with_rng(dataset_size: usize, batch_size: usize, rng: ChaCha20Rng, seeding: Seeding) -> Result<Self> {
         // Validated as the description it will report (seeding does not matter).
         SamplerDescription::shuffled_fixed_size(dataset_size, batch_size, Seeding::Fixed)?;
-        let (rng, seeding) = match seed {
-            Some(s) => (ChaCha20Rng::seed_from_u64(s), Seeding::Fixed),
-            None => (ChaCha20Rng::try_from_os_rng().map_err(|e| Error::Entropy(e.to_string()))?, Seeding::OsEntropy),
-        };
-        let mut s = Self { order: (0..dataset_size).collect(), batch_size, position: dataset_size, rng, seeding };
-        s.position = s.order.len(); // forces a shuffle on the first batch
-        Ok(s)
+        // position = N forces a shuffle on the first batch.
+        Ok(Self { order: (0..dataset_size).collect(), batch_size, position: dataset_size, rng, seeding })
     }
 
     /// The indices of the next batch (always `batch_size` of them).
@@ -385,8 +385,8 @@ impl ShuffledSampler {
     }
 
     /// The generator's position (see [`PoissonSampler::state`]).
-    pub(crate) fn state(&self) -> ([u8; 32], u64, u128) {
-        (self.rng.get_seed(), self.rng.get_stream(), self.rng.get_word_pos())
+    pub(crate) fn state(&self) -> ChaChaState {
+        chacha_position(&self.rng)
     }
 
     /// A sampler over `dataset_size` examples that starts a new epoch, its
@@ -400,21 +400,11 @@ impl ShuffledSampler {
     /// exactly.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] unless `1 <= batch_size <= dataset_size`;
-    /// [`Error::Entropy`].
-    pub(crate) fn restore(
-        dataset_size: usize,
-        batch_size: usize,
-        state: Option<([u8; 32], u64, u128)>,
-    ) -> Result<Self> {
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) unless `1 <= batch_size <= dataset_size`;
+    /// [`Error::Entropy`](crate::Error::Entropy).
+    pub(crate) fn restore(dataset_size: usize, batch_size: usize, state: Option<ChaChaState>) -> Result<Self> {
         match state {
-            Some((key, stream, word_pos)) => {
-                let mut s = Self::new(dataset_size, batch_size, Some(0))?;
-                s.rng = ChaCha20Rng::from_seed(key);
-                s.rng.set_stream(stream);
-                s.rng.set_word_pos(word_pos);
-                Ok(s)
-            }
+            Some(state) => Self::with_rng(dataset_size, batch_size, chacha_at(state), Seeding::Fixed),
             None => Self::new(dataset_size, batch_size, None),
         }
     }

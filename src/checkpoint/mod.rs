@@ -67,8 +67,11 @@ use crate::optimizer::DpOptimizer;
 /// # Errors
 /// [`Error::Io`].
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(io(path))?;
-    Ok(dp_accountant::ledger::hex(&Sha256::digest(bytes)))
+    Ok(sha256_hex(&std::fs::read(path).map_err(io(path))?))
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    dp_accountant::ledger::hex(&Sha256::digest(bytes))
 }
 
 /// Writes `varmap`'s weights to `dir/name(sha)` atomically; returns the
@@ -112,25 +115,28 @@ fn check_against_ledger<O: candle_nn::Optimizer>(opt: &DpOptimizer<O>, ledger: &
     Ok(())
 }
 
-/// Checks a file's SHA-256 against the manifest; returns its path.
-fn verified(dir: &Path, file: &FileRef) -> Result<std::path::PathBuf> {
+/// Reads a file once and checks its SHA-256 against the manifest; returns
+/// its path and the bytes that were checked (what is then parsed).
+fn verified(dir: &Path, file: &FileRef) -> Result<(std::path::PathBuf, Vec<u8>)> {
     let path = file.path(dir)?;
-    let found = sha256_file(&path)?;
+    let bytes = std::fs::read(&path).map_err(io(&path))?;
+    let found = sha256_hex(&bytes);
     if found != file.sha256 {
         return Err(Error::Checkpoint {
             path,
             reason: format!("SHA-256 {found} differs from the manifest's {}: the file was altered", file.sha256),
         });
     }
-    Ok(path)
+    Ok((path, bytes))
 }
 
-/// Loads `path`'s tensors into `varmap`, all or none: every variable must
-/// be in the file with its shape and dtype before any is set.
-fn load_weights(varmap: &VarMap, path: &Path) -> Result<()> {
+/// Loads the safetensors `bytes` (read from `path`) into `varmap`, all or
+/// none: every variable must be in them with its shape and dtype before any
+/// is set.
+fn load_weights(varmap: &VarMap, bytes: &[u8], path: &Path) -> Result<()> {
     let data = varmap.data().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let device = data.values().next().map_or(Device::Cpu, |v| v.device().clone());
-    let tensors = candle_core::safetensors::load(path, &device)?;
+    let tensors = candle_core::safetensors::load_buffer(bytes, &device)?;
     let bad = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
     for (name, var) in data.iter() {
         match tensors.get(name) {
@@ -181,7 +187,8 @@ fn is_content_name(name: &str) -> bool {
     named("model-", ".safetensors") || named("optimizer-", ".safetensors") || named("ledger-", ".json")
 }
 
-/// A content name: `prefix-<first 16 hex digits>.ext`.
+/// A content name: `prefix-<first 16 hex digits>.ext` (`sha` is always a
+/// 64-digit SHA-256 this module computed, so the slice is in bounds).
 fn content_name(prefix: &'static str, ext: &'static str) -> impl Fn(&str) -> String {
     move |sha: &str| format!("{prefix}-{}.{ext}", &sha[..16])
 }
@@ -227,8 +234,9 @@ impl<O: StatefulOptimizer> DpOptimizer<O> {
         };
         let ledger_bytes = ledger.to_json().into_bytes();
         let ledger_file = FileRef {
+            // The head is a 64-digit SHA-256.
             name: format!("ledger-{}.json", &ledger.head()[..16]),
-            sha256: dp_accountant::ledger::hex(&Sha256::digest(&ledger_bytes)),
+            sha256: sha256_hex(&ledger_bytes),
         };
         writer.write(dir, &ledger_file.name, &ledger_bytes)?;
         let manifest = Manifest {
@@ -268,11 +276,11 @@ impl<O: StatefulOptimizer> DpOptimizer<O> {
         let dir = dir.as_ref();
         let m = Manifest::read(dir)?;
         let manifest_path = dir.join(MANIFEST);
-        let weights = verified(dir, &m.files.weights)?;
-        let ledger_path = verified(dir, &m.files.ledger)?;
-        let optimizer_path = m.files.optimizer.as_ref().map(|f| verified(dir, f)).transpose()?;
+        let (weights_path, weights) = verified(dir, &m.files.weights)?;
+        let (ledger_path, ledger_bytes) = verified(dir, &m.files.ledger)?;
+        let optimizer = m.files.optimizer.as_ref().map(|f| verified(dir, f)).transpose()?;
         let bad = |path: &Path, reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
-        let ledger = Ledger::read(&ledger_path)?;
+        let ledger = Ledger::from_bytes(&ledger_bytes).map_err(dp_accountant::Error::from)?;
         ledger.verify_head(&m.ledger_head).map_err(|e| bad(&ledger_path, e.to_string()))?;
         if ledger.total_steps() != m.steps {
             return Err(bad(
@@ -296,14 +304,14 @@ impl<O: StatefulOptimizer> DpOptimizer<O> {
         let device = vars.first().map_or(Device::Cpu, |v| v.device().clone());
         let mut opt = Self::assemble(vars, sampler, noise, m.config, config, ledger.clone())?;
         check_against_ledger(&opt, &ledger, &ledger_path)?;
-        let tensors: BTreeMap<String, Tensor> = match &optimizer_path {
-            Some(p) => candle_core::safetensors::load(p, &device)?.into_iter().collect(),
+        let tensors: BTreeMap<String, Tensor> = match &optimizer {
+            Some((_, bytes)) => candle_core::safetensors::load_buffer(bytes, &device)?.into_iter().collect(),
             None => BTreeMap::new(),
         };
         opt.inner_mut().load_state(&OptimizerState { counters: m.optimizer_counters, tensors })?;
         opt.set_learning_rate(m.learning_rate);
         // Only now, with every check passed: a refused checkpoint changes nothing.
-        load_weights(varmap, &weights)?;
+        load_weights(varmap, &weights, &weights_path)?;
         Ok(opt)
     }
 }

@@ -72,6 +72,7 @@ impl StatefulOptimizer for AdamW {
         let n = self.num_moments();
         let names: Vec<String> = (0..n).flat_map(|i| [format!("m.{i}"), format!("v.{i}")]).collect();
         expect_keys(state, &["step"], &names.iter().map(String::as_str).collect::<Vec<_>>())?;
+        // Indexing cannot fail below: expect_keys found exactly "step" and these names.
         let step = usize::try_from(state.counters["step"])
             .map_err(|_| Error::OptimizerState { reason: "AdamW step count beyond usize".into() })?;
         let moments = (0..n).map(|i| (state.tensors[&names[2 * i]].clone(), state.tensors[&names[2 * i + 1]].clone()));

@@ -182,7 +182,7 @@ impl<O: Optimizer> DpOptimizerBuilder<O> {
             accountant: self.accountant,
             max_physical_batch_size: self.max_physical_batch_size,
         };
-        dp.validate()?;
+        // `assemble` validates `dp`, as it does a resumed configuration.
         let noise = match self.noise {
             Some(n) => n,
             // Large models fill their noise on every core (the values do not

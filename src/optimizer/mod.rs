@@ -150,11 +150,16 @@ impl<O: Optimizer> DpOptimizer<O> {
     /// Epsilon of the ledger with `pending` steps since the last flush, as
     /// the reviewer will account it.
     fn epsilon_after(&self, pending: u64, delta: f64) -> Result<f64> {
+        Ok(self.ledger_with(pending)?.epsilon(self.config.accountant, delta)?)
+    }
+
+    /// The flushed ledger with `pending` steps appended as one entry.
+    fn ledger_with(&self, pending: u64) -> Result<Ledger> {
         let mut ledger = self.ledger.clone();
         if pending > 0 {
             ledger.append(self.record(pending))?;
         }
-        Ok(ledger.epsilon(self.config.accountant, delta)?)
+        Ok(ledger)
     }
 
     /// Refuses, before anything is drawn or changed, a step the budget cannot pay for.
@@ -178,11 +183,7 @@ impl<O: Optimizer> DpOptimizer<O> {
     /// # Errors
     /// The ledger's, which cannot occur for records this optimizer makes.
     pub fn ledger(&self) -> Result<Ledger> {
-        let mut ledger = self.ledger.clone();
-        if self.pending_steps > 0 {
-            ledger.append(self.record(self.pending_steps))?;
-        }
-        Ok(ledger)
+        self.ledger_with(self.pending_steps)
     }
 
     /// Appends the steps since the last flush to the ledger as one entry.

@@ -233,12 +233,7 @@ impl<O: Optimizer> DpOptimizer<O> {
         let mut noise = self.noise.clone();
         let mut grads = GradStore::default();
         for (var, sum) in self.vars.iter().zip(&sums) {
-            let noisy = noisy_mean(sum, &mut noise, std, scale)?.to_dtype(var.dtype())?;
-            if var.dtype() != DType::F32 || !var.device().is_cpu() {
-                // The f32 host path checked its values as it made them.
-                check_finite(&noisy, std * scale)?;
-            }
-            grads.insert(var.as_tensor(), noisy);
+            grads.insert(var.as_tensor(), noisy_mean(sum, &mut noise, std, scale, var.dtype())?);
         }
         let stepped = self.inner.step(&grads);
         // Committed even when the inner step failed: it may have applied part
@@ -253,12 +248,13 @@ impl<O: Optimizer> DpOptimizer<O> {
     }
 }
 
-/// Refuses a noisy gradient that overflowed its dtype (an `f32` or half
-/// precision model with an enormous noise scale): never a silent inf.
-fn check_finite(t: &Tensor, noise_scale: f64) -> Result<()> {
+/// `t` in `dtype`, refused if a value is not finite there (an `f32` or half
+/// precision model with an enormous noise scale).
+fn finite_as(t: &Tensor, dtype: DType, noise_scale: f64) -> Result<Tensor> {
+    let t = t.to_dtype(dtype)?;
     let largest = t.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     if largest.is_finite() {
-        Ok(())
+        Ok(t)
     } else {
         Err(overflow(noise_scale))
     }
@@ -281,28 +277,36 @@ fn no_open_batch() -> Error {
 }
 
 /// `(sum + N(0, std^2)) * scale`, elementwise, computed in `f64` and
-/// rounded once to the sum's dtype (`f32` directly; others through `f64`).
+/// rounded once to the sum's dtype (`f32` directly; others through `f64`),
+/// then converted to `dtype`, the variable's.
 ///
 /// On the CPU the host sampler fills the values. On a GPU the noise is made
 /// on the device ([`crate::kernels::add_gaussian_noise`]) from a fresh key
 /// drawn from the same generator: no gradient crosses to the host and back.
-fn noisy_mean(sum: &Tensor, noise: &mut GaussianNoise, std: f64, scale: f64) -> Result<Tensor> {
-    if !sum.device().is_cpu() {
-        return crate::kernels::add_gaussian_noise(sum, &noise.noise_key(), std, scale);
-    }
-    if sum.dtype() == DType::F32 {
+///
+/// # Errors
+/// [`Error::InvalidConfig`] for a result that is not finite in `dtype` (an
+/// enormous noise scale): never a silent inf.
+fn noisy_mean(sum: &Tensor, noise: &mut GaussianNoise, std: f64, scale: f64, dtype: DType) -> Result<Tensor> {
+    if sum.device().is_cpu() && sum.dtype() == DType::F32 {
         let mut values = sum.flatten_all()?.to_vec1::<f32>()?;
         noise.add_scaled_to_f32(&mut values, std, scale);
+        // Checked here, in cache, rather than by another pass over the tensor.
         if !values.iter().all(|v| v.is_finite()) {
             return Err(overflow(std * scale));
         }
-        return Ok(Tensor::from_vec(values, sum.shape(), sum.device())?);
+        let noisy = Tensor::from_vec(values, sum.shape(), sum.device())?;
+        return if dtype == DType::F32 { Ok(noisy) } else { finite_as(&noisy, dtype, std * scale) };
     }
-    let dtype = sum.dtype();
-    let mut values = sum.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-    noise.add_to_f64(&mut values, std);
-    for v in &mut values {
-        *v *= scale;
-    }
-    Ok(Tensor::from_vec(values, sum.shape(), sum.device())?.to_dtype(dtype)?)
+    let noisy = if sum.device().is_cpu() {
+        let mut values = sum.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        noise.add_to_f64(&mut values, std);
+        for v in &mut values {
+            *v *= scale;
+        }
+        Tensor::from_vec(values, sum.shape(), sum.device())?.to_dtype(sum.dtype())?
+    } else {
+        crate::kernels::add_gaussian_noise(sum, &noise.noise_key(), std, scale)?
+    };
+    finite_as(&noisy, dtype, std * scale)
 }
