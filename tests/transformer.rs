@@ -1,15 +1,17 @@
 //! The decoder-only transformer and LoRA: per-example clipping of the ghost
 //! engine equals the microbatch oracle's on the same model built from
 //! candle-nn's layers (attention, tied embeddings, layer norms, positional
-//! embeddings; full and LoRA fine-tuning), and LoRA's algebra (identity at
-//! start, merge, adapter files) holds.
+//! embeddings; full and LoRA fine-tuning; frozen blocks and every layer
+//! used twice), no sequence contributes more than C, and LoRA's algebra
+//! (identity at start, merge, adapter files) holds.
 
 mod common;
 
 use candle_core::{DType, Device, Module, Tensor};
+use candle_dp::grad_sample::ghost::GhostEngine;
 use candle_dp::models::{Adapters, Flavor, Gpt, GptConfig};
 use candle_dp::optim::AdamW;
-use candle_dp::{loss, DpOptimizer, GaussianNoise, LoraConfig, PoissonSampler};
+use candle_dp::{loss, ClipMode, DpOptimizer, GaussianNoise, LoraConfig, PerSampleLoss, PoissonSampler};
 use candle_nn::{VarBuilder, VarMap};
 use common::{ghost_vs_oracle, set_deterministic, take, vars_by_name};
 
@@ -61,6 +63,77 @@ fn lora_fine_tuning_clips_as_the_oracle() {
     let plain_loss = |i: usize| losses(&plain, &take(&x, &[i]), &take(&y, &[i]))?.sum_all();
     // Only the adapter is trained; the base's DP layers are frozen.
     ghost_vs_oracle(&adapter, B, || losses(&dp, &x, &y), plain_loss, 0.05, 1e-9, "gpt, LoRA");
+}
+
+/// The variables of `varmap` whose names `keep` accepts, in a map of their own
+/// (the same `Var`s: training them trains the model).
+fn subset(varmap: &VarMap, keep: impl Fn(&str) -> bool) -> VarMap {
+    let sub = VarMap::new();
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        if keep(name) {
+            sub.data().lock().unwrap().insert(name.clone(), var.clone());
+        }
+    }
+    sub
+}
+
+/// The first block and the positional embeddings frozen (DP layers over
+/// variables no engine trains, mixed with trained ones), the tied table
+/// trained, and every layer used twice per example: the loss of an example
+/// is the sum of its sequence's loss and of a second sequence's through the
+/// same model (cross terms between the two uses enter its norm).
+fn twice_losses(model: &Gpt, x: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
+    let ids: Vec<u32> = x.flatten_all()?.to_vec1::<u32>()?.iter().map(|t| (t + 3) % CFG.vocab_size as u32).collect();
+    let shifted = Tensor::from_vec(ids, x.dims(), x.device())?;
+    losses(model, x, y)? + losses(model, &shifted, y)?
+}
+
+fn frozen(name: &str) -> bool {
+    name.starts_with("h.0.") || name.starts_with("wpe")
+}
+
+#[test]
+fn frozen_layers_and_layers_used_twice_clip_as_the_oracle() {
+    let varmap = VarMap::new();
+    let dp = Gpt::new(CFG, vb(&varmap), Flavor::Dp, None).unwrap();
+    let plain = Gpt::new(CFG, vb(&varmap), Flavor::Plain, None).unwrap();
+    set_deterministic(&varmap, 4).unwrap();
+    let trained = subset(&varmap, |n| !frozen(n));
+    let names: Vec<String> = trained.data().lock().unwrap().keys().cloned().collect();
+    assert!(names.iter().any(|n| n == "wte.weight") && names.iter().any(|n| n.starts_with("h.1.")), "{names:?}");
+    assert!(names.len() < varmap.all_vars().len(), "some layers are frozen");
+    let (x, y) = tokens();
+    let plain_loss = |i: usize| twice_losses(&plain, &take(&x, &[i]), &take(&y, &[i]))?.sum_all();
+    ghost_vs_oracle(&trained, B, || twice_losses(&dp, &x, &y), plain_loss, 0.05, 1e-9, "gpt, frozen and twice");
+}
+
+/// On the same model in f32, each sequence alone contributes a clipped
+/// gradient of norm at most C, for C from far below to above the gradients'
+/// norms; and exactly C (up to f32 rounding, 2e-4) when it is clipped.
+#[test]
+fn no_sequence_contributes_more_than_the_clipping_norm() {
+    let varmap = VarMap::new();
+    let dp = Gpt::new(CFG, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), Flavor::Dp, None).unwrap();
+    set_deterministic(&varmap, 12).unwrap();
+    let trained = subset(&varmap, |n| !frozen(n));
+    let engine = GhostEngine::new(&vars_by_name(&trained)).unwrap();
+    let (x, y) = tokens();
+    let (mut clipped, mut unclipped) = (0, 0);
+    for i in 0..B {
+        for c in [1e-3, 0.1, 1.0, 10.0, 1e3] {
+            let l = PerSampleLoss::new(twice_losses(&dp, &take(&x, &[i]), &take(&y, &[i])).unwrap()).unwrap();
+            let out = engine.clip(&l, &ClipMode::Flat, c).unwrap();
+            let total = out.clipped_sums.iter().map(|t| common::norm(t).powi(2)).sum::<f64>().sqrt();
+            assert!(total <= c, "sequence {i}, C = {c}: contribution {total}");
+            if out.norms[0] > c {
+                clipped += 1;
+                assert!(total > c * (1.0 - 2e-4), "sequence {i}, C = {c}: clipped to {total}");
+            } else {
+                unclipped += 1;
+            }
+        }
+    }
+    assert!(clipped > 0 && unclipped > 0, "both regimes: {clipped} clipped, {unclipped} not");
 }
 
 /// At start (B = 0) the adapted model is the base model; `merge()` folds the

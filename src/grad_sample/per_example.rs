@@ -29,7 +29,7 @@
 //! Half-precision factors are widened to `f32` first, and the clip factors
 //! and clipped sums are never rounded to half precision.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
 use crate::kernels::{clip_accumulate, squared_norms};
@@ -71,13 +71,17 @@ pub(crate) fn work_dtype(dtype: DType) -> DType {
     }
 }
 
-/// `gamma_n = n u / (1 - n u)` for the unit roundoff of `dtype`'s matmuls:
-/// `2^-53` for f64, `2^-24` for f32, and `2^-11` when Candle's CUDA f32
-/// matmuls are set to reduced precision (TF32).
-fn gamma(n: usize, dtype: DType) -> f64 {
+/// `gamma_n = n u / (1 - n u)` for the unit roundoff `u` of `dtype`'s
+/// matmuls on `device`: `2^-53` for f64, `2^-24` for f32, and `2^-11` for
+/// f32 on a CUDA device whose matmuls Candle is set to run in reduced
+/// precision (TF32). Infinite where `n u >= 1/2` (no useful bound).
+fn gamma(n: usize, dtype: DType, device: &Device) -> f64 {
+    // Candle's flag is process-wide, and without the CUDA backend it reads
+    // `true`: it says nothing about a matmul on the CPU.
+    let reduced = device.is_cuda() && candle_core::cuda::gemm_reduced_precision_f32();
     let u = match dtype {
         DType::F64 => f64::EPSILON / 2.0,
-        _ if candle_core::cuda::gemm_reduced_precision_f32() => 2f64.powi(-11),
+        _ if reduced => 2f64.powi(-11),
         _ => f32::EPSILON as f64 / 2.0,
     };
     let nu = n as f64 * u;
@@ -85,6 +89,15 @@ fn gamma(n: usize, dtype: DType) -> f64 {
         nu / (1.0 - nu)
     } else {
         f64::INFINITY
+    }
+}
+
+/// `g s`, with a zero `s` contributing nothing even when `g` is infinite.
+fn scaled(g: f64, s: f64) -> f64 {
+    if s == 0.0 {
+        0.0
+    } else {
+        g * s
     }
 }
 
@@ -120,6 +133,37 @@ pub(crate) struct ParamGrads {
     materialized: Option<Tensor>,
     shape: Vec<usize>,
     work: DType,
+    method: NormMethod,
+}
+
+/// How the norms of outer-product gradients are computed.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormMethod {
+    /// By the cost rule ([`ParamGrads`]'s `ghost`): what the engine does.
+    Auto,
+    /// Always the Gram (ghost) form.
+    Gram,
+    /// Always the materialized per-example gradients.
+    Materialize,
+}
+
+/// Per-example upper bounds on the squared norm of `grad_i = G_i^T X_i`
+/// (`g [B, T, p]`, `x [B, T, d]`, one linear use) by `method`, and whether
+/// the `f32` bound was too loose so that they were computed again in `f64`:
+/// the hook through which `benches/norm_rule.rs` measures the
+/// ghost-versus-materialize rule. Not part of the API.
+///
+/// # Errors
+/// Candle's, for shapes that do not fit.
+#[doc(hidden)]
+pub fn linear_squared_norm_bounds(g: &Tensor, x: &Tensor, method: NormMethod) -> Result<(Vec<f64>, bool)> {
+    let (b, _, p) = g.dims3()?;
+    let d = x.dim(2)?;
+    let mut grads =
+        ParamGrads::new(vec![UseGrad::Outer { rows: Rows::Dense(g.clone()), cols: x.clone() }], &[p, d], x.dtype())?;
+    grads.method = method;
+    grads.squared_norm_bounds_widening(b)
 }
 
 impl ParamGrads {
@@ -142,7 +186,16 @@ impl ParamGrads {
         }
         let dense = cat_t(du)?.zip(cat_t(dv)?);
         let one_hot = cat_t(ids)?.zip(cat_t(hv)?);
-        Ok(Self { dense, one_hot, materialized: mat, shape: shape.to_vec(), work })
+        Ok(Self { dense, one_hot, materialized: mat, shape: shape.to_vec(), work, method: NormMethod::Auto })
+    }
+
+    /// The device the factors live on.
+    fn device(&self) -> candle_core::Result<Device> {
+        let first = self.dense.as_ref().map(|(_, v)| v).or(self.one_hot.as_ref().map(|(_, v)| v));
+        match (first, &self.materialized) {
+            (Some(v), _) | (None, Some(v)) => Ok(v.device().clone()),
+            (None, None) => Err(candle_core::Error::Msg("no captured use".into())),
+        }
     }
 
     /// Whether no use was captured.
@@ -170,7 +223,12 @@ impl ParamGrads {
     fn ghost(&self) -> candle_core::Result<bool> {
         let (r, c) = self.rows_cols();
         let t = self.positions()?;
-        Ok(self.materialized.is_none() && t.saturating_mul(t) <= r.saturating_mul(c))
+        Ok(self.materialized.is_none()
+            && match self.method {
+                NormMethod::Auto => t.saturating_mul(t) <= r.saturating_mul(c),
+                NormMethod::Gram => true,
+                NormMethod::Materialize => false,
+            })
     }
 
     /// `S_i = sum_t |u_t| |v_t|` over the dense-row positions and over the
@@ -216,6 +274,7 @@ impl ParamGrads {
             materialized: self.materialized.clone(),
             shape: self.shape.clone(),
             work: DType::F64,
+            method: self.method,
         })
     }
 
@@ -225,14 +284,21 @@ impl ParamGrads {
     /// cancellation, or dot products over a large vocabulary), the norms are
     /// computed again in `f64`.
     pub(crate) fn squared_norm_bounds(&self, b: usize) -> Result<Vec<f64>> {
+        Ok(self.squared_norm_bounds_widening(b)?.0)
+    }
+
+    /// [`Self::squared_norm_bounds`], and whether they were computed again in `f64`.
+    fn squared_norm_bounds_widening(&self, b: usize) -> Result<(Vec<f64>, bool)> {
         let (estimates, errors) = self.estimates_and_errors(b)?;
-        let loose = estimates.iter().zip(&errors).any(|(q, e)| *e > 1e-3 * q.abs());
+        // Tight only when comparable: an infinite or NaN bound is loose.
+        let tight = |q: f64, e: f64| e <= 1e-3 * q.abs();
+        let loose = estimates.iter().zip(&errors).any(|(q, e)| !tight(*q, *e));
         if loose && self.work != DType::F64 {
-            return self.widened()?.squared_norm_bounds(b);
+            return Ok((self.widened()?.squared_norm_bounds(b)?, true));
         }
         // A rounded estimate may dip below 0; a NaN must stay NaN (f64::max
         // would turn it into 0 and let a NaN gradient through).
-        Ok(estimates.iter().zip(&errors).map(|(q, e)| if *q < 0.0 { *e } else { q + e }).collect())
+        Ok((estimates.iter().zip(&errors).map(|(q, e)| if *q < 0.0 { *e } else { q + e }).collect(), false))
     }
 
     /// Per example, the computed squared norm and a bound on its rounding error.
@@ -250,10 +316,10 @@ impl ParamGrads {
         if !self.ghost()? {
             let (sd, sh) = self.position_norm_sums(b)?;
             let q = to_f64_vec(&squared_norms(&self.materialize()?)?)?;
-            let g = gamma(t, self.work);
+            let g = gamma(t, self.work, &self.device()?);
             // |g| <= |fl(g)| + gamma_T S, so |g|^2 <= (sqrt(q) + gamma_T S)^2.
             let err =
-                q.iter().zip(sd.iter().zip(&sh)).map(|(q, (d, h))| (q.sqrt() + g * (d + h)).powi(2) - q).collect();
+                q.iter().zip(sd.iter().zip(&sh)).map(|(q, (d, h))| (q.sqrt() + scaled(g, d + h)).powi(2) - q).collect();
             return Ok((q, err));
         }
         // One position, dense rows: |u|^2 |v|^2, exact up to the final rounding.
@@ -286,8 +352,9 @@ impl ParamGrads {
         // Dense-row Gram entries are dot products over r and c; the one-hot
         // and cross terms' only rounded dot products are over c.
         let (sd, sh) = self.position_norm_sums(b)?;
-        let (gd, gc) = (gamma(r + c, self.work), gamma(c, self.work));
-        let err = sd.iter().zip(&sh).map(|(d, h)| gd * d * d + gc * (h * h + 2.0 * d * h)).collect();
+        let dev = self.device()?;
+        let (gd, gc) = (gamma(r + c, self.work, &dev), gamma(c, self.work, &dev));
+        let err = sd.iter().zip(&sh).map(|(d, h)| scaled(gd, d * d) + scaled(gc, h * h + 2.0 * d * h)).collect();
         Ok((q, err))
     }
 
@@ -441,6 +508,38 @@ mod tests {
         .unwrap();
         assert!(!grads.ghost().unwrap());
         check(&grads.squared_norm_bounds(b).unwrap(), &exact_of(&outer(&u, &v)), "materialized");
+    }
+
+    /// On the CPU, f32 matmuls round at `2^-24` whatever Candle's (CUDA-only)
+    /// TF32 flag reads: without the CUDA backend it reads `true`, and taking
+    /// it at its word made every f32 bound loose (always recomputed in f64)
+    /// and, for `r + c >= 1024`, infinite, so that layers of width 1024
+    /// failed every step with a NaN norm.
+    #[test]
+    fn f32_rounding_on_the_cpu_is_f32s() {
+        let g = gamma(1024, DType::F32, &Device::Cpu);
+        assert!((g / (1024.0 * 2f64.powi(-24)) - 1.0).abs() < 1e-4, "{g}");
+        assert_eq!(gamma(1 << 23, DType::F32, &Device::Cpu), f64::INFINITY);
+        assert_eq!(scaled(f64::INFINITY, 0.0), 0.0);
+    }
+
+    /// A layer `[256, 1024]` (an MLP's output projection at d = 256) over 8
+    /// positions of Gaussian-like factors: finite bounds above the exact
+    /// norms, from the f32 computation alone.
+    #[test]
+    fn wide_layers_get_tight_f32_bounds() {
+        let (b, t, r, c) = (3, 8, 256, 1024);
+        let (u, v) = (det(&[b, t, r], 51), det(&[b, t, c], 52));
+        let grads = ParamGrads::new(
+            vec![UseGrad::Outer { rows: Rows::Dense(u.clone()), cols: v.clone() }],
+            &[r, c],
+            DType::F32,
+        )
+        .unwrap();
+        assert!(grads.ghost().unwrap());
+        let (bounds, widened) = grads.squared_norm_bounds_widening(b).unwrap();
+        assert!(!widened, "a tight f32 bound is not recomputed in f64: {bounds:?}");
+        check(&bounds, &exact_of(&outer(&u, &v)), "wide");
     }
 
     /// A NaN anywhere in an example's factors gives that example a NaN
