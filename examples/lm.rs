@@ -68,7 +68,7 @@ struct Args {
     /// Expected (Poisson) batch size of the fine-tuning.
     #[arg(long, default_value_t = 256)]
     batch_size: usize,
-    /// Most windows one forward and backward pass takes.
+    /// Most windows one forward and backward pass takes (with or without DP).
     #[arg(long, default_value_t = 32)]
     physical_batch_size: usize,
     /// Clipping norm C.
@@ -319,12 +319,12 @@ fn finetune(args: &Args) -> Result<(), AnyError> {
         loss::sequence_cross_entropy(&tuned.model.forward(&x)?, &y)
     };
     let release = if args.non_private {
-        let mut opt = AdamW::new(vars, adam(lr))?;
+        let mut opt = AdamW::new(vars.clone(), adam(lr))?;
         let mut sampler = sampler;
         for _ in 0..steps {
             let idx = sampler.sample();
             if !idx.is_empty() {
-                opt.backward_step(&losses(&idx)?.tensor().mean_all()?)?;
+                opt.step(&mean_gradient(&vars, &idx, args.physical_batch_size, losses)?)?;
             }
             bar.inc(1);
         }
@@ -381,6 +381,36 @@ fn finetune(args: &Args) -> Result<(), AnyError> {
     }
     let done = format!("held-out bits per byte: base model {base_bpb:.3}, fine-tuned {bpb:.3}");
     common::finish(&out, &summary, release.as_ref().map(|(r, _)| &r.report), args.json, &done)
+}
+
+/// The gradient of the mean loss over `idx`, accumulated over physical
+/// batches of at most `chunk` examples, as the DP run takes them (so that
+/// the two runs hold the same activations at a time).
+fn mean_gradient(
+    vars: &[candle_core::Var],
+    idx: &[usize],
+    chunk: usize,
+    losses: impl Fn(&[usize]) -> candle_dp::Result<candle_dp::PerSampleLoss>,
+) -> Result<candle_core::backprop::GradStore, AnyError> {
+    let mut total: Option<candle_core::backprop::GradStore> = None;
+    for part in idx.chunks(chunk) {
+        let grads = (losses(part)?.tensor().sum_all()? / idx.len() as f64)?.backward()?;
+        match total.as_mut() {
+            None => total = Some(grads),
+            Some(acc) => {
+                for v in vars {
+                    if let Some(g) = grads.get(v.as_tensor()) {
+                        let sum = match acc.get(v.as_tensor()) {
+                            Some(a) => (a + g)?,
+                            None => g.clone(),
+                        };
+                        acc.insert(v.as_tensor(), sum);
+                    }
+                }
+            }
+        }
+    }
+    total.ok_or_else(|| "an empty batch has no gradient".into())
 }
 
 /// `count` lines sampled from the model after a fortune separator, at temperature 0.8.
