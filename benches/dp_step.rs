@@ -13,15 +13,23 @@
 //! * `noise_only`: drawing the step's noise (one value per parameter), the
 //!   part of `dp_ghost` that clipping does not explain.
 //!
+//! * The transformer (`candle_dp::models::Gpt`: 4 layers, d = 256, 4 heads,
+//!   vocabulary 256, T = 128, B = 32, 3.3 M parameters), per-sequence
+//!   cross-entropy: `non_private` and `dp_ghost` on every weight (`full`) and
+//!   on LoRA adapters of rank 8 over a frozen base (`lora`; the base is plain
+//!   tensors in both, so neither computes its weight gradients), with
+//!   `noise_only` for the trained parameters of each.
+//!
 //! Threads: one (`RAYON_NUM_THREADS=1` unless set), since on a loaded
 //! 2-core machine Candle's default threading is slower and noisier
 //! (../shared/CANDLE.md). Allocator: the system's (glibc malloc, default
 //! settings). Report ratios to `non_private` from the same run.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_dp::{loss, DpOptimizer, Engine, GaussianNoise, PoissonSampler};
+use candle_dp::models::{Adapters, Flavor, Gpt, GptConfig};
+use candle_dp::{loss, DpOptimizer, Engine, GaussianNoise, LoraConfig, PoissonSampler};
 use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
-use criterion::{BenchmarkId, Criterion};
+use criterion::{BenchmarkId, Criterion, SamplingMode};
 
 /// The MLP or the CNN, over any layer constructors.
 enum Net<L, C> {
@@ -140,6 +148,71 @@ fn dp_step(c: &mut Criterion) {
     group.finish();
 }
 
+/// The transformer of the goals.
+const GPT: GptConfig = GptConfig { vocab_size: 256, context: 128, d_model: 256, n_layers: 4, n_heads: 4 };
+const GPT_BATCH: usize = 32;
+
+fn transformer_step(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let mut group = c.benchmark_group("dp_step_transformer");
+    // Seconds per step: flat sampling, ten steps per sample set.
+    group.sample_size(10).sampling_mode(SamplingMode::Flat);
+    let (b, t) = (GPT_BATCH, GPT.context);
+    let ids = |offset: u32| -> Tensor {
+        let v: Vec<u32> =
+            (0..(b * t) as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 7).wrapping_add(offset) % 256).collect();
+        Tensor::from_vec(v, (b, t), &dev).unwrap()
+    };
+    let (x, y) = (ids(0), ids(1));
+    let sequence_losses = |m: &Gpt| loss::sequence_cross_entropy(&m.forward(&x).unwrap(), &y).unwrap();
+
+    // The base weights as plain tensors (frozen for LoRA) and as variables (for full).
+    let full = VarMap::new();
+    let (dp_full, plain_full) = (
+        Gpt::new(GPT, VarBuilder::from_varmap(&full, DType::F32, &dev), Flavor::Dp, None).unwrap(),
+        Gpt::new(GPT, VarBuilder::from_varmap(&full, DType::F32, &dev), Flavor::Plain, None).unwrap(),
+    );
+    let base: std::collections::HashMap<String, Tensor> =
+        full.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
+    let adapter = VarMap::new();
+    let lora = |flavor| {
+        let adapters = Adapters {
+            config: LoraConfig { rank: 8, alpha: 16.0 },
+            vb: VarBuilder::from_varmap(&adapter, DType::F32, &dev),
+        };
+        Gpt::new(GPT, VarBuilder::from_tensors(base.clone(), DType::F32, &dev), flavor, Some(adapters)).unwrap()
+    };
+    let (dp_lora, plain_lora) = (lora(Flavor::Dp), lora(Flavor::Plain));
+
+    for (name, varmap, dp, plain) in [("full", &full, &dp_full, &plain_full), ("lora", &adapter, &dp_lora, &plain_lora)]
+    {
+        let vars = candle_dp::vars_by_name(varmap);
+        let mut sgd = SGD::new(vars.clone(), 0.01).unwrap();
+        group.bench_function(BenchmarkId::new("non_private", name), |bench| {
+            bench.iter(|| sgd.backward_step(&sequence_losses(plain).tensor().mean_all().unwrap()).unwrap())
+        });
+        let mut ghost = DpOptimizer::<SGD>::builder(vars.clone(), PoissonSampler::seeded(b, 1.0, 0).unwrap())
+            .noise_multiplier(1.0)
+            .noise(GaussianNoise::from_seed(0))
+            .build(0.01)
+            .unwrap();
+        group.bench_function(BenchmarkId::new("dp_ghost", name), |bench| {
+            bench.iter(|| {
+                let s = ghost.train_step(|_| Ok(sequence_losses(dp))).unwrap();
+                assert_eq!(s.examples, b, "q = 1 draws every example");
+            })
+        });
+        drop(ghost);
+        let params: usize = vars.iter().map(|v| v.elem_count()).sum();
+        let mut noise = GaussianNoise::from_seed(1);
+        let mut buf = vec![0.0f64; params];
+        group.bench_function(BenchmarkId::new("noise_only", name), |bench| {
+            bench.iter(|| noise.add_to_f64(&mut buf, 1.0))
+        });
+    }
+    group.finish();
+}
+
 fn main() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         // Before any thread pool exists: pins Candle's CPU kernels to one thread.
@@ -151,5 +224,6 @@ fn main() {
     );
     let mut c = Criterion::default().configure_from_args();
     dp_step(&mut c);
+    transformer_step(&mut c);
     c.final_summary();
 }
