@@ -147,26 +147,11 @@ impl Module for Projection {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Projection::Dp(l) => l.forward(x),
+            Projection::Plain(l) => l.forward(x),
             Projection::Lora(l) => l.forward(x),
-            // candle-nn's linear over `[B, T, d]` multiplies by the weight
-            // broadcast over the batch, and its backward sums B weight
-            // gradients; over `[B T, d]` it is one matmul each way.
-            Projection::Plain(l) => over_rows(x, |x| l.forward(x)),
-            Projection::PlainLora { base, a, b, scale } => {
-                over_rows(x, |x| base.forward(x)? + (b.forward(&a.forward(x)?)? * *scale)?)
-            }
+            Projection::PlainLora { base, a, b, scale } => base.forward(x)? + (b.forward(&a.forward(x)?)? * *scale)?,
         }
     }
-}
-
-/// `f` applied to `x [.., d]` viewed as rows `[n, d]`, reshaped back.
-fn over_rows(x: &Tensor, f: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> candle_core::Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let Some((&d, lead)) = dims.split_last() else { return f(x) };
-    let y = f(&x.reshape(((), d))?)?;
-    let mut out = lead.to_vec();
-    out.push(y.dim(1)?);
-    y.reshape(out)
 }
 
 /// Layer norm's epsilon (GPT-2's).
