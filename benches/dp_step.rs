@@ -16,9 +16,9 @@
 //! * The transformer (`candle_dp::models::Gpt`: 4 layers, d = 256, 4 heads,
 //!   vocabulary 256, T = 128, B = 32, 3.3 M parameters), per-sequence
 //!   cross-entropy: `non_private` and `dp_ghost` on every weight (`full`) and
-//!   on LoRA adapters of rank 8 over a frozen base (`lora`; the base is plain
-//!   tensors in both, so neither computes its weight gradients), with
-//!   `noise_only` for the trained parameters of each.
+//!   on LoRA adapters of rank 8 over a frozen base (`lora`: plain tensors
+//!   under frozen `DpLinear`s in both, so neither computes the base's weight
+//!   gradients), with `noise_only` for the trained parameters of each.
 //!
 //! Threads: one (`RAYON_NUM_THREADS=1` unless set), since on a loaded
 //! 2-core machine Candle's default threading is slower and noisier

@@ -6,17 +6,20 @@
 //!   (a LoRA `A` of rank 8); `d` 256 and 1024; `T` 64 to 512 positions;
 //!   `B = 4` examples (both costs are linear in `B`); f32 factors with
 //!   Gaussian entries.
-//! * `gram` and `materialize` force the method; the engine's own choice is
-//!   printed before the measurements with whether the f32 bound was loose
-//!   enough to be computed again in f64 (which both methods may do).
+//! * `gram` and `materialize` force the method; the engine's own choice
+//!   (`chooses_gram`) is printed before the measurements, with the choices
+//!   of two simpler rules and whether each method's f32 bound was loose
+//!   enough for it to run in f64.
 //! * Flops: the Gram form costs `2 B T^2 (p + d)`, materializing
 //!   `2 B T p d`, so by flops Gram wins when `T (p + d) < p d`; by memory
-//!   (`B T^2` against `B p d`) when `T^2 < p d`, the engine's rule.
+//!   (`B T^2` against `B p d`) when `T^2 < p d` (Li et al. 2021). The
+//!   engine's rule is the flop count with each side doubled where it is
+//!   expected to run in f64.
 //!
 //! One thread, as `dp_step`. Report each case's ratio gram / materialize.
 
-use candle_core::{Device, Tensor};
-use candle_dp::grad_sample::per_example::{linear_squared_norm_bounds, NormMethod};
+use candle_core::{DType, Device, Tensor};
+use candle_dp::grad_sample::per_example::{chooses_gram, linear_squared_norm_bounds, NormMethod};
 use criterion::{BenchmarkId, Criterion, SamplingMode};
 
 const B: usize = 4;
@@ -45,10 +48,12 @@ fn norm_rule(c: &mut Criterion) {
         let g = Tensor::randn(0f32, 1.0, (B, t, p), &dev).unwrap();
         let x = Tensor::randn(0f32, 1.0, (B, t, d), &dev).unwrap();
         let widened = |m| linear_squared_norm_bounds(&g, &x, m).unwrap().1;
-        let auto = if t * t <= p * d { "gram" } else { "materialize" };
+        let name_of = |gram: bool| if gram { "gram" } else { "materialize" };
         eprintln!(
-            "norm_rule/{name}: engine picks {auto}; flops favour {}; f64 again: gram {}, materialize {}",
-            if t * (p + d) < p * d { "gram" } else { "materialize" },
+            "norm_rule/{name}: engine picks {}; flops favour {}; memory {}; in f64: gram {}, materialize {}",
+            name_of(chooses_gram(t, p, d, DType::F32, false)),
+            name_of(t * (p + d) <= p * d),
+            name_of(t * t <= p * d),
             widened(NormMethod::Gram),
             widened(NormMethod::Materialize),
         );

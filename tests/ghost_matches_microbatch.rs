@@ -7,6 +7,7 @@ mod common;
 use candle_core::{DType, Module, Tensor, D};
 use candle_dp::grad_sample::ghost::GhostEngine;
 use candle_dp::grad_sample::microbatch::clip_microbatch;
+use candle_dp::grad_sample::per_example::chooses_gram;
 use candle_dp::{loss, ClipMode};
 use candle_nn::VarMap;
 use common::{mlp_pair, rel_diff, set_deterministic, tensor, vars_by_name};
@@ -56,9 +57,13 @@ fn ghost_matches_microbatch_mlp_f32() {
     check_mlp(DType::F32, 1e-4, 0.5);
 }
 
-/// `[B, T, d]` inputs, in both regimes: the Gram form (`T^2 <= d p`) and the
-/// materialized per-example gradient (`T^2 > d p`); and a layer used twice.
-fn check_sequence(dtype: DType, tol: f64, t: usize, d: usize, p: usize, twice: bool) {
+/// `[B, T, d]` inputs, in both regimes, `gram` saying which the engine must
+/// choose for both layers (`chooses_gram`: by time, roughly Gram where
+/// `T (d + p) <= d p`); and a layer used twice.
+fn check_sequence(dtype: DType, tol: f64, t: usize, d: usize, p: usize, twice: bool, gram: bool) {
+    let uses = if twice { 2 } else { 1 };
+    assert_eq!(chooses_gram(t, p, d, dtype, false), gram, "the first layer's regime");
+    assert_eq!(chooses_gram(uses * t, p, p, dtype, false), gram, "the second layer's regime");
     let varmap = VarMap::new();
     let vb = candle_nn::VarBuilder::from_varmap(&varmap, dtype, &candle_core::Device::Cpu);
     let dp = candle_dp::linear(d, p, vb.pp("seq")).unwrap();
@@ -102,20 +107,21 @@ fn check_sequence(dtype: DType, tol: f64, t: usize, d: usize, p: usize, twice: b
 
 #[test]
 fn ghost_matches_microbatch_sequence_gram_form() {
-    check_sequence(DType::F64, 1e-9, 3, 4, 5, false); // 9 <= 20
-    check_sequence(DType::F32, 1e-4, 3, 4, 5, false);
+    check_sequence(DType::F64, 1e-9, 3, 16, 16, false, true);
+    check_sequence(DType::F32, 1e-4, 3, 16, 16, false, true);
 }
 
 #[test]
 fn ghost_matches_microbatch_sequence_materialized() {
-    check_sequence(DType::F64, 1e-9, 8, 2, 3, false); // 64 > 6
-    check_sequence(DType::F32, 1e-4, 8, 2, 3, false);
+    check_sequence(DType::F64, 1e-9, 8, 2, 3, false, false);
+    check_sequence(DType::F32, 1e-4, 8, 2, 3, false, false);
 }
 
 #[test]
 fn a_layer_used_twice_accounts_both_uses() {
-    check_sequence(DType::F64, 1e-9, 3, 4, 5, true);
-    check_sequence(DType::F64, 1e-9, 1, 4, 5, true);
+    check_sequence(DType::F64, 1e-9, 3, 16, 16, true, true);
+    check_sequence(DType::F64, 1e-9, 8, 2, 3, true, false);
+    check_sequence(DType::F64, 1e-9, 1, 4, 5, true, true);
 }
 
 /// A backward pass of the caller's own on another forward (say, a logging

@@ -82,9 +82,11 @@ fn embedding_tied_to_output_projection_one_position() {
 }
 
 /// One weight `[d, d]` shared by two linear layers with their own biases,
-/// the first of them applied twice, on `[B, T, d]` inputs.
-fn linear_tied_to_linear(t: usize, d: usize) {
+/// the first of them applied twice, on `[B, T, d]` inputs; `gram`: the
+/// regime the engine must choose for the weight's `3 T` positions.
+fn linear_tied_to_linear(t: usize, d: usize, gram: bool) {
     let dtype = DType::F64;
+    assert_eq!(candle_dp::grad_sample::per_example::chooses_gram(3 * t, d, d, dtype, false), gram);
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
     let first = candle_dp::linear(d, d, vb.pp("first")).unwrap();
@@ -119,11 +121,11 @@ fn linear_tied_to_linear(t: usize, d: usize) {
 
 #[test]
 fn linear_tied_to_linear_both_regimes() {
-    // Three uses of 4 positions: T = 12, T^2 = 144 <= d^2 = 144 (Gram).
-    linear_tied_to_linear(4, 12);
-    // T = 15, T^2 = 225 > d^2 = 16: materialized.
-    linear_tied_to_linear(5, 4);
-    linear_tied_to_linear(1, 3);
+    // Three uses of 2 positions: 6 (d + d) = 192 <= d^2 = 256 multiply-adds (Gram).
+    linear_tied_to_linear(2, 16, true);
+    // 15 positions: 15 (4 + 4) > 16, materialized.
+    linear_tied_to_linear(5, 4, false);
+    linear_tied_to_linear(1, 3, false);
 }
 
 #[test]

@@ -9,6 +9,7 @@ mod common;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_dp::grad_sample::ghost::GhostEngine;
+use candle_dp::grad_sample::microbatch::clip_microbatch;
 use candle_dp::models::{Adapters, Flavor, Gpt, GptConfig};
 use candle_dp::optim::AdamW;
 use candle_dp::{loss, ClipMode, DpOptimizer, GaussianNoise, LoraConfig, PerSampleLoss, PoissonSampler};
@@ -16,12 +17,19 @@ use candle_nn::{VarBuilder, VarMap};
 use common::{ghost_vs_oracle, set_deterministic, take, vars_by_name};
 
 const CFG: GptConfig = GptConfig { vocab_size: 11, context: 6, d_model: 8, n_layers: 2, n_heads: 2 };
+/// Wide enough that every layer's norms take the Gram form (`CFG`'s mostly
+/// materialize): both regimes of the engine on the whole model.
+const WIDE: GptConfig = GptConfig { vocab_size: 32, context: 6, d_model: 32, n_layers: 2, n_heads: 2 };
 const B: usize = 5;
 const T: usize = 6;
 
 /// `B` sequences of `T + 1` tokens: inputs and next-token targets.
 fn tokens() -> (Tensor, Tensor) {
-    let ids: Vec<u32> = (0..B * (T + 1)).map(|i| ((i * 7 + i / 3) % CFG.vocab_size) as u32).collect();
+    tokens_of(&CFG)
+}
+
+fn tokens_of(cfg: &GptConfig) -> (Tensor, Tensor) {
+    let ids: Vec<u32> = (0..B * (T + 1)).map(|i| ((i * 7 + i / 3) % cfg.vocab_size) as u32).collect();
     let all = Tensor::from_vec(ids, (B, T + 1), &Device::Cpu).unwrap();
     (all.narrow(1, 0, T).unwrap().contiguous().unwrap(), all.narrow(1, 1, T).unwrap().contiguous().unwrap())
 }
@@ -83,7 +91,8 @@ fn subset(varmap: &VarMap, keep: impl Fn(&str) -> bool) -> VarMap {
 /// is the sum of its sequence's loss and of a second sequence's through the
 /// same model (cross terms between the two uses enter its norm).
 fn twice_losses(model: &Gpt, x: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
-    let ids: Vec<u32> = x.flatten_all()?.to_vec1::<u32>()?.iter().map(|t| (t + 3) % CFG.vocab_size as u32).collect();
+    let vocab = model.config().vocab_size as u32;
+    let ids: Vec<u32> = x.flatten_all()?.to_vec1::<u32>()?.iter().map(|t| (t + 3) % vocab).collect();
     let shifted = Tensor::from_vec(ids, x.dims(), x.device())?;
     losses(model, x, y)? + losses(model, &shifted, y)?
 }
@@ -92,44 +101,75 @@ fn frozen(name: &str) -> bool {
     name.starts_with("h.0.") || name.starts_with("wpe")
 }
 
+/// In both regimes: `CFG` materializes the per-example gradients of every
+/// projection and of the tied table, `WIDE` takes the Gram form for all of
+/// them (the cross terms between uses then come from the Gram products).
 #[test]
 fn frozen_layers_and_layers_used_twice_clip_as_the_oracle() {
-    let varmap = VarMap::new();
-    let dp = Gpt::new(CFG, vb(&varmap), Flavor::Dp, None).unwrap();
-    let plain = Gpt::new(CFG, vb(&varmap), Flavor::Plain, None).unwrap();
-    set_deterministic(&varmap, 4).unwrap();
-    let trained = subset(&varmap, |n| !frozen(n));
-    let names: Vec<String> = trained.data().lock().unwrap().keys().cloned().collect();
-    assert!(names.iter().any(|n| n == "wte.weight") && names.iter().any(|n| n.starts_with("h.1.")), "{names:?}");
-    assert!(names.len() < varmap.all_vars().len(), "some layers are frozen");
-    let (x, y) = tokens();
-    let plain_loss = |i: usize| twice_losses(&plain, &take(&x, &[i]), &take(&y, &[i]))?.sum_all();
-    ghost_vs_oracle(&trained, B, || twice_losses(&dp, &x, &y), plain_loss, 0.05, 1e-9, "gpt, frozen and twice");
+    use candle_dp::grad_sample::per_example::chooses_gram;
+    for (cfg, gram) in [(CFG, false), (WIDE, true)] {
+        let d = cfg.d_model;
+        // Two forwards of T positions per projection; the table: T one-hot
+        // and T dense positions per forward.
+        for (p, c) in [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)] {
+            assert_eq!(chooses_gram(2 * T, p, c, DType::F64, false), gram, "{cfg:?}: projection [{p}, {c}]");
+        }
+        assert_eq!(chooses_gram(4 * T, cfg.vocab_size, d, DType::F64, true), gram, "{cfg:?}: the tied table");
+        let varmap = VarMap::new();
+        let dp = Gpt::new(cfg, vb(&varmap), Flavor::Dp, None).unwrap();
+        let plain = Gpt::new(cfg, vb(&varmap), Flavor::Plain, None).unwrap();
+        set_deterministic(&varmap, 4).unwrap();
+        let trained = subset(&varmap, |n| !frozen(n));
+        let names: Vec<String> = trained.data().lock().unwrap().keys().cloned().collect();
+        assert!(names.iter().any(|n| n == "wte.weight") && names.iter().any(|n| n.starts_with("h.1.")), "{names:?}");
+        assert!(names.len() < varmap.all_vars().len(), "some layers are frozen");
+        let (x, y) = tokens_of(&cfg);
+        let plain_loss = |i: usize| twice_losses(&plain, &take(&x, &[i]), &take(&y, &[i]))?.sum_all();
+        let what = format!("gpt d = {d}, frozen and twice");
+        ghost_vs_oracle(&trained, B, || twice_losses(&dp, &x, &y), plain_loss, 0.05, 1e-9, &what);
+    }
 }
 
-/// On the same model in f32, each sequence alone contributes a clipped
-/// gradient of norm at most C, for C from far below to above the gradients'
-/// norms; and exactly C (up to f32 rounding, 2e-4) when it is clipped.
+/// On the same model in f32 (both widths), each sequence alone contributes
+/// a clipped gradient of norm at most C, for C from far below to above the
+/// gradients' norms, and within 2e-4 of C when it is clipped (the clip
+/// margin, 1e-4, and the norm's rounding bound); and the engine's norm is
+/// never below the microbatch oracle's (a use it dropped would lower both
+/// its norm and its sum, and pass the first check).
 #[test]
 fn no_sequence_contributes_more_than_the_clipping_norm() {
-    let varmap = VarMap::new();
-    let dp = Gpt::new(CFG, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), Flavor::Dp, None).unwrap();
-    set_deterministic(&varmap, 12).unwrap();
-    let trained = subset(&varmap, |n| !frozen(n));
-    let engine = GhostEngine::new(&vars_by_name(&trained)).unwrap();
-    let (x, y) = tokens();
     let (mut clipped, mut unclipped) = (0, 0);
-    for i in 0..B {
-        for c in [1e-3, 0.1, 1.0, 10.0, 1e3] {
-            let l = PerSampleLoss::new(twice_losses(&dp, &take(&x, &[i]), &take(&y, &[i])).unwrap()).unwrap();
-            let out = engine.clip(&l, &ClipMode::Flat, c).unwrap();
-            let total = out.clipped_sums.iter().map(|t| common::norm(t).powi(2)).sum::<f64>().sqrt();
-            assert!(total <= c, "sequence {i}, C = {c}: contribution {total}");
-            if out.norms[0] > c {
-                clipped += 1;
-                assert!(total > c * (1.0 - 2e-4), "sequence {i}, C = {c}: clipped to {total}");
-            } else {
-                unclipped += 1;
+    for cfg in [CFG, WIDE] {
+        let varmap = VarMap::new();
+        let f32_vb = || VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let dp = Gpt::new(cfg, f32_vb(), Flavor::Dp, None).unwrap();
+        let plain = Gpt::new(cfg, f32_vb(), Flavor::Plain, None).unwrap();
+        set_deterministic(&varmap, 12).unwrap();
+        let trained = subset(&varmap, |n| !frozen(n));
+        let vars = vars_by_name(&trained);
+        let engine = GhostEngine::new(&vars).unwrap();
+        let (x, y) = tokens_of(&cfg);
+        for i in 0..B {
+            let (xi, yi) = (take(&x, &[i]), take(&y, &[i]));
+            let oracle = clip_microbatch(&vars, 1, |_| twice_losses(&plain, &xi, &yi)?.sum_all(), 1.0).unwrap();
+            for c in [1e-3, 0.1, 1.0, 10.0, 1e3] {
+                let l = PerSampleLoss::new(twice_losses(&dp, &xi, &yi).unwrap()).unwrap();
+                let out = engine.clip(&l, &ClipMode::Flat, c).unwrap();
+                assert!(
+                    out.norms[0] >= oracle.norms[0] * (1.0 - 1e-5),
+                    "d = {}, sequence {i}: norm {} below the oracle's {}",
+                    cfg.d_model,
+                    out.norms[0],
+                    oracle.norms[0]
+                );
+                let total = out.clipped_sums.iter().map(|t| common::norm(t).powi(2)).sum::<f64>().sqrt();
+                assert!(total <= c, "sequence {i}, C = {c}: contribution {total}");
+                if out.norms[0] > c {
+                    clipped += 1;
+                    assert!(total > c * (1.0 - 2e-4), "sequence {i}, C = {c}: clipped to {total}");
+                } else {
+                    unclipped += 1;
+                }
             }
         }
     }

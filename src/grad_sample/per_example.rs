@@ -72,16 +72,11 @@ pub(crate) fn work_dtype(dtype: DType) -> DType {
 }
 
 /// `gamma_n = n u / (1 - n u)` for the unit roundoff `u` of `dtype`'s
-/// matmuls on `device`: `2^-53` for f64, `2^-24` for f32, and `2^-11` for
-/// f32 on a CUDA device whose matmuls Candle is set to run in reduced
-/// precision (TF32). Infinite where `n u >= 1/2` (no useful bound).
-fn gamma(n: usize, dtype: DType, device: &Device) -> f64 {
-    // Candle's flag is process-wide, and without the CUDA backend it reads
-    // `true`: it says nothing about a matmul on the CPU.
-    let reduced = device.is_cuda() && candle_core::cuda::gemm_reduced_precision_f32();
+/// matmuls: `2^-53` for f64, `2^-24` for f32 (TF32 matmuls never compute
+/// norms or sums: see [`ParamGrads::new`]). Infinite where `n u >= 1/2`.
+fn gamma(n: usize, dtype: DType) -> f64 {
     let u = match dtype {
         DType::F64 => f64::EPSILON / 2.0,
-        _ if reduced => 2f64.powi(-11),
         _ => f32::EPSILON as f64 / 2.0,
     };
     let nu = n as f64 * u;
@@ -90,6 +85,52 @@ fn gamma(n: usize, dtype: DType, device: &Device) -> f64 {
     } else {
         f64::INFINITY
     }
+}
+
+/// Whether Candle runs f32 matmuls on `device` in reduced precision (TF32:
+/// inputs rounded to 11 bits). Candle's flag is process-wide, and without
+/// the CUDA backend it reads `true`: it says nothing about the CPU.
+fn reduced_precision_f32(device: &Device) -> bool {
+    device.is_cuda() && candle_core::cuda::gemm_reduced_precision_f32()
+}
+
+/// An `f32` rounding bound is tight enough to use when it inflates the
+/// squared norm by at most this fraction; else the norms run again in `f64`.
+const TIGHT: f64 = 1e-3;
+
+/// Whether a relative error (an infinite or NaN one included) is above [`TIGHT`].
+fn loose(rel_error: f64) -> bool {
+    rel_error.is_nan() || rel_error > TIGHT
+}
+
+/// Whether the `f32` bound of the Gram form (`T` positions of dense uses,
+/// a parameter `[r, c]`) is expected to be too loose, for positions that
+/// are not correlated (`S^2 ~ T q`).
+fn gram_expected_loose(t: usize, r: usize, c: usize, work: DType) -> bool {
+    work != DType::F64 && loose(gamma(r + c, work) * t as f64)
+}
+
+/// The same for materialized gradients (`|g| ~ S / sqrt(T)`).
+fn materialized_expected_loose(t: usize, work: DType) -> bool {
+    work != DType::F64 && loose(2.0 * gamma(t, work) * (t as f64).sqrt())
+}
+
+/// Whether the engine computes the norms of a parameter `[r, c]` with `t`
+/// positions of outer-product uses in the Gram form, in precision `work`;
+/// `one_hot` if some use has one-hot rows. See [`ParamGrads`]'s `ghost`.
+#[doc(hidden)]
+pub fn chooses_gram(t: usize, r: usize, c: usize, work: DType, one_hot: bool) -> bool {
+    if one_hot {
+        return t.saturating_mul(t) <= r.saturating_mul(c);
+    }
+    if t == 1 {
+        return true; // |u|^2 |v|^2: exact, no Gram matrix
+    }
+    let (tf, rf, cf) = (t as f64, r as f64, c as f64);
+    let twice = |loose: bool| if loose { 2.0 } else { 1.0 };
+    let gram = tf * tf * (rf + cf) * twice(gram_expected_loose(t, r, c, work));
+    let materialized = tf * rf * cf * twice(materialized_expected_loose(t, work));
+    gram <= materialized
 }
 
 /// `g s`, with a zero `s` contributing nothing even when `g` is infinite.
@@ -132,7 +173,10 @@ pub(crate) struct ParamGrads {
     one_hot: Option<(Tensor, Tensor)>,
     materialized: Option<Tensor>,
     shape: Vec<usize>,
+    /// The precision of the computations.
     work: DType,
+    /// The precision of the clipped sum ([`work_dtype`]).
+    out: DType,
     method: NormMethod,
 }
 
@@ -168,8 +212,21 @@ pub fn linear_squared_norm_bounds(g: &Tensor, x: &Tensor, method: NormMethod) ->
 
 impl ParamGrads {
     /// Gathers `uses` of a parameter of `shape` and `dtype`.
+    ///
+    /// The computations run in [`work_dtype`], except that `f32` runs in
+    /// `f64` where Candle's f32 matmuls on the device are TF32: their inputs
+    /// are rounded to 11 bits, so neither the `f32` bounds nor the clipped
+    /// sum's precision (the sensitivity) would hold.
     pub(crate) fn new(uses: Vec<UseGrad>, shape: &[usize], dtype: DType) -> candle_core::Result<Self> {
-        let work = work_dtype(dtype);
+        let out = work_dtype(dtype);
+        let device = uses.first().map(|u| match u {
+            UseGrad::Outer { cols, .. } => cols.device().clone(),
+            UseGrad::Materialized(m) => m.device().clone(),
+        });
+        let work = match device {
+            Some(d) if out == DType::F32 && reduced_precision_f32(&d) => DType::F64,
+            _ => out,
+        };
         let (mut du, mut dv, mut ids, mut hv, mut mat) = (vec![], vec![], vec![], vec![], None::<Tensor>);
         for u in uses {
             match u {
@@ -186,16 +243,7 @@ impl ParamGrads {
         }
         let dense = cat_t(du)?.zip(cat_t(dv)?);
         let one_hot = cat_t(ids)?.zip(cat_t(hv)?);
-        Ok(Self { dense, one_hot, materialized: mat, shape: shape.to_vec(), work, method: NormMethod::Auto })
-    }
-
-    /// The device the factors live on.
-    fn device(&self) -> candle_core::Result<Device> {
-        let first = self.dense.as_ref().map(|(_, v)| v).or(self.one_hot.as_ref().map(|(_, v)| v));
-        match (first, &self.materialized) {
-            (Some(v), _) | (None, Some(v)) => Ok(v.device().clone()),
-            (None, None) => Err(candle_core::Error::Msg("no captured use".into())),
-        }
+        Ok(Self { dense, one_hot, materialized: mat, shape: shape.to_vec(), work, out, method: NormMethod::Auto })
     }
 
     /// Whether no use was captured.
@@ -224,32 +272,20 @@ impl ParamGrads {
     ///   materialized gradients `B r c`, a vocabulary-sized table per example).
     /// * Dense uses only, by time: Gram costs `T^2 (r + c)` multiply-adds
     ///   per example, materializing `T r c`, and each doubles when its `f32`
-    ///   bound is expected to be too loose so that it runs again in `f64`
-    ///   ([`Self::squared_norm_bounds`]; expected for positions that are not
-    ///   correlated: Gram when `gamma_{r+c} T > 10^-3`, materialized when
-    ///   `2 gamma_T sqrt(T) > 10^-3`). Measured by `benches/norm_rule.rs`
-    ///   (d 256 and 1024, T 64 to 512, square, MLP and LoRA layers), this
-    ///   picks the faster method in all 24 cases; `T^2 <= r c` did in 18,
-    ///   and up to 4.3 times slower in the others.
+    ///   bound is expected to be too loose, so that it runs in `f64`
+    ///   ([`gram_expected_loose`], [`materialized_expected_loose`]); one
+    ///   position is always the exact product `|u|^2 |v|^2`. Measured by
+    ///   `benches/norm_rule.rs` (d 256 and 1024, T 64 to 512, square, MLP
+    ///   and LoRA layers); the README gives the numbers.
     fn ghost(&self) -> candle_core::Result<bool> {
         if self.materialized.is_some() {
             return Ok(false);
         }
         let (r, c) = self.rows_cols();
-        let t = self.positions()?;
         Ok(match self.method {
             NormMethod::Gram => true,
             NormMethod::Materialize => false,
-            NormMethod::Auto if self.one_hot.is_some() => t.saturating_mul(t) <= r.saturating_mul(c),
-            NormMethod::Auto => {
-                let dev = self.device()?;
-                let f32_loose = |rel_error: f64| self.work != DType::F64 && (rel_error.is_nan() || rel_error > 1e-3);
-                let (tf, rf, cf) = (t as f64, r as f64, c as f64);
-                let gram = tf * tf * (rf + cf) * if f32_loose(gamma(r + c, self.work, &dev) * tf) { 2.0 } else { 1.0 };
-                let materialized =
-                    tf * rf * cf * if f32_loose(2.0 * gamma(t, self.work, &dev) * tf.sqrt()) { 2.0 } else { 1.0 };
-                gram <= materialized
-            }
+            NormMethod::Auto => chooses_gram(self.positions()?, r, c, self.work, self.one_hot.is_some()),
         })
     }
 
@@ -296,6 +332,7 @@ impl ParamGrads {
             materialized: self.materialized.clone(),
             shape: self.shape.clone(),
             work: DType::F64,
+            out: self.out,
             method: self.method,
         })
     }
@@ -311,16 +348,34 @@ impl ParamGrads {
 
     /// [`Self::squared_norm_bounds`], and whether they were computed again in `f64`.
     fn squared_norm_bounds_widening(&self, b: usize) -> Result<(Vec<f64>, bool)> {
+        if self.work != DType::F64 && self.expected_loose()? {
+            // Skip an f32 pass whose bound would be thrown away.
+            return Ok((self.widened()?.squared_norm_bounds(b)?, true));
+        }
         let (estimates, errors) = self.estimates_and_errors(b)?;
-        // Tight only when comparable: an infinite or NaN bound is loose.
-        let tight = |q: f64, e: f64| e <= 1e-3 * q.abs();
-        let loose = estimates.iter().zip(&errors).any(|(q, e)| !tight(*q, *e));
-        if loose && self.work != DType::F64 {
+        // Tight only when comparable: an infinite norm or a NaN is loose.
+        let tight = |q: f64, e: f64| q.is_finite() && (e == 0.0 || !loose(e / q.abs()));
+        if self.work != DType::F64 && !estimates.iter().zip(&errors).all(|(q, e)| tight(*q, *e)) {
             return Ok((self.widened()?.squared_norm_bounds(b)?, true));
         }
         // A rounded estimate may dip below 0; a NaN must stay NaN (f64::max
         // would turn it into 0 and let a NaN gradient through).
         Ok((estimates.iter().zip(&errors).map(|(q, e)| if *q < 0.0 { *e } else { q + e }).collect(), false))
+    }
+
+    /// Whether the `f32` bound of the dense uses (the only ones, more than
+    /// one position) is expected to be too loose for the method chosen.
+    fn expected_loose(&self) -> candle_core::Result<bool> {
+        let t = self.positions()?;
+        if self.one_hot.is_some() || self.materialized.is_some() || t <= 1 {
+            return Ok(false);
+        }
+        let (r, c) = self.rows_cols();
+        Ok(if self.ghost()? {
+            gram_expected_loose(t, r, c, self.work)
+        } else {
+            materialized_expected_loose(t, self.work)
+        })
     }
 
     /// Per example, the computed squared norm and a bound on its rounding error.
@@ -338,7 +393,7 @@ impl ParamGrads {
         if !self.ghost()? {
             let (sd, sh) = self.position_norm_sums(b)?;
             let q = to_f64_vec(&squared_norms(&self.materialize()?)?)?;
-            let g = gamma(t, self.work, &self.device()?);
+            let g = gamma(t, self.work);
             // |g| <= |fl(g)| + gamma_T S, so |g|^2 <= (sqrt(q) + gamma_T S)^2.
             let err =
                 q.iter().zip(sd.iter().zip(&sh)).map(|(q, (d, h))| (q.sqrt() + scaled(g, d + h)).powi(2) - q).collect();
@@ -374,8 +429,7 @@ impl ParamGrads {
         // Dense-row Gram entries are dot products over r and c; the one-hot
         // and cross terms' only rounded dot products are over c.
         let (sd, sh) = self.position_norm_sums(b)?;
-        let dev = self.device()?;
-        let (gd, gc) = (gamma(r + c, self.work, &dev), gamma(c, self.work, &dev));
+        let (gd, gc) = (gamma(r + c, self.work), gamma(c, self.work));
         let err = sd.iter().zip(&sh).map(|(d, h)| scaled(gd, d * d) + scaled(gc, h * h + 2.0 * d * h)).collect();
         Ok((q, err))
     }
@@ -403,8 +457,8 @@ impl ParamGrads {
         }
     }
 
-    /// `sum_i c_i grad_i` in the parameter's shape and the work precision
-    /// ([`work_dtype`]), with `c [B]` in `f64`: one weighted matmul for dense
+    /// `sum_i c_i grad_i` in the parameter's shape and [`work_dtype`]
+    /// (computed in the work precision), with `c [B]` in `f64`: one weighted matmul for dense
     /// rows (Bu et al. 2023), one `index_add` for one-hot rows, the clip
     /// kernel for materialized gradients.
     pub(crate) fn clipped_sum(&self, c: &Tensor) -> Result<Tensor> {
@@ -428,7 +482,7 @@ impl ParamGrads {
             add(clip_accumulate(m, &c.to_dtype(DType::F64)?)?.to_dtype(self.work)?.reshape((r, cols))?)?;
         }
         match total {
-            Some(t) => Ok(t.reshape(self.shape.as_slice())?),
+            Some(t) => Ok(t.reshape(self.shape.as_slice())?.to_dtype(self.out)?),
             None => Err(candle_core::Error::Msg("no captured use to sum".into()).into()),
         }
     }
@@ -437,7 +491,6 @@ impl ParamGrads {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     /// Deterministic values in [-1, 1] (SplitMix64), as an f32 tensor.
     fn det(shape: &[usize], seed: u64) -> Tensor {
@@ -532,17 +585,44 @@ mod tests {
         check(&grads.squared_norm_bounds(b).unwrap(), &exact_of(&outer(&u, &v)), "materialized");
     }
 
-    /// On the CPU, f32 matmuls round at `2^-24` whatever Candle's (CUDA-only)
-    /// TF32 flag reads: without the CUDA backend it reads `true`, and taking
-    /// it at its word made every f32 bound loose (always recomputed in f64)
-    /// and, for `r + c >= 1024`, infinite, so that layers of width 1024
-    /// failed every step with a NaN norm.
+    /// On the CPU, f32 norms run in f32 with f32's unit roundoff whatever
+    /// Candle's (CUDA-only) TF32 flag reads: without the CUDA backend it reads
+    /// `true`, and taking it at its word made every f32 bound loose (always
+    /// recomputed in f64) and, for `c >= 1024`, `gamma_c` infinite, which
+    /// times a zero one-hot sum gave a NaN bound: layers 1024 wide failed
+    /// every step.
     #[test]
     fn f32_rounding_on_the_cpu_is_f32s() {
-        let g = gamma(1024, DType::F32, &Device::Cpu);
+        let (u, v) = (det(&[2, 3, 4], 1), det(&[2, 3, 1024], 2));
+        let grads =
+            ParamGrads::new(vec![UseGrad::Outer { rows: Rows::Dense(u), cols: v }], &[4, 1024], DType::F32).unwrap();
+        assert_eq!((grads.work, grads.out), (DType::F32, DType::F32));
+        let g = gamma(1024, DType::F32);
         assert!((g / (1024.0 * 2f64.powi(-24)) - 1.0).abs() < 1e-4, "{g}");
-        assert_eq!(gamma(1 << 23, DType::F32, &Device::Cpu), f64::INFINITY);
+        assert_eq!(gamma(1 << 23, DType::F32), f64::INFINITY);
         assert_eq!(scaled(f64::INFINITY, 0.0), 0.0);
+    }
+
+    /// The rule's regimes at the shapes `benches/norm_rule.rs` measured
+    /// (f32): where each method was the faster one.
+    #[test]
+    fn the_rule_picks_the_measured_faster_method() {
+        let f = DType::F32;
+        for (t, r, c, gram) in [
+            (64, 256, 256, true),
+            (128, 256, 256, false),
+            (128, 1024, 256, false),
+            (64, 1024, 256, true),
+            (512, 1024, 1024, true),
+            (512, 4096, 1024, true),
+            (64, 8, 1024, false),
+            (128, 8, 256, false),
+        ] {
+            assert_eq!(chooses_gram(t, r, c, f, false), gram, "T {t}, [{r}, {c}]");
+        }
+        assert!(chooses_gram(1, 1, 5, f, false), "one position: the exact product");
+        // One-hot uses: by memory.
+        assert!(chooses_gram(16, 256, 1, f, true) && !chooses_gram(17, 256, 1, f, true));
     }
 
     /// A layer `[256, 1024]` (an MLP's output projection at d = 256) over 8
@@ -568,7 +648,9 @@ mod tests {
     /// bound (the engine then refuses the step), in every regime.
     #[test]
     fn a_nan_factor_gives_a_nan_bound() {
-        for (t, r, c) in [(1, 3, 4), (3, 5, 6), (9, 2, 2)] {
+        // The exact one-position product, the Gram form, materialized.
+        for (t, r, c) in [(1, 3, 4), (3, 16, 16), (9, 2, 2)] {
+            assert_eq!(chooses_gram(t, r, c, DType::F32, false), t < 9);
             let mut u = f64s(&det(&[2, t, r], 41));
             u[r * t + 1] = f64::NAN; // example 1
             let u = Tensor::from_vec(u.iter().map(|&x| x as f32).collect::<Vec<_>>(), (2, t, r), &Device::Cpu).unwrap();

@@ -18,7 +18,11 @@
 //!   (as `[out, in]` weights, candle-nn's convention).
 //! * [`Flavor::Plain`] builds the same model from candle-nn's layers (for
 //!   non-private training and for the microbatch engine), and [`Adapters`]
-//!   puts LoRA on every projection of the blocks, the rest frozen.
+//!   puts LoRA on every projection of the blocks, the rest frozen. Frozen
+//!   projections (LoRA's bases, the tied head over a frozen table) are
+//!   `DpLinear`s in both flavours: no engine trains them, so they compute
+//!   input gradients only, where Candle's matmul backward would also compute
+//!   the frozen weight's.
 //!
 //! It lives in the library rather than in an example so that the tests
 //! (ghost engine against the microbatch oracle) and the benches run the very
@@ -106,9 +110,12 @@ enum Projection {
     Dp(DpLinear),
     Plain(candle_nn::Linear),
     Lora(LoraLinear),
-    /// LoRA from candle-nn's layers: the oracle's twin of [`Projection::Lora`].
+    /// LoRA from candle-nn's layers over a frozen base: the oracle's twin of
+    /// [`Projection::Lora`]. The base is a `DpLinear` that no engine trains
+    /// (input gradient only): candle-nn's would also compute the frozen
+    /// weight's gradient, which Candle's matmul backward always does.
     PlainLora {
-        base: candle_nn::Linear,
+        base: DpLinear,
         a: candle_nn::Linear,
         b: candle_nn::Linear,
         scale: f64,
@@ -124,7 +131,7 @@ impl Projection {
             });
         };
         let adapter_vb = ad.vb.pp(vb.prefix());
-        let base = candle_nn::linear(in_dim, out_dim, vb)?;
+        let base = linear(in_dim, out_dim, vb)?;
         Ok(match flavor {
             Flavor::Dp => {
                 Projection::Lora(lora_linear(base.weight().clone(), base.bias().cloned(), ad.config, adapter_vb)?)
@@ -217,11 +224,12 @@ impl Embedding {
         }
     }
 
-    /// The output projection tied to this table: `h wte^T`.
-    fn tied_head(&self) -> Projection {
+    /// The output projection tied to this table: `h wte^T`; with a frozen
+    /// table always a `DpLinear` (no weight gradient, as for [`Projection::PlainLora`]).
+    fn tied_head(&self, frozen: bool) -> Projection {
         match self {
-            Embedding::Dp(e) => Projection::Dp(DpLinear::new(e.embeddings().clone(), None)),
-            Embedding::Plain(e) => Projection::Plain(candle_nn::Linear::new(e.embeddings().clone(), None)),
+            Embedding::Plain(e) if !frozen => Projection::Plain(candle_nn::Linear::new(e.embeddings().clone(), None)),
+            _ => Projection::Dp(DpLinear::new(self.table().clone(), None)),
         }
     }
 }
@@ -306,7 +314,7 @@ impl Gpt {
             .map(|i| Block::new(&config, vb.pp(format!("h.{i}")), flavor, adapters.as_ref()))
             .collect::<Result<Vec<_>>>()?;
         let ln_f = Norm::new(config.d_model, vb.pp("ln_f"), flavor)?;
-        let head = wte.tied_head();
+        let head = wte.tied_head(adapters.is_some());
         Ok(Self { config, wte, wpe, blocks, ln_f, head })
     }
 
