@@ -76,6 +76,16 @@ fn build(cnn: bool, vb: VarBuilder) -> candle_core::Result<(DpNet, PlainNet)> {
     })
 }
 
+/// DP-SGD at learning rate 0.01, noise multiplier 1, a fixed noise seed.
+fn dp_sgd(vars: Vec<candle_core::Var>, sampler: PoissonSampler, engine: Engine) -> DpOptimizer<SGD> {
+    DpOptimizer::<SGD>::builder(vars, sampler)
+        .noise_multiplier(1.0)
+        .engine(engine)
+        .noise(GaussianNoise::from_seed(0))
+        .build(0.01)
+        .unwrap()
+}
+
 fn dp_step(c: &mut Criterion) {
     let dev = Device::Cpu;
     let mut group = c.benchmark_group("dp_step");
@@ -97,11 +107,7 @@ fn dp_step(c: &mut Criterion) {
             })
         });
 
-        let mut ghost = DpOptimizer::<SGD>::builder(varmap.all_vars(), sampler.clone())
-            .noise_multiplier(1.0)
-            .noise(GaussianNoise::from_seed(0))
-            .build(0.01)
-            .unwrap();
+        let mut ghost = dp_sgd(varmap.all_vars(), sampler.clone(), Engine::Ghost);
         group.bench_function(BenchmarkId::new("dp_ghost", name), |bench| {
             bench.iter(|| {
                 let idx = ghost.next_batch().unwrap();
@@ -123,12 +129,7 @@ fn dp_step(c: &mut Criterion) {
         // The microbatch engine takes a plain model: the same one over its own variables.
         let plain_map = VarMap::new();
         let (_, plain) = build(cnn, VarBuilder::from_varmap(&plain_map, DType::F32, &dev)).unwrap();
-        let mut micro = DpOptimizer::<SGD>::builder(plain_map.all_vars(), sampler)
-            .noise_multiplier(1.0)
-            .engine(Engine::Microbatch)
-            .noise(GaussianNoise::from_seed(0))
-            .build(0.01)
-            .unwrap();
+        let mut micro = dp_sgd(plain_map.all_vars(), sampler, Engine::Microbatch);
         group.sample_size(10);
         group.bench_function(BenchmarkId::new("dp_microbatch", name), |bench| {
             bench.iter(|| {
@@ -191,11 +192,7 @@ fn transformer_step(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("non_private", name), |bench| {
             bench.iter(|| sgd.backward_step(&sequence_losses(plain).tensor().mean_all().unwrap()).unwrap())
         });
-        let mut ghost = DpOptimizer::<SGD>::builder(vars.clone(), PoissonSampler::seeded(b, 1.0, 0).unwrap())
-            .noise_multiplier(1.0)
-            .noise(GaussianNoise::from_seed(0))
-            .build(0.01)
-            .unwrap();
+        let mut ghost = dp_sgd(vars.clone(), PoissonSampler::seeded(b, 1.0, 0).unwrap(), Engine::Ghost);
         group.bench_function(BenchmarkId::new("dp_ghost", name), |bench| {
             bench.iter(|| {
                 let s = ghost.train_step(|_| Ok(sequence_losses(dp))).unwrap();

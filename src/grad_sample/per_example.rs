@@ -518,6 +518,12 @@ mod tests {
         f64s(&g.to_dtype(DType::F64).unwrap().sqr().unwrap().sum((1, 2)).unwrap())
     }
 
+    /// One dense use `sum_t u_t v_t^T` of an f32 parameter `[r, c]`.
+    fn dense(u: &Tensor, v: &Tensor, r: usize, c: usize) -> ParamGrads {
+        ParamGrads::new(vec![UseGrad::Outer { rows: Rows::Dense(u.clone()), cols: v.clone() }], &[r, c], DType::F32)
+            .unwrap()
+    }
+
     /// `sum_t u_t v_t^T` in f64 from the (f32) factors.
     fn outer(u: &Tensor, v: &Tensor) -> Tensor {
         let (u, v) = (u.to_dtype(DType::F64).unwrap(), v.to_dtype(DType::F64).unwrap());
@@ -547,12 +553,7 @@ mod tests {
             let tiny = (det(&[b, 1, c], 10 * seed + 3) * (1e-3 * (seed + 1) as f64)).unwrap();
             let u = Tensor::cat(&[&base_u, &base_u.neg().unwrap()], 1).unwrap();
             let v = Tensor::cat(&[&base_v, &(&base_v + &tiny).unwrap()], 1).unwrap();
-            let grads = ParamGrads::new(
-                vec![UseGrad::Outer { rows: Rows::Dense(u.clone()), cols: v.clone() }],
-                &[r, c],
-                DType::F32,
-            )
-            .unwrap();
+            let grads = dense(&u, &v, r, c);
             assert!(grads.ghost().unwrap());
             let truth = exact_of(&outer(&u, &v));
             let raw = f64s(
@@ -575,12 +576,7 @@ mod tests {
         let v = det(&[b, t, c], 22);
         let u = Tensor::cat(&[&u, &u.neg().unwrap()], 1).unwrap();
         let v = Tensor::cat(&[&v, &(&v + 1e-4).unwrap()], 1).unwrap();
-        let grads = ParamGrads::new(
-            vec![UseGrad::Outer { rows: Rows::Dense(u.clone()), cols: v.clone() }],
-            &[r, c],
-            DType::F32,
-        )
-        .unwrap();
+        let grads = dense(&u, &v, r, c);
         assert!(!grads.ghost().unwrap());
         check(&grads.squared_norm_bounds(b).unwrap(), &exact_of(&outer(&u, &v)), "materialized");
     }
@@ -632,12 +628,7 @@ mod tests {
     fn wide_layers_get_tight_f32_bounds() {
         let (b, t, r, c) = (3, 8, 256, 1024);
         let (u, v) = (det(&[b, t, r], 51), det(&[b, t, c], 52));
-        let grads = ParamGrads::new(
-            vec![UseGrad::Outer { rows: Rows::Dense(u.clone()), cols: v.clone() }],
-            &[r, c],
-            DType::F32,
-        )
-        .unwrap();
+        let grads = dense(&u, &v, r, c);
         assert!(grads.ghost().unwrap());
         let (bounds, widened) = grads.squared_norm_bounds_widening(b).unwrap();
         assert!(!widened, "a tight f32 bound is not recomputed in f64: {bounds:?}");
