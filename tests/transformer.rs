@@ -206,6 +206,36 @@ fn lora_starts_as_the_base_and_merges_into_it() {
     assert!(err.to_string().starts_with("lora.rank = 7: must be"), "{err}");
 }
 
+/// A LoRA-adapted model (B moved off zero) and the plain model loaded from
+/// its `merged_weights()` compute the same logits in f32 (1e-5 of the
+/// largest), under the base model's names, at both widths.
+#[test]
+fn the_merged_model_computes_the_adapted_one_in_f32() {
+    for cfg in [CFG, WIDE] {
+        let (base, adapter) = (VarMap::new(), VarMap::new());
+        let f32_vb = |m: &VarMap| VarBuilder::from_varmap(m, DType::F32, &Device::Cpu);
+        let lora = LoraConfig { rank: 2, alpha: 4.0 };
+        let adapted =
+            Gpt::new(cfg, f32_vb(&base), Flavor::Dp, Some(Adapters { config: lora, vb: f32_vb(&adapter) })).unwrap();
+        set_deterministic(&base, 21).unwrap();
+        set_deterministic(&adapter, 22).unwrap();
+        let merged = adapted.merged_weights().unwrap();
+        let mut names: Vec<&String> = merged.keys().collect();
+        names.sort();
+        let mut base_names: Vec<String> = base.data().lock().unwrap().keys().cloned().collect();
+        base_names.sort();
+        assert_eq!(names, base_names.iter().collect::<Vec<_>>(), "the base model's names");
+        let plain =
+            Gpt::new(cfg, VarBuilder::from_tensors(merged, DType::F32, &Device::Cpu), Flavor::Plain, None).unwrap();
+        let (x, _) = tokens_of(&cfg);
+        let (a, p) = (adapted.forward(&x).unwrap(), plain.forward(&x).unwrap());
+        let d = common::rel_diff(&p, &a);
+        assert!(d < 1e-5, "d = {}: merged vs adapted, {d:e} of the largest logit", cfg.d_model);
+        let base_only = Gpt::new(cfg, f32_vb(&base), Flavor::Plain, None).unwrap().forward(&x).unwrap();
+        assert!(common::rel_diff(&base_only, &a) > 1e-3, "the adapter changes the model");
+    }
+}
+
 /// DP LoRA fine-tuning trains the adapter only: the base weights do not
 /// move, and the adapter alone (saved and loaded into a fresh model over
 /// the same base) reproduces the fine-tuned model.

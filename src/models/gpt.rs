@@ -28,6 +28,8 @@
 //! (ghost engine against the microbatch oracle) and the benches run the very
 //! model users copy.
 
+use std::collections::HashMap;
+
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -150,6 +152,22 @@ impl Projection {
     }
 }
 
+impl Projection {
+    /// The plain layer's weight and bias: LoRA's update merged into the base.
+    fn merged(&self) -> Result<(Tensor, Option<Tensor>)> {
+        let detached = |w: &Tensor, b: Option<&Tensor>| (w.detach(), b.map(Tensor::detach));
+        Ok(match self {
+            Projection::Dp(l) => detached(l.weight(), l.bias()),
+            Projection::Plain(l) => detached(l.weight(), l.bias()),
+            Projection::Lora(l) => (l.merge()?, l.base().bias().map(Tensor::detach)),
+            Projection::PlainLora { base, a, b, scale } => {
+                let update = (b.weight().detach().matmul(&a.weight().detach())? * *scale)?;
+                ((base.weight().detach() + update)?, base.bias().map(Tensor::detach))
+            }
+        })
+    }
+}
+
 impl Module for Projection {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
@@ -176,6 +194,13 @@ enum Norm {
 }
 
 impl Norm {
+    fn weight_and_bias(&self) -> (Tensor, Option<Tensor>) {
+        match self {
+            Norm::Dp(n) => (n.weight().detach(), n.bias().map(Tensor::detach)),
+            Norm::Plain { weight, bias } => (weight.detach(), Some(bias.detach())),
+        }
+    }
+
     fn new(d: usize, vb: VarBuilder, flavor: Flavor) -> Result<Self> {
         Ok(match flavor {
             Flavor::Dp => Norm::Dp(layer_norm(d, LN_EPS, vb)?),
@@ -326,6 +351,36 @@ impl Gpt {
     /// The token embedding table `[vocab_size, d_model]` (also the output projection).
     pub fn token_embeddings(&self) -> &Tensor {
         self.wte.table()
+    }
+
+    /// Every weight of the model under its GPT-2 name, detached, with each
+    /// LoRA update merged into its base (`W + (alpha / r) B A`): save it
+    /// (`candle_core::safetensors::save`) and load it into a `Gpt` without
+    /// adapters (`VarBuilder::from_tensors`, or a `VarMap`) to get the
+    /// fine-tuned model as a plain one.
+    ///
+    /// # Errors
+    /// Candle's.
+    pub fn merged_weights(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        let mut put = |name: String, (w, b): (Tensor, Option<Tensor>)| {
+            if let Some(b) = b {
+                out.insert(format!("{name}.bias"), b);
+            }
+            out.insert(format!("{name}.weight"), w);
+        };
+        put("wte".into(), (self.wte.table().detach(), None));
+        put("wpe".into(), (self.wpe.table().detach(), None));
+        for (i, block) in self.blocks.iter().enumerate() {
+            put(format!("h.{i}.ln_1"), block.ln_1.weight_and_bias());
+            put(format!("h.{i}.attn.c_attn"), block.c_attn.merged()?);
+            put(format!("h.{i}.attn.c_proj"), block.attn_proj.merged()?);
+            put(format!("h.{i}.ln_2"), block.ln_2.weight_and_bias());
+            put(format!("h.{i}.mlp.c_fc"), block.c_fc.merged()?);
+            put(format!("h.{i}.mlp.c_proj"), block.mlp_proj.merged()?);
+        }
+        put("ln_f".into(), self.ln_f.weight_and_bias());
+        Ok(out)
     }
 }
 
