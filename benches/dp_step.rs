@@ -210,6 +210,29 @@ fn transformer_step(c: &mut Criterion) {
     group.finish();
 }
 
+/// Where a DP step's extra time goes, layer by layer: the norms (the
+/// engine's choice of method) and the clipped sum of each projection of one
+/// block of the transformer at B = 32, T = 128 (`x4` blocks for a step).
+fn transformer_parts(c: &mut Criterion) {
+    use candle_dp::grad_sample::per_example::{linear_clipped_sum, linear_squared_norm_bounds, NormMethod};
+    let dev = Device::Cpu;
+    let mut group = c.benchmark_group("dp_step_transformer_parts");
+    group.sample_size(10);
+    let (b, t, d) = (GPT_BATCH, GPT.context, GPT.d_model);
+    let factors = Tensor::ones(b, DType::F64, &dev).unwrap();
+    for (name, p, q) in [("c_attn", 3 * d, d), ("attn_c_proj", d, d), ("c_fc", 4 * d, d), ("mlp_c_proj", d, 4 * d)] {
+        let g = Tensor::randn(0f32, 1.0, (b, t, p), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (b, t, q), &dev).unwrap();
+        group.bench_function(BenchmarkId::new("norms", name), |bench| {
+            bench.iter(|| linear_squared_norm_bounds(&g, &x, NormMethod::Auto).unwrap())
+        });
+        group.bench_function(BenchmarkId::new("clipped_sum", name), |bench| {
+            bench.iter(|| linear_clipped_sum(&g, &x, &factors).unwrap())
+        });
+    }
+    group.finish();
+}
+
 fn main() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         // Before any thread pool exists: pins Candle's CPU kernels to one thread.
@@ -222,5 +245,6 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     dp_step(&mut c);
     transformer_step(&mut c);
+    transformer_parts(&mut c);
     c.final_summary();
 }

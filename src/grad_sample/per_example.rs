@@ -210,6 +210,19 @@ pub fn linear_squared_norm_bounds(g: &Tensor, x: &Tensor, method: NormMethod) ->
     grads.squared_norm_bounds_widening(b)
 }
 
+/// `sum_i c_i G_i^T X_i` for one linear use (`c [B]`, f64), as the engine
+/// computes it: the hook through which `benches/dp_step.rs` times the
+/// clipped sums of a step. Not part of the API.
+///
+/// # Errors
+/// Candle's, for shapes that do not fit.
+#[doc(hidden)]
+pub fn linear_clipped_sum(g: &Tensor, x: &Tensor, c: &Tensor) -> Result<Tensor> {
+    let (p, d) = (g.dim(2)?, x.dim(2)?);
+    ParamGrads::new(vec![UseGrad::Outer { rows: Rows::Dense(g.clone()), cols: x.clone() }], &[p, d], x.dtype())?
+        .clipped_sum(c)
+}
+
 impl ParamGrads {
     /// Gathers `uses` of a parameter of `shape` and `dtype`.
     ///
