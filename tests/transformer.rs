@@ -206,33 +206,51 @@ fn lora_starts_as_the_base_and_merges_into_it() {
     assert!(err.to_string().starts_with("lora.rank = 7: must be"), "{err}");
 }
 
-/// A LoRA-adapted model (B moved off zero) and the plain model loaded from
-/// its `merged_weights()` compute the same logits in f32 (1e-5 of the
-/// largest), under the base model's names, at both widths.
+/// A LoRA-adapted model (B moved off zero), DP or plain, and the plain model
+/// loaded from its `merged_weights()` compute the same logits in f32 (1e-5 of
+/// the largest), under the base model's names, at both widths; so do a fully
+/// fine-tuned model and its export. The export is a copy: training on after
+/// it does not change it.
 #[test]
 fn the_merged_model_computes_the_adapted_one_in_f32() {
+    let f32_vb = |m: &VarMap| VarBuilder::from_varmap(m, DType::F32, &Device::Cpu);
+    let sorted_names = |m: &VarMap| {
+        let mut v: Vec<String> = m.data().lock().unwrap().keys().cloned().collect();
+        v.sort();
+        v
+    };
+    let lora = LoraConfig { rank: 2, alpha: 4.0 };
     for cfg in [CFG, WIDE] {
-        let (base, adapter) = (VarMap::new(), VarMap::new());
-        let f32_vb = |m: &VarMap| VarBuilder::from_varmap(m, DType::F32, &Device::Cpu);
-        let lora = LoraConfig { rank: 2, alpha: 4.0 };
-        let adapted =
-            Gpt::new(cfg, f32_vb(&base), Flavor::Dp, Some(Adapters { config: lora, vb: f32_vb(&adapter) })).unwrap();
-        set_deterministic(&base, 21).unwrap();
-        set_deterministic(&adapter, 22).unwrap();
-        let merged = adapted.merged_weights().unwrap();
-        let mut names: Vec<&String> = merged.keys().collect();
-        names.sort();
-        let mut base_names: Vec<String> = base.data().lock().unwrap().keys().cloned().collect();
-        base_names.sort();
-        assert_eq!(names, base_names.iter().collect::<Vec<_>>(), "the base model's names");
-        let plain =
-            Gpt::new(cfg, VarBuilder::from_tensors(merged, DType::F32, &Device::Cpu), Flavor::Plain, None).unwrap();
-        let (x, _) = tokens_of(&cfg);
-        let (a, p) = (adapted.forward(&x).unwrap(), plain.forward(&x).unwrap());
-        let d = common::rel_diff(&p, &a);
-        assert!(d < 1e-5, "d = {}: merged vs adapted, {d:e} of the largest logit", cfg.d_model);
-        let base_only = Gpt::new(cfg, f32_vb(&base), Flavor::Plain, None).unwrap().forward(&x).unwrap();
-        assert!(common::rel_diff(&base_only, &a) > 1e-3, "the adapter changes the model");
+        for (flavor, adapted) in [(Flavor::Dp, true), (Flavor::Plain, true), (Flavor::Dp, false)] {
+            let (base, adapter) = (VarMap::new(), VarMap::new());
+            let adapters = adapted.then(|| Adapters { config: lora, vb: f32_vb(&adapter) });
+            let model = Gpt::new(cfg, f32_vb(&base), flavor, adapters).unwrap();
+            set_deterministic(&base, 21).unwrap();
+            if adapted {
+                set_deterministic(&adapter, 22).unwrap();
+            }
+            let merged = model.merged_weights().unwrap();
+            let mut names: Vec<String> = merged.keys().cloned().collect();
+            names.sort();
+            assert_eq!(names, sorted_names(&base), "the base model's names");
+            let plain =
+                Gpt::new(cfg, VarBuilder::from_tensors(merged, DType::F32, &Device::Cpu), Flavor::Plain, None).unwrap();
+            let (x, _) = tokens_of(&cfg);
+            let (a, p) = (model.forward(&x).unwrap(), plain.forward(&x).unwrap());
+            let what = format!("d = {}, {flavor:?}, adapters {adapted}", cfg.d_model);
+            let d = common::rel_diff(&p, &a);
+            assert!(d < 1e-5, "{what}: merged vs model, {d:e} of the largest logit");
+            if adapted {
+                let base_only = Gpt::new(cfg, f32_vb(&base), Flavor::Plain, None).unwrap().forward(&x).unwrap();
+                assert!(common::rel_diff(&base_only, &a) > 1e-3, "{what}: the adapter changes the model");
+            }
+            // Moving every variable (as training on would) leaves the export as it was.
+            set_deterministic(&base, 23).unwrap();
+            set_deterministic(&adapter, 24).unwrap();
+            assert!(common::rel_diff(&model.forward(&x).unwrap(), &a) > 1e-3, "{what}: the model moved");
+            let again = plain.forward(&x).unwrap();
+            assert_eq!(common::rel_diff(&again, &p), 0.0, "{what}: the export shares storage with the model");
+        }
     }
 }
 

@@ -153,19 +153,24 @@ impl Projection {
 }
 
 impl Projection {
-    /// The plain layer's weight and bias: LoRA's update merged into the base.
+    /// The plain layer's weight and bias, copied: LoRA's update merged into
+    /// the base.
     fn merged(&self) -> Result<(Tensor, Option<Tensor>)> {
-        let detached = |w: &Tensor, b: Option<&Tensor>| (w.detach(), b.map(Tensor::detach));
         Ok(match self {
-            Projection::Dp(l) => detached(l.weight(), l.bias()),
-            Projection::Plain(l) => detached(l.weight(), l.bias()),
-            Projection::Lora(l) => (l.merge()?, l.base().bias().map(Tensor::detach)),
+            Projection::Dp(l) => (l.weight().copy()?, copied(l.bias())?),
+            Projection::Plain(l) => (l.weight().copy()?, copied(l.bias())?),
+            Projection::Lora(l) => (l.merge()?, copied(l.base().bias())?),
             Projection::PlainLora { base, a, b, scale } => {
                 let update = (b.weight().detach().matmul(&a.weight().detach())? * *scale)?;
-                ((base.weight().detach() + update)?, base.bias().map(Tensor::detach))
+                ((base.weight().detach() + update)?, copied(base.bias())?)
             }
         })
     }
+}
+
+/// A copy with its own storage (`detach` shares it, and `Var::set` writes in place).
+fn copied(t: Option<&Tensor>) -> Result<Option<Tensor>> {
+    Ok(t.map(Tensor::copy).transpose()?)
 }
 
 impl Module for Projection {
@@ -194,11 +199,12 @@ enum Norm {
 }
 
 impl Norm {
-    fn weight_and_bias(&self) -> (Tensor, Option<Tensor>) {
-        match self {
-            Norm::Dp(n) => (n.weight().detach(), n.bias().map(Tensor::detach)),
-            Norm::Plain { weight, bias } => (weight.detach(), Some(bias.detach())),
-        }
+    /// Copies of the weight and bias.
+    fn weight_and_bias(&self) -> Result<(Tensor, Option<Tensor>)> {
+        Ok(match self {
+            Norm::Dp(n) => (n.weight().copy()?, copied(n.bias())?),
+            Norm::Plain { weight, bias } => (weight.copy()?, Some(bias.copy()?)),
+        })
     }
 
     fn new(d: usize, vb: VarBuilder, flavor: Flavor) -> Result<Self> {
@@ -353,14 +359,20 @@ impl Gpt {
         self.wte.table()
     }
 
-    /// Every weight of the model under its GPT-2 name, detached, with each
-    /// LoRA update merged into its base (`W + (alpha / r) B A`): save it
-    /// (`candle_core::safetensors::save`) and load it into a `Gpt` without
-    /// adapters (`VarBuilder::from_tensors`, or a `VarMap`) to get the
-    /// fine-tuned model as a plain one.
+    /// Every weight of the model under its GPT-2 name, copied (training on
+    /// does not change them), with each LoRA update merged into its base
+    /// (`W + (alpha / r) B A`), in the model's dtype and on its device: save
+    /// it (`candle_core::safetensors::save`) and load it into a `Gpt`
+    /// without adapters (`VarBuilder::from_tensors`, or a `VarMap`) to get
+    /// the fine-tuned model as a plain one.
+    ///
+    /// The projections are `[out, in]`, candle-nn's layout; Hugging Face's
+    /// GPT-2 stores `c_attn`, `c_proj` and `c_fc` as `[in, out]` (its
+    /// `Conv1D`), so transpose those four to load the export there.
     ///
     /// # Errors
-    /// Candle's.
+    /// Candle's (a copy that cannot be allocated, an adapter in another
+    /// dtype or on another device than its base).
     pub fn merged_weights(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         let mut put = |name: String, (w, b): (Tensor, Option<Tensor>)| {
@@ -369,17 +381,17 @@ impl Gpt {
             }
             out.insert(format!("{name}.weight"), w);
         };
-        put("wte".into(), (self.wte.table().detach(), None));
-        put("wpe".into(), (self.wpe.table().detach(), None));
+        put("wte".into(), (self.wte.table().copy()?, None));
+        put("wpe".into(), (self.wpe.table().copy()?, None));
         for (i, block) in self.blocks.iter().enumerate() {
-            put(format!("h.{i}.ln_1"), block.ln_1.weight_and_bias());
+            put(format!("h.{i}.ln_1"), block.ln_1.weight_and_bias()?);
             put(format!("h.{i}.attn.c_attn"), block.c_attn.merged()?);
             put(format!("h.{i}.attn.c_proj"), block.attn_proj.merged()?);
-            put(format!("h.{i}.ln_2"), block.ln_2.weight_and_bias());
+            put(format!("h.{i}.ln_2"), block.ln_2.weight_and_bias()?);
             put(format!("h.{i}.mlp.c_fc"), block.c_fc.merged()?);
             put(format!("h.{i}.mlp.c_proj"), block.mlp_proj.merged()?);
         }
-        put("ln_f".into(), self.ln_f.weight_and_bias());
+        put("ln_f".into(), self.ln_f.weight_and_bias()?);
         Ok(out)
     }
 }
