@@ -210,9 +210,10 @@ fn transformer_step(c: &mut Criterion) {
     group.finish();
 }
 
-/// Where a DP step's extra time goes, layer by layer: the norms (the
-/// engine's choice of method) and the clipped sum of each projection of one
-/// block of the transformer at B = 32, T = 128 (`x4` blocks for a step).
+/// Where a DP step's extra time goes: the norms (the engine's choice of
+/// method) and the clipped sum of each projection's weight in one block of
+/// the transformer at B = 32, T = 128 (`x4` blocks for a step). Not timed
+/// here: biases, layer norms, the tied table and the noise (`noise_only`).
 fn transformer_parts(c: &mut Criterion) {
     use candle_dp::grad_sample::per_example::{linear_clipped_sum, linear_squared_norm_bounds, NormMethod};
     let dev = Device::Cpu;

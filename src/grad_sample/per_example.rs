@@ -210,9 +210,12 @@ pub fn linear_squared_norm_bounds(g: &Tensor, x: &Tensor, method: NormMethod) ->
     grads.squared_norm_bounds_widening(b)
 }
 
-/// `sum_i c_i G_i^T X_i` for one linear use (`c [B]`, f64), as the engine
-/// computes it: the hook through which `benches/dp_step.rs` times the
-/// clipped sums of a step. Not part of the API.
+/// `sum_i c_i G_i^T X_i` for one linear use (`g [B, T, p]`, `x [B, T, d]`,
+/// clip factors `c [B]` of any float dtype), as the engine computes it:
+/// `[p, d]` in the engine's working dtype for `x` (`f64` for TF32 `f32`).
+/// The hook through which `benches/dp_step.rs` times the clipped sums of a
+/// step; it clips nothing and nothing in the optimizer accepts its result.
+/// Not part of the API.
 ///
 /// # Errors
 /// Candle's, for shapes that do not fit.
