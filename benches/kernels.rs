@@ -6,9 +6,9 @@
 //!   writes 4 MiB). The baseline, `copy`, copies the same 1 GiB (reads and
 //!   writes it). Goal: each kernel's GB/s at least 70% of the copy's on the
 //!   CPU, 80% on an H100.
-//! * Noise: `add_gaussian_noise` over 1M values against the host sampler
-//!   (`GaussianNoise`, Ziggurat) on the same values; on a GPU also over
-//!   256M values (1 GiB) against the same copy.
+//! * Noise, on a GPU: `add_gaussian_noise` over 1M and 256M values (1 GiB)
+//!   against a copy of the same bytes. The CPU's noise has its own bench,
+//!   `benches/noise.rs`.
 //!
 //! CPU ids start with `cpu/`, CUDA ids with `cuda/` (run only with
 //! `--features cuda` and a GPU; the device is synchronized before the clock
@@ -80,23 +80,11 @@ fn noise(c: &mut Criterion, dev: &Device, name: &str, n: usize) {
     let x = Tensor::from_vec(filled(n, 4), n, dev).unwrap();
     let mut group = c.benchmark_group("kernels_noise");
     group.sample_size(10).throughput(Throughput::Bytes((n * 4) as u64));
-    let mut host =
-        GaussianNoise::from_seed(5).with_threads(std::thread::available_parallelism().map_or(1, |p| p.get()));
-    if dev.is_cpu() {
-        let values = filled(n, 6);
-        group.bench_function(format!("{name}/host_ziggurat/{n}"), |b| {
-            b.iter(|| {
-                let mut v = values.clone();
-                host.add_scaled_to_f32(&mut v, 1.1, 0.01);
-                v
-            })
-        });
-    } else {
-        group.bench_function(format!("{name}/copy/{n}"), |b| b.iter(|| synced(dev, || Ok(x.copy()?))));
-    }
+    let mut keys = GaussianNoise::from_seed(5);
+    group.bench_function(format!("{name}/copy/{n}"), |b| b.iter(|| synced(dev, || Ok(x.copy()?))));
     group.bench_function(format!("{name}/add_gaussian_noise/{n}"), |b| {
         b.iter(|| {
-            let key = host.noise_key();
+            let key = keys.noise_key();
             synced(dev, || kernels::add_gaussian_noise(&x, &key, 1.1, 0.01))
         })
     });
@@ -106,7 +94,6 @@ fn noise(c: &mut Criterion, dev: &Device, name: &str, n: usize) {
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     clipping(&mut c, &Device::Cpu, "cpu");
-    noise(&mut c, &Device::Cpu, "cpu", NOISE_N);
     match Device::new_cuda(0) {
         Ok(dev) => {
             clipping(&mut c, &dev, "cuda");

@@ -375,7 +375,7 @@ fn prepare_folder(args: &Args, out: &std::path::Path) -> Result<Folder, AnyError
 /// Updates the bar; at each epoch's end shows the epoch's mean loss.
 fn progress(ctx: &Ctx, step: u64, loss: &mut (f64, usize), eps: Option<f64>) {
     ctx.bar.set_position(step + 1);
-    if (step + 1) % ctx.steps_per_epoch == 0 {
+    if (step + 1).is_multiple_of(ctx.steps_per_epoch) {
         let mean = if loss.1 > 0 { loss.0 / loss.1 as f64 } else { f64::NAN };
         let epoch = (step + 1) / ctx.steps_per_epoch;
         ctx.bar.set_message(match eps {

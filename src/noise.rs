@@ -4,14 +4,14 @@
 use dp_accountant::Seeding;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
-use rand_distr::{Distribution, StandardNormal};
 
 use crate::error::{Error, Result};
+use crate::kernels::gaussian::{add_noise_at, Backend};
+use crate::kernels::NoiseKey;
 
-/// Values per independently keyed chunk when filling large buffers.
-const CHUNK: usize = 1 << 16;
-
-/// A source of Gaussian noise for DP-SGD.
+/// A source of Gaussian noise for DP-SGD: a ChaCha20 generator that hands
+/// out a fresh 256-bit key for every draw, and the counter-based noise
+/// vector of that key ([`crate::kernels::gaussian`]) as the values.
 ///
 /// # Security
 /// * The generator is ChaCha20 (`rand_chacha` 0.9), seeded from the
@@ -21,30 +21,21 @@ const CHUNK: usize = 1 << 16;
 /// * A fixed seed ([`GaussianNoise::from_seed`]) makes the noise reproducible
 ///   by anyone who knows the seed; it exists for research and tests, and the
 ///   ledger records it as [`Seeding::Fixed`].
-/// * Floating-point attacks (Mironov 2012 for Laplace; Jin et al. 2022,
-///   arXiv:2112.05307, for the Gaussian and DP-SGD) read the secret from
-///   which floating-point values a naive sampler can and cannot produce.
-///   Following Holohan & Braghin, "Secure Random Sampling in Differential
-///   Privacy", ESORICS 2021, each value is the normalized sum of two
-///   standard normals drawn from *independent* random words
-///   (`(z1 + z2) / sqrt 2`): exactly Gaussian, but the set of floating-point
-///   values it can produce no longer reveals the secret. Each `z` is drawn by
-///   the Ziggurat method (Marsaglia & Tsang 2000, `rand_distr` 0.5). All
-///   arithmetic is in `f64`, rounded once when added to an `f32` gradient.
-/// * On a GPU the optimizer does not use this sampler's values: it draws a
-///   fresh 256-bit key per variable and step ([`GaussianNoise::noise_key`])
-///   and the device makes the noise from it by counter
-///   ([`crate::kernels::add_gaussian_noise`], hardened the same way).
-/// * Buffers of more than 65 536 values are filled in chunks: a fresh
-///   256-bit key is drawn from the generator, and chunk `k` comes from
-///   ChaCha20 under that key on stream `k`. Chunks are independent and can
-///   be filled on several threads ([`GaussianNoise::with_threads`]) with
-///   results identical to one thread.
+/// * Every draw ([`GaussianNoise::add_to_f64`], [`GaussianNoise::add_scaled_to_f32`],
+///   and the optimizer's on any device through [`GaussianNoise::noise_key`])
+///   takes 32 fresh bytes from the generator as the key of one noise vector:
+///   value `j` is a hardened standard normal made from ChaCha20 under that
+///   key by counter, the sum of two independent Box-Muller normals
+///   (Holohan & Braghin, ESORICS 2021, against the floating-point attacks of
+///   Jin et al. 2022, arXiv:2112.05307), in `f64`, rounded once to the
+///   output. The CPU, CUDA and any split over threads or ranks make the
+///   same bits for the same key.
 ///
 /// # Cost
-/// About 12 ns per value on one core of this project's machines (two
-/// Ziggurat draws at 3 ns per ChaCha20 word); 407 000 values (a 784-512-10
-/// MLP) take about 5 ms.
+/// On the CPU, a SIMD ChaCha20 and transform (AVX-512 or AVX2 where
+/// present): about 6 to 7 ns per value on one core of this project's
+/// machines, a portable scalar path elsewhere; large buffers are split over
+/// [`GaussianNoise::with_threads`] threads (`benches/noise.rs`).
 #[derive(Debug, Clone)]
 pub struct GaussianNoise {
     rng: ChaCha20Rng,
@@ -84,62 +75,37 @@ impl GaussianNoise {
         self.seeding
     }
 
-    /// One standard normal value, hardened as described on the type.
+    /// One standard normal value, hardened as described on the type: value
+    /// 0 of a fresh key's noise vector (a key and a ChaCha20 block per
+    /// call; for many values use the buffer methods).
     pub fn standard_normal(&mut self) -> f64 {
-        hardened_normal(&mut self.rng)
+        let mut z = [0.0];
+        self.add_to_f64(&mut z, 1.0);
+        z[0]
     }
 
-    /// Adds `N(0, std^2)` noise to every element of `values`.
+    /// Adds `N(0, std^2)` noise to every element of `values`: `v + std z`,
+    /// with `z` the noise vector of a fresh key.
     pub fn add_to_f64(&mut self, values: &mut [f64], std: f64) {
-        self.apply(values, |v, z| *v += std * z);
+        let key = self.noise_key();
+        add_noise_at(Backend::best(), &key, 0, values, std, 1.0, self.threads);
     }
 
     /// Replaces every element `v` of `values` by `(v + N(0, std^2)) * scale`,
-    /// computed in `f64` and rounded once.
+    /// computed in `f64` and rounded once to `f32`: the values
+    /// [`crate::kernels::add_gaussian_noise`] gives on any device for the
+    /// key [`GaussianNoise::noise_key`] would have drawn instead.
     pub fn add_scaled_to_f32(&mut self, values: &mut [f32], std: f64, scale: f64) {
-        self.apply(values, |v, z| *v = ((f64::from(*v) + std * z) * scale) as f32);
-    }
-
-    /// Calls `f(value, z)` with a fresh hardened standard normal `z` for each
-    /// value, in order; buffers over one chunk are split into independently
-    /// keyed chunks (see the type's security notes), on `threads` threads.
-    fn apply<T: Send>(&mut self, values: &mut [T], f: impl Fn(&mut T, f64) + Sync) {
-        if values.len() <= CHUNK {
-            for v in values.iter_mut() {
-                f(v, hardened_normal(&mut self.rng));
-            }
-            return;
-        }
-        let mut key = [0u8; 32];
-        self.rng.fill_bytes(&mut key);
-        let fill = |(k, chunk): (usize, &mut [T])| {
-            let mut rng = ChaCha20Rng::from_seed(key);
-            rng.set_stream(k as u64);
-            for v in chunk.iter_mut() {
-                f(v, hardened_normal(&mut rng));
-            }
-        };
-        let mut chunks: Vec<(usize, &mut [T])> = values.chunks_mut(CHUNK).enumerate().collect();
-        if self.threads == 1 {
-            chunks.into_iter().for_each(fill);
-            return;
-        }
-        let per_thread = chunks.len().div_ceil(self.threads);
-        let fill = &fill;
-        std::thread::scope(|scope| {
-            while !chunks.is_empty() {
-                let rest = chunks.split_off(chunks.len().saturating_sub(per_thread));
-                scope.spawn(move || rest.into_iter().for_each(fill));
-            }
-        });
+        let key = self.noise_key();
+        add_noise_at(Backend::best(), &key, 0, values, std, scale, self.threads);
     }
 
     /// A fresh 256-bit key, drawn from this generator, for one draw of
-    /// device noise ([`crate::kernels::add_gaussian_noise`]).
-    pub fn noise_key(&mut self) -> crate::kernels::NoiseKey {
+    /// noise on any device ([`crate::kernels::add_gaussian_noise`]).
+    pub fn noise_key(&mut self) -> NoiseKey {
         let mut key = [0u8; 32];
         self.rng.fill_bytes(&mut key);
-        crate::kernels::NoiseKey::from_bytes(key)
+        NoiseKey::from_bytes(key)
     }
 
     /// The generator's position, for checkpoints: (seed, stream, word position).
@@ -177,13 +143,6 @@ pub(crate) fn chacha_at(state: ChaChaState) -> ChaCha20Rng {
     rng
 }
 
-/// `(z1 + z2) / sqrt 2` from two independent Ziggurat draws.
-fn hardened_normal(rng: &mut ChaCha20Rng) -> f64 {
-    let z1: f64 = StandardNormal.sample(rng);
-    let z2: f64 = StandardNormal.sample(rng);
-    (z1 + z2) * std::f64::consts::FRAC_1_SQRT_2
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,7 +151,8 @@ mod tests {
     /// for n = 400 000 draws the sample mean has standard error 1/sqrt(n) =
     /// 1.6e-3 and the sample variance sqrt(2/n) = 2.2e-3; 5 standard errors
     /// (a false alarm once in 3.5 million runs, and the seed is fixed) give
-    /// 7.9e-3 and 1.1e-2.
+    /// 7.9e-3 and 1.1e-2. Single draws each take a fresh key, so this also
+    /// covers value 0 across 400 000 keys.
     #[test]
     fn standard_normal_has_mean_zero_and_unit_variance() {
         let mut g = GaussianNoise::from_seed(7);
@@ -222,25 +182,26 @@ mod tests {
         assert_ne!(GaussianNoise::from_seed(43).standard_normal(), xa[0]);
     }
 
-    /// Pins the stream for seed 0 (ChaCha20 via rand_chacha 0.9, two Ziggurat
-    /// draws via rand_distr 0.5, as first written), so that a changed generator or algorithm
-    /// cannot slip in unnoticed: a change here changes every seeded run.
+    /// Pins the draws for seed 0 (keys from ChaCha20 via rand_chacha 0.9, the
+    /// counter noise of `kernels::gaussian` as first written), so that a
+    /// changed generator or algorithm cannot slip in unnoticed: a change here
+    /// changes every seeded run.
     #[test]
     fn value_stability() {
         let mut g = GaussianNoise::from_seed(0);
         let first: Vec<f64> = (0..3).map(|_| g.standard_normal()).collect();
-        assert_eq!(first, [0.05798064574380994, -0.39384240375163587, 0.7382717460011902]);
+        assert_eq!(first, [0.8833969192809558, 0.4512784863583366, 1.5120645272688886]);
         assert_eq!(g.seeding(), Seeding::Fixed);
         assert_eq!(GaussianNoise::from_os_entropy().unwrap().seeding(), Seeding::OsEntropy);
     }
 
-    /// Filling a large buffer in independently keyed chunks gives the same
-    /// values on any number of threads, and continues the stream after it.
+    /// A large buffer gives the same values on any number of threads, and
+    /// the generator moves on by one key either way.
     #[test]
-    fn chunked_fill_does_not_depend_on_threads() {
+    fn fill_does_not_depend_on_threads() {
         let fill = |threads: usize| {
             let mut g = GaussianNoise::from_seed(5).with_threads(threads);
-            let mut v = vec![0.0; 3 * CHUNK + 17];
+            let mut v = vec![0.0; 3 * (1 << 14) + 17];
             g.add_to_f64(&mut v, 2.0);
             (v, g.standard_normal())
         };
@@ -248,10 +209,10 @@ mod tests {
         for threads in [2, 3, 8] {
             assert_eq!(fill(threads), (one.clone(), next_one));
         }
-        // Chunks are not copies of each other, and the whole buffer has
+        // Pieces are not copies of each other, and the whole buffer has
         // standard deviation 2 (tolerances as in the test above: 5 standard
-        // errors of the mean and of the variance, n = 196 625).
-        assert_ne!(one[..16], one[CHUNK..CHUNK + 16]);
+        // errors of the mean and of the variance, n = 49 169).
+        assert_ne!(one[..16], one[1 << 14..(1 << 14) + 16]);
         let n = one.len() as f64;
         let mean = one.iter().sum::<f64>() / n;
         let var = one.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
@@ -259,10 +220,11 @@ mod tests {
         assert!((var / 4.0 - 1.0).abs() < 5.0 * (2.0 / n).sqrt(), "variance {var}");
     }
 
-    /// The f32 path draws the same values as the f64 one and rounds once.
+    /// The f32 path draws the same values as the f64 one and rounds once, and
+    /// both are the device op's values for the key the generator hands out.
     #[test]
-    fn f32_path_matches_the_f64_path() {
-        let n = 2 * CHUNK + 5;
+    fn host_draws_are_the_device_noise_of_the_next_key() {
+        let n = 2 * (1 << 14) + 5;
         let base: Vec<f32> = (0..n).map(|k| (k % 17) as f32 * 0.25).collect();
         let mut wide: Vec<f64> = base.iter().map(|v| f64::from(*v)).collect();
         GaussianNoise::from_seed(3).add_to_f64(&mut wide, 0.7);
@@ -271,6 +233,10 @@ mod tests {
         for (w, n) in wide.iter().zip(&narrow) {
             assert_eq!((w * 0.5) as f32, *n);
         }
+        let key = GaussianNoise::from_seed(3).noise_key();
+        let x = candle_core::Tensor::from_vec(base, n, &candle_core::Device::Cpu).unwrap();
+        let op = crate::kernels::add_gaussian_noise(&x, &key, 0.7, 0.5).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(op, narrow);
     }
 
     /// Two generators from the OS differ (they are not a fixed default seed).

@@ -11,7 +11,7 @@
 //! the nonce's first word).
 
 /// `"expand 32-byte k"`, the four constant words of the state.
-const SIGMA: [u32; 4] = [0x6170_7865, 0x3320_646e, 0x7962_2d32, 0x6b20_6574];
+pub(crate) const SIGMA: [u32; 4] = [0x6170_7865, 0x3320_646e, 0x7962_2d32, 0x6b20_6574];
 
 /// The quarter round on four words of the state (RFC 8439, section 2.1).
 #[inline(always)]

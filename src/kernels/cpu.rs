@@ -50,9 +50,19 @@ fn cores() -> usize {
 /// Each piece is written by exactly one call, so results do not depend on
 /// the number of threads.
 pub(crate) fn for_each_chunk<T: Send>(out: &mut [T], chunk: usize, work: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    for_each_chunk_on(out, chunk, threads_for(work), f);
+}
+
+/// [`for_each_chunk`] on at most `threads` threads (1: the calling thread).
+pub(crate) fn for_each_chunk_on<T: Send>(
+    out: &mut [T],
+    chunk: usize,
+    threads: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
     let chunk = chunk.max(1);
     let pieces = out.len().div_ceil(chunk);
-    let threads = if work >= PARALLEL_MIN { cores().min(pieces) } else { 1 };
+    let threads = threads.min(pieces);
     if threads <= 1 {
         out.chunks_mut(chunk).enumerate().for_each(|(k, c)| f(k, c));
         return;
@@ -68,6 +78,15 @@ pub(crate) fn for_each_chunk<T: Send>(out: &mut [T], chunk: usize, work: usize, 
             });
         }
     });
+}
+
+/// The number of threads a kernel whose work is `work` elements read uses.
+pub(crate) fn threads_for(work: usize) -> usize {
+    if work >= PARALLEL_MIN {
+        cores()
+    } else {
+        1
+    }
 }
 
 /// The contiguous elements of a CPU tensor, or an error naming `op`.

@@ -194,7 +194,8 @@ fn noise<T: DeviceRepr + ValidAsZeroBits>(
     // SAFETY: the kernel writes every one of the `n` elements before anything reads them.
     let out = unsafe { dev.alloc::<T>(n)? };
     let n_u64 = n as u64;
-    let blocks = n_u64.div_ceil(super::VALUES_PER_BLOCK as u64);
+    // Whole groups of 16 blocks (64 values); the kernel skips values past `n`.
+    let blocks = n_u64.div_ceil(super::gaussian::GROUP_VALUES as u64) * super::gaussian::GROUP_BLOCKS;
     let key = op.key.words();
     let f = dev.get_or_load_custom_func(&format!("add_noise_{suffix}"), NOISE_MODULE, NOISE_PTX)?;
     let mut builder = f.builder();

@@ -135,7 +135,8 @@ pub(crate) fn add_noise(op: &AddNoise, s: &MetalStorage, l: &Layout) -> Result<M
     let n = l.shape().elem_count();
     let out = zeros(dev, n)?;
     if n > 0 {
-        let blocks = n.div_ceil(super::VALUES_PER_BLOCK);
+        // Whole groups of 16 blocks (64 values); threads past `n` return.
+        let blocks = n.div_ceil(super::gaussian::GROUP_VALUES) * super::gaussian::GROUP_BLOCKS as usize;
         let encoder = dev.command_encoder()?;
         let enc = encoder.as_ref();
         enc.set_compute_pipeline_state(&pipeline(dev, NOISE_SRC, "add_noise_f32")?);

@@ -6,8 +6,9 @@
 //! * [`clip_accumulate`]: the clipped sum `sum_i c_i g_i`, `[B, N], [B] -> [N]`,
 //!   in one pass and without a scaled copy.
 //! * [`add_gaussian_noise`]: `(x + std z) scale` with `z` a hardened Gaussian
-//!   drawn from ChaCha20 by counter ([`NoiseKey`]), so that every device thread
-//!   can make its own values and the CPU makes the same uniform bits.
+//!   made from ChaCha20 by counter ([`NoiseKey`], [`gaussian`]), so that
+//!   every device thread, CPU core or rank can make its own slice of the
+//!   noise vector, and every one makes the same bits.
 //!
 //! Each op has a `*_slow` twin built from plain tensor ops (or, for the noise,
 //! from the scalar definition): the reference the tests hold the op to on
@@ -33,11 +34,13 @@ mod clip;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod gaussian;
 #[cfg(all(feature = "metal", target_os = "macos"))]
 mod metal;
 mod noise;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 
 pub use clip::{clip_accumulate, clip_accumulate_slow, squared_norms, squared_norms_slow};
-pub use noise::{
-    add_gaussian_noise, add_gaussian_noise_slow, counter_gaussians, keystream, NoiseKey, VALUES_PER_BLOCK,
-};
+pub use gaussian::{counter_gaussians, fill_gaussians, value_position, VALUES_PER_BLOCK};
+pub use noise::{add_gaussian_noise, add_gaussian_noise_slow, keystream, NoiseKey};

@@ -1,9 +1,10 @@
 // Gaussian noise by counter (Metal): the ChaCha20 words of chacha20.rs and
-// noise.cu, bit for bit; value j is slot j % 4 of block j / 4. Apple GPUs
-// have no double, so the Box-Muller transform runs in float here (the CPU
-// and CUDA run it in double, and Metal's fast math applies): the values agree
-// with the CPU's to about 1e-5 of the noise scale, not bit for bit.
-// NOT RUN by this project's CI (no macOS machine).
+// noise.cu, bit for bit, in the layout of gaussian.rs (value j is slot
+// (j % 64) / 16 of block 16 (j / 64) + j % 16). Apple GPUs have no double,
+// so the transform runs in float here with Metal's log, sqrt, sin and cos
+// (the CPU and CUDA run gaussian.rs's own double-precision functions): the
+// values agree with the CPU's to about 1e-5 of the noise scale, not bit for
+// bit. NOT RUN by this project's CI (no macOS machine).
 #include <metal_stdlib>
 using namespace metal;
 
@@ -27,33 +28,40 @@ static void chacha20_block(const thread uint* key, ulong counter, thread uint* o
 
 struct Key { uint words[8]; };
 
-static float2 box_muller(ulong radius_word, ulong angle_word) {
-  const float u = (float(radius_word) + 0.5f) * 5.421010862e-20f;  // 2^-64
-  const float r = sqrt(-2.0f * log(u));
-  const float theta = 6.283185307f * (float(angle_word >> 40) * 5.960464478e-8f);  // 24 bits, 2^-24
-  return float2(r * cos(theta), r * sin(theta));
+// Box-Muller pair p of a block (words 4p .. 4p + 4 = R_hi, R_lo, A, B):
+// rho = sqrt(-ln u) with u = (R_hi 2^32 + R_lo + 1/2) 2^-64, the angle a
+// 53-bit (here float-rounded) uniform in [-1/8, 1/8) turn, then the symmetry
+// of the square that bits 29..31 of A pick. Returns (rho first, rho second).
+static float2 pair(uint r_hi, uint r_lo, uint a, uint b) {
+  const float u = (float(r_hi) * 4294967296.0f + (float(r_lo) + 0.5f)) * 5.421010862e-20f;  // 2^-64
+  const float rho = sqrt(-log(u));
+  const int rem = int((a & 0x1fffffffu) - 0x10000000u);
+  const float f = float(rem) * 4.656612873e-10f + float(b >> 8) * 2.775557562e-17f;  // 2^-31, 2^-55
+  const float x = 6.283185307f * f;
+  float first = cos(x), second = sin(x);
+  if (a & (1u << 29)) { const float t = first; first = second; second = t; }
+  if (a & (1u << 31)) first = -first;
+  if (a & (1u << 30)) second = -second;
+  return float2(rho * first, rho * second);
 }
 
 kernel void add_noise_f32(device const float* x [[buffer(0)]], device float* out [[buffer(1)]],
                           constant ulong& n [[buffer(2)]], constant Key& key [[buffer(3)]],
                           constant float& std_dev [[buffer(4)]], constant float& scale [[buffer(5)]],
                           uint b [[thread_position_in_grid]]) {
-  const ulong j = ulong(b) * 4;
-  if (j >= n) return;
+  const ulong base = ulong(b / 16) * 64 + ulong(b % 16);
+  if (base >= n) return;
   uint k[8];
   for (int i = 0; i < 8; ++i) k[i] = key.words[i];
   uint w[16];
   chacha20_block(k, ulong(b), w);
   float2 p[4];
+  for (int i = 0; i < 4; ++i) p[i] = pair(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
+  const float z[4] = {p[0].x + p[1].x, p[0].y + p[1].y, p[2].x + p[3].x, p[2].y + p[3].y};
   for (int i = 0; i < 4; ++i) {
-    const ulong radius = ulong(w[4 * i]) | (ulong(w[4 * i + 1]) << 32);
-    const ulong angle = ulong(w[4 * i + 2]) | (ulong(w[4 * i + 3]) << 32);
-    p[i] = box_muller(radius, angle);
+    const ulong j = base + 16 * ulong(i);
+    if (j < n) out[j] = (x[j] + std_dev * z[i]) * scale;
   }
-  const float h = 0.70710678f;
-  const float z[4] = {(p[0].x + p[1].x) * h, (p[0].y + p[1].y) * h, (p[2].x + p[3].x) * h, (p[2].y + p[3].y) * h};
-  for (int i = 0; i < 4; ++i)
-    if (j + i < n) out[j + i] = (x[j + i] + std_dev * z[i]) * scale;
 }
 
 kernel void chacha20_keystream(device uint* out [[buffer(0)]], constant ulong& first [[buffer(1)]],

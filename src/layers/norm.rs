@@ -72,7 +72,7 @@ pub fn rms_norm(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Dp
 /// Candle's, if `num_groups` does not divide `num_channels` or `vb` cannot
 /// provide the variables.
 pub fn group_norm(num_groups: usize, num_channels: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<DpNorm> {
-    if num_groups == 0 || num_channels % num_groups != 0 {
+    if num_groups == 0 || !num_channels.is_multiple_of(num_groups) {
         return Err(Error::InvalidConfig {
             field: "num_groups",
             value: num_groups as f64,

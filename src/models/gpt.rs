@@ -67,7 +67,7 @@ impl GptConfig {
             ensure(field, v as f64, "an integer >= 1", v >= 1)?;
         }
         let h = self.n_heads;
-        ensure("gpt.n_heads", h as f64, "an integer >= 1 dividing d_model", h >= 1 && self.d_model % h == 0)?;
+        ensure("gpt.n_heads", h as f64, "an integer >= 1 dividing d_model", h >= 1 && self.d_model.is_multiple_of(h))?;
         Ok(())
     }
 

@@ -280,9 +280,11 @@ fn no_open_batch() -> Error {
 /// rounded once to the sum's dtype (`f32` directly; others through `f64`),
 /// then converted to `dtype`, the variable's.
 ///
-/// On the CPU the host sampler fills the values. On a GPU the noise is made
-/// on the device ([`crate::kernels::add_gaussian_noise`]) from a fresh key
-/// drawn from the same generator: no gradient crosses to the host and back.
+/// One noise definition on every device: the counter noise of a fresh key
+/// from the generator ([`crate::kernels::gaussian`]), made where the sum
+/// lives (on a GPU, on the device: no gradient crosses to the host and
+/// back). An `f32` sum on the CPU is noised in place, and checked for
+/// overflow while in cache.
 ///
 /// # Errors
 /// [`Error::InvalidConfig`] for a result that is not finite in `dtype` (an
@@ -291,22 +293,12 @@ fn noisy_mean(sum: &Tensor, noise: &mut GaussianNoise, std: f64, scale: f64, dty
     if sum.device().is_cpu() && sum.dtype() == DType::F32 {
         let mut values = sum.flatten_all()?.to_vec1::<f32>()?;
         noise.add_scaled_to_f32(&mut values, std, scale);
-        // Checked here, in cache, rather than by another pass over the tensor.
         if !values.iter().all(|v| v.is_finite()) {
             return Err(overflow(std * scale));
         }
         let noisy = Tensor::from_vec(values, sum.shape(), sum.device())?;
         return if dtype == DType::F32 { Ok(noisy) } else { finite_as(&noisy, dtype, std * scale) };
     }
-    let noisy = if sum.device().is_cpu() {
-        let mut values = sum.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-        noise.add_to_f64(&mut values, std);
-        for v in &mut values {
-            *v *= scale;
-        }
-        Tensor::from_vec(values, sum.shape(), sum.device())?.to_dtype(sum.dtype())?
-    } else {
-        crate::kernels::add_gaussian_noise(sum, &noise.noise_key(), std, scale)?
-    };
+    let noisy = crate::kernels::add_gaussian_noise(sum, &noise.noise_key(), std, scale)?;
     finite_as(&noisy, dtype, std * scale)
 }
