@@ -10,7 +10,8 @@
 //!   batch's examples, so every step takes all of them (the batch size is
 //!   fixed, as in `non_private`).
 //! * `dp_microbatch`: the candle-nn model through the microbatch engine.
-//! * `noise_only`: drawing the step's noise (one value per parameter), the
+//! * `noise_only`: the step's noise (one value per parameter, the
+//!   optimizer's CPU path: `add_scaled_to_f32` in place, one thread), the
 //!   part of `dp_ghost` that clipping does not explain.
 //!
 //! * The transformer (`candle_dp::models::Gpt`: 4 layers, d = 256, 4 heads,
@@ -121,9 +122,9 @@ fn dp_step(c: &mut Criterion) {
         // Where the DP overhead goes: the noise alone, one value per parameter.
         let params: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
         let mut noise = GaussianNoise::from_seed(1);
-        let mut buf = vec![0.0f64; params];
+        let mut buf = vec![0.0f32; params];
         group.bench_function(BenchmarkId::new("noise_only", name), |bench| {
-            bench.iter(|| noise.add_to_f64(&mut buf, 1.0))
+            bench.iter(|| noise.add_scaled_to_f32(&mut buf, 1.0, 0.5))
         });
 
         // The microbatch engine takes a plain model: the same one over its own variables.
@@ -202,9 +203,9 @@ fn transformer_step(c: &mut Criterion) {
         drop(ghost);
         let params: usize = vars.iter().map(|v| v.elem_count()).sum();
         let mut noise = GaussianNoise::from_seed(1);
-        let mut buf = vec![0.0f64; params];
+        let mut buf = vec![0.0f32; params];
         group.bench_function(BenchmarkId::new("noise_only", name), |bench| {
-            bench.iter(|| noise.add_to_f64(&mut buf, 1.0))
+            bench.iter(|| noise.add_scaled_to_f32(&mut buf, 1.0, 0.5))
         });
     }
     group.finish();

@@ -7,6 +7,8 @@
 //! * `copy`: `copy_from_slice` of the same `f32` buffer (reads and writes
 //!   the bytes the noise reads and writes), split over the same threads.
 //! * `counter`: the noise.
+//! * `chacha20`: the noise's keystream alone (16 bytes per value, folded to
+//!   one 32-bit word per value), one thread: the cipher's share of `counter`.
 //! * `ziggurat`: the host sampler this crate used before the counter noise,
 //!   one thread: ChaCha20 (`rand_chacha`) words, two Ziggurat draws
 //!   (`rand_distr`) per value, `(z1 + z2) / sqrt 2`. A reference for the
@@ -70,6 +72,11 @@ fn main() {
                 b.iter(|| noise.add_scaled_to_f32(&mut buf, 1.1, 0.5))
             });
         }
+        let key = GaussianNoise::from_seed(2).noise_key();
+        let mut words = vec![0u32; n];
+        group.bench_function(BenchmarkId::new("chacha20/1", n), |b| {
+            b.iter(|| candle_dp::kernels::gaussian::keystream_only(&key, &mut words))
+        });
         let mut rng = ChaCha20Rng::seed_from_u64(1);
         group.bench_function(BenchmarkId::new("ziggurat/1", n), |b| b.iter(|| ziggurat(&mut rng, &mut buf, 1.1, 0.5)));
     }

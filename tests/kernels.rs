@@ -285,7 +285,7 @@ fn noise_is_a_function_of_key_and_position() {
     assert_eq!(noise(10, &key)[..], long[..10]);
     assert_eq!(noise(5003, &key)[..], long[..5003]);
     let mut slice = vec![0.0; 1000];
-    kernels::fill_gaussians(&key, 123_457, &mut slice);
+    kernels::fill_gaussians(&key, 123_457, &mut slice).unwrap();
     assert_eq!(slice[..], long[123_457..124_457]);
     let other = noise(10, &NoiseKey::from_bytes([10; 32]));
     assert!(other.iter().zip(&long).all(|(a, b)| a != b));

@@ -56,6 +56,7 @@
 use super::chacha20;
 use super::cpu::Element;
 use super::noise::NoiseKey;
+use crate::error::{ensure, Result};
 
 /// Normal values made from one ChaCha20 block.
 pub const VALUES_PER_BLOCK: usize = 4;
@@ -311,9 +312,42 @@ pub(crate) fn run<T: Element>(
 /// Any slice of a noise vector can be made this way independently of the
 /// rest: the same values as [`crate::kernels::add_gaussian_noise`] on a
 /// zero tensor, on every device.
-pub fn fill_gaussians(key: &NoiseKey, first: u64, out: &mut [f64]) {
+///
+/// # Errors
+/// [`crate::Error::InvalidConfig`] if `first + out.len()` exceeds
+/// `u64::MAX` (positions would wrap around and repeat values).
+pub fn fill_gaussians(key: &NoiseKey, first: u64, out: &mut [f64]) -> Result<()> {
+    let fits = u64::try_from(out.len()).ok().and_then(|len| first.checked_add(len)).is_some();
+    ensure("fill_gaussians: first + out.len()", first as f64, "first + out.len() <= u64::MAX", fits)?;
     out.fill(0.0);
     add_noise_at(Backend::best(), key, first, out, 1.0, 1.0, 1);
+    Ok(())
+}
+
+/// The ChaCha20 keystream of the noise alone, at the noise's 16 bytes per
+/// value (`out[j]` folds the four words value `j` would read), on the
+/// calling thread and the CPU's widest SIMD: the cipher's share of the
+/// noise's cost, for `benches/noise`. Only whole groups of 64 are written.
+#[doc(hidden)]
+pub fn keystream_only(key: &NoiseKey, out: &mut [u32]) {
+    let words = key.words();
+    match Backend::best() {
+        Backend::Portable => {
+            for (g, chunk) in out.chunks_exact_mut(GROUP_VALUES).enumerate() {
+                for lane in 0..GROUP_BLOCKS as usize {
+                    let w = chacha20::block(&words, g as u64 * GROUP_BLOCKS + lane as u64, NONCE);
+                    for k in 0..4 {
+                        chunk[k * GROUP_BLOCKS as usize + lane] = w[4 * k] ^ w[4 * k + 1] ^ w[4 * k + 2] ^ w[4 * k + 3];
+                    }
+                }
+            }
+        }
+        // SAFETY: `best` saw the CPU features these functions enable.
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx2 => unsafe { super::simd::keystream_avx2(&words, out) },
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx512 => unsafe { super::simd::keystream_avx512(&words, out) },
+    }
 }
 
 #[cfg(test)]

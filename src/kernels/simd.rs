@@ -53,6 +53,7 @@ trait Simd {
     /// second on bit 30.
     unsafe fn symmetry(a: Self::H, cos: Self::F, sin: Self::F) -> (Self::F, Self::F);
     unsafe fn store(a: Self::F, out: *mut f64);
+    unsafe fn store_words(a: Self::U, out: *mut u32);
 }
 
 /// Runs the generic `$body` with backend `$s` inside a function compiled
@@ -81,6 +82,38 @@ macro_rules! backend_fn {
 
 backend_fn!(add_run_avx512, Avx512, "avx512f,avx512dq,avx512vl,avx2,fma");
 backend_fn!(add_run_avx2, Avx2, "avx2,fma");
+
+/// The keystream alone, at the noise's rate of 16 bytes per value: for
+/// group `g` of `out`, `out[16 k + lane]` is the XOR of words `4k .. 4k + 4`
+/// of block `16 g + lane` (what `benches/noise` measures the cipher's share
+/// of the noise with).
+macro_rules! keystream_fn {
+    ($name:ident, $s:ty, $features:literal) => {
+        /// # Safety
+        /// The CPU must have the features this function is compiled for.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $name(key: &[u32; 8], out: &mut [u32]) {
+            for (g, chunk) in out.chunks_exact_mut(GROUP_VALUES).enumerate() {
+                let mut lane = 0;
+                while lane < GROUP_BLOCKS as usize {
+                    // SAFETY: as above; each store writes `BLOCKS` words of `chunk`.
+                    unsafe {
+                        let w = chacha20::<$s>(key, g as u64 * GROUP_BLOCKS + lane as u64);
+                        for k in 0..4 {
+                            let x = <$s>::xor(<$s>::xor(w[4 * k], w[4 * k + 1]), <$s>::xor(w[4 * k + 2], w[4 * k + 3]));
+                            let at = k * GROUP_BLOCKS as usize + lane;
+                            <$s>::store_words(x, chunk[at..at + <$s>::BLOCKS].as_mut_ptr());
+                        }
+                    }
+                    lane += <$s>::BLOCKS;
+                }
+            }
+        }
+    };
+}
+
+keystream_fn!(keystream_avx512, Avx512, "avx512f,avx512dq,avx512vl");
+keystream_fn!(keystream_avx2, Avx2, "avx2,fma");
 
 /// The ChaCha20 blocks `first .. first + S::BLOCKS` (nonce 0): word `w` of
 /// every block in register `w`.
@@ -325,6 +358,11 @@ impl Simd for Avx512 {
     unsafe fn store(a: __m512d, out: *mut f64) {
         _mm512_storeu_pd(out, a)
     }
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx512vl")]
+    unsafe fn store_words(a: __m512i, out: *mut u32) {
+        _mm512_storeu_si512(out.cast(), a)
+    }
 }
 
 impl Simd for Avx2 {
@@ -452,5 +490,10 @@ impl Simd for Avx2 {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn store(a: __m256d, out: *mut f64) {
         _mm256_storeu_pd(out, a)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn store_words(a: __m256i, out: *mut u32) {
+        _mm256_storeu_si256(out.cast(), a)
     }
 }

@@ -87,13 +87,19 @@ fn slices_and_threads_do_not_change_values() {
     for r in 0..3 {
         let (lo, hi) = (r * n / 3, (r + 1) * n / 3);
         let mut part = vec![0.0f64; hi - lo];
-        fill_gaussians(&k, lo as u64, &mut part);
+        fill_gaussians(&k, lo as u64, &mut part).unwrap();
         joined.extend(part);
     }
     assert_eq!(joined, whole);
+    // A slice past position 2^64 would wrap around and repeat values.
+    let e = fill_gaussians(&k, u64::MAX - 2, &mut [0.0; 4]).unwrap_err();
+    assert!(matches!(e, crate::Error::InvalidConfig { field: "fill_gaussians: first + out.len()", .. }), "{e}");
+    let mut last = [0.0; 3];
+    fill_gaussians(&k, u64::MAX - 3, &mut last).unwrap();
+    assert!(last.iter().all(|z| z.is_finite()));
     for (lo, len) in [(1, 1), (63, 2), (64, 64), (1000, 3), ((1 << 14) - 1, 5)] {
         let mut part = vec![0.0f64; len];
-        fill_gaussians(&k, lo as u64, &mut part);
+        fill_gaussians(&k, lo as u64, &mut part).unwrap();
         assert_eq!(part[..], whole[lo..lo + len], "slice at {lo}");
     }
 }
@@ -207,7 +213,7 @@ fn values_are_the_box_muller_transform_of_their_words() {
 fn value_stability() {
     let k = NoiseKey::from_bytes(std::array::from_fn(|i| i as u8));
     let mut z = vec![0.0; 4];
-    fill_gaussians(&k, 0, &mut z);
+    fill_gaussians(&k, 0, &mut z).unwrap();
     assert_eq!(z, [1.1820541974001804, -0.6471858184227686, 0.046144351861994275, 0.05224914779762452]);
     let far: Vec<f64> = [17, 1 << 20, (1 << 40) + 3].iter().map(|&j| definition(&k, j, 1)[0]).collect();
     assert_eq!(far, [-0.9370819476512038, 0.4466398364387617, 0.6425044187744929]);
@@ -241,5 +247,18 @@ fn the_cuda_kernel_uses_the_same_constants() {
         let hex = line.split("0x").nth(1).expect("a hex value");
         let digits: String = hex.chars().take_while(char::is_ascii_hexdigit).collect();
         assert_eq!(u64::from_str_radix(&digits, 16).unwrap(), value, "{name}");
+    }
+}
+
+/// The keystream hook of `benches/noise` folds the words the noise reads.
+#[test]
+fn the_keystream_hook_folds_the_noise_words() {
+    let k = key(21);
+    let mut out = vec![0u32; 64 * 3];
+    keystream_only(&k, &mut out);
+    for (j, v) in out.iter().enumerate() {
+        let (counter, slot) = value_position(j as u64);
+        let w = chacha20::block(&k.words(), counter, NONCE);
+        assert_eq!(*v, w[4 * slot] ^ w[4 * slot + 1] ^ w[4 * slot + 2] ^ w[4 * slot + 3], "value {j}");
     }
 }
