@@ -33,9 +33,10 @@ use crate::kernels::NoiseKey;
 ///
 /// # Cost
 /// On the CPU, a SIMD ChaCha20 and transform (AVX-512 or AVX2 where
-/// present): about 6 to 7 ns per value on one core of this project's
-/// machines, a portable scalar path elsewhere; large buffers are split over
-/// [`GaussianNoise::with_threads`] threads (`benches/noise.rs`).
+/// present, a portable scalar path elsewhere): 6.4 to 8.4 ns per value on
+/// one core of this project's Xeon machines, of which ChaCha20 is 3.7; large
+/// buffers are split over [`GaussianNoise::with_threads`] threads
+/// (`benches/noise.rs`).
 #[derive(Debug, Clone)]
 pub struct GaussianNoise {
     rng: ChaCha20Rng,
