@@ -14,7 +14,7 @@
 //!   (`rand_distr`) per value, `(z1 + z2) / sqrt 2`. A reference for the
 //!   speed-up only; nothing in the library uses it.
 //!
-//! Ids are `noise/{copy,counter,ziggurat}/{threads}/{n}`; criterion reports
+//! Ids are `noise/{copy,counter,chacha20,ziggurat}/{threads}/{n}`; criterion reports
 //! time per iteration and elements (values) per second.
 
 use candle_dp::GaussianNoise;

@@ -29,7 +29,9 @@ use crate::kernels::NoiseKey;
 ///   (Holohan & Braghin, ESORICS 2021, against the floating-point attacks of
 ///   Jin et al. 2022, arXiv:2112.05307), in `f64`, rounded once to the
 ///   output. The CPU, CUDA and any split over threads or ranks make the
-///   same bits for the same key.
+///   same bits for the same key (Metal approximates them in `f32`).
+/// * Cloning a generator clones its state: the clone hands out the same
+///   keys, hence the same noise. Clone only to checkpoint or to test.
 ///
 /// # Cost
 /// On the CPU, a SIMD ChaCha20 and transform (AVX-512 or AVX2 where
@@ -77,8 +79,8 @@ impl GaussianNoise {
     }
 
     /// One standard normal value, hardened as described on the type: value
-    /// 0 of a fresh key's noise vector (a key and a ChaCha20 block per
-    /// call; for many values use the buffer methods).
+    /// 0 of a fresh key's noise vector (a key and a group of 16 ChaCha20
+    /// blocks per call; for many values use the buffer methods).
     pub fn standard_normal(&mut self) -> f64 {
         let mut z = [0.0];
         self.add_to_f64(&mut z, 1.0);

@@ -1,7 +1,8 @@
 //! The noise definition: hardened standard normals as a pure function of a
 //! ChaCha20 key and a position, computed with IEEE operations only, so that
-//! every device and every split of the work gives the same bits; and the
-//! CPU's fill, vectorized where the CPU allows.
+//! the CPU, CUDA and every split of the work give the same bits (Metal,
+//! which has no `f64`, approximates them in `f32`); and the CPU's fill,
+//! vectorized where the CPU allows.
 //!
 //! # Layout
 //! Value `j` of a noise vector is slot `(j mod 64) / 16` of ChaCha20 block
@@ -19,10 +20,13 @@
 //!   2^-55`, a 53-bit uniform in `[-1/8, 1/8)` turn (exact in `f64`); the
 //!   top three bits of `A` pick one of the eight symmetries of the square
 //!   (bit 29 swaps cosine and sine, bit 31 negates the first, bit 30 the
-//!   second). A uniform symmetry of a uniform angle in a sector the
-//!   symmetries map onto the whole circle is a uniform angle, so
-//!   `(rho c, rho s)` are two independent `N(0, 1/2)` values;
-//! * value: slot 0 is `rho_0 c_0 + rho_1 c_1` (one fused multiply-add),
+//!   second). The sector `[-pi/4, pi/4)` is two fundamental domains of the
+//!   square's symmetry group (joined by the reflection `x -> -x`), so its
+//!   eight images cover the circle exactly twice: a uniform symmetry of a
+//!   uniform angle in the sector is a uniform angle on the circle (one of
+//!   the three bits is redundant), and `(rho c, rho s)` are two independent
+//!   `N(0, 1/2)` values;
+//! * value: slot 0 is `fma(rho_0, c_0, round(rho_1 c_1))`,
 //!   slot 1 `rho_0 s_0 + rho_1 s_1`, slots 2 and 3 the same with pairs 2
 //!   and 3: each the sum of two independent `N(0, 1/2)`, so `N(0, 1)`.
 //!
@@ -30,35 +34,44 @@
 //! series of `atanh` for the logarithm, polynomials on `[-pi/4, pi/4]` for
 //! the circle, every step an IEEE-754 addition, multiplication, division,
 //! square root or fused multiply-add (correctly rounded on every CPU and on
-//! CUDA), never a math library's call, whose last bits differ between
-//! platforms. Their errors, measured against 60-digit references: `ln` at
-//! most 2 ulp, `sin` and `cos` under 1 ulp; a value is within about 4e-16
-//! of the exact transform of its words.
+//! CUDA), never a math library's `ln`, `sin` or `cos`, whose last bits differ
+//! between platforms. (Without hardware FMA the portable path calls the C
+//! library's `fma`, which glibc, musl and macOS round correctly.) Their
+//! errors, measured against 60-digit references: `ln` at most 2 ulp, `sin`
+//! and `cos` under 1 ulp; a value is within about `4e-16 max(1, |z|)` of the
+//! exact transform of its words with `W` as rounded.
 //!
 //! # Security
 //! * ChaCha20 (RFC 8439, 20 rounds, 256-bit key) is the keystream: a
 //!   standard CSPRNG whose ARX rounds take the same time for every key on
 //!   CPUs and GPUs alike (no tables, no key-dependent branches). The key is
-//!   fresh from the optimizer's generator for every draw.
+//!   fresh from the optimizer's generator for every draw. Only the cipher is
+//!   claimed constant-time: the transform's division and square root may
+//!   take operand-dependent time on some CPUs.
 //! * Floating-point attacks (Mironov 2012 for Laplace; Jin et al. 2022,
 //!   arXiv:2112.05307, for the Gaussian, on Box-Muller in particular) read
 //!   the secret from which floating-point values a sampler can and cannot
 //!   produce. Following Holohan & Braghin, "Secure Random Sampling in
 //!   Differential Privacy" (ESORICS 2021), each value is the sum of two
-//!   independent Gaussians from disjoint random words: exactly Gaussian,
-//!   with the gaps of a single Box-Muller draw filled. All of it in `f64`,
-//!   rounded once to the output's dtype.
-//! * `u >= 2^-65`, so each half-normal is truncated at `|rho c| <= 6.7`
-//!   (`|z| <= 9.5` for a Box-Muller normal): a total variation distance of
-//!   at most about `1e-20` per value from the exact Gaussian, which the
-//!   accountant's delta does not include.
+//!   independent Gaussians from disjoint random words (Gaussian in exact
+//!   arithmetic; in floating point the sum fills the gaps a single
+//!   Box-Muller draw leaves, which mitigates the attacks). All of it in
+//!   `f64`, rounded once to the output's dtype.
+//! * `u >= 2^-65`, so `|rho c| <= sqrt(65 ln 2) = 6.72` (`|z| <= 9.49` for a
+//!   Box-Muller normal): against the same sampler with an exact uniform `u`,
+//!   a pair misses the tail `P(R^2 > 90.1) = 2^-65`, so a noise vector of
+//!   `n` values is within total variation `n 2^-65` (`2.7e-20 n`) of it. Over
+//!   a run that is `2.7e-20` times the values drawn in all steps (1e12
+//!   values: 2.7e-8), which the accountant's delta does not include.
 
 use super::chacha20;
 use super::cpu::Element;
 use super::noise::NoiseKey;
 use crate::error::{ensure, Result};
 
-/// Normal values made from one ChaCha20 block.
+/// Normal values made from one ChaCha20 block: block `16 g + i` holds values
+/// `64 g + i + 16 k`, `k = 0..4` ([`value_position`]), not four consecutive
+/// ones.
 pub const VALUES_PER_BLOCK: usize = 4;
 
 /// Blocks whose values interleave (see the module's layout).
@@ -214,7 +227,9 @@ pub(crate) enum Backend {
 }
 
 impl Backend {
-    /// Every backend this CPU can run, slowest first.
+    /// Every backend this CPU can run, slowest first. (AVX-512 needs F and VL
+    /// for what it uses; DQ is asked for as well, present on every CPU with
+    /// VL.)
     pub(crate) fn available() -> Vec<Backend> {
         let mut all = vec![Backend::Portable];
         #[cfg(target_arch = "x86_64")]
@@ -311,7 +326,8 @@ pub(crate) fn run<T: Element>(
 /// (standard normals), on the calling thread and the CPU's widest SIMD.
 /// Any slice of a noise vector can be made this way independently of the
 /// rest: the same values as [`crate::kernels::add_gaussian_noise`] on a
-/// zero tensor, on every device.
+/// zero tensor, on the CPU and CUDA. Short slices cost a whole group of 16
+/// blocks (64 values) at each end.
 ///
 /// # Errors
 /// [`crate::Error::InvalidConfig`] if `first + out.len()` exceeds
@@ -325,7 +341,8 @@ pub fn fill_gaussians(key: &NoiseKey, first: u64, out: &mut [f64]) -> Result<()>
 }
 
 /// The ChaCha20 keystream of the noise alone, at the noise's 16 bytes per
-/// value (`out[j]` folds the four words value `j` would read), on the
+/// value (`out[j]` is the XOR of the four words of pair `slot` of value
+/// `j`'s block: the same amount of keystream a value consumes), on the
 /// calling thread and the CPU's widest SIMD: the cipher's share of the
 /// noise's cost, for `benches/noise`. Only whole groups of 64 are written.
 #[doc(hidden)]

@@ -45,11 +45,17 @@ impl std::fmt::Debug for NoiseKey {
 
 /// `(x + std z) scale` for every element of `x` in row-major order, with `z`
 /// the noise vector of `key` ([`super::gaussian`]: value `j` depends on the
-/// key and `j` alone, and is the same on every device): the product, the
-/// sum and the scaling each rounded in `f64` (no fused multiply-add), then
-/// once to the dtype. The op runs where `x` lives: on a GPU the noise is
-/// made there, from the key alone. `f16`/`bf16` go through `f32`. No
-/// gradient flows.
+/// key and `j` alone, and is the same on the CPU and CUDA; Metal
+/// approximates it in `f32`): the product, the sum and the scaling each
+/// rounded in `f64` (no fused multiply-add), then once to the dtype
+/// (`f16`/`bf16` too; on Metal they go through `f32`). The op runs where `x`
+/// lives: on a GPU the noise is made there, from the key alone. No gradient
+/// flows.
+///
+/// # Security
+/// A key is for one tensor: two tensors noised with the same key get the
+/// same noise (both start at position 0), which an observer of both can
+/// subtract. Draw a fresh key per tensor ([`crate::GaussianNoise::noise_key`]).
 ///
 /// # Errors
 /// [`crate::Error::InvalidConfig`] for `std` negative or not finite, or
@@ -57,6 +63,9 @@ impl std::fmt::Debug for NoiseKey {
 pub fn add_gaussian_noise(x: &Tensor, key: &NoiseKey, std: f64, scale: f64) -> Result<Tensor> {
     check(std, scale)?;
     let (t, dtype) = widened(x, "add_gaussian_noise: x")?;
+    // Half precision through f64 where the device has it: one rounding.
+    let t =
+        if matches!(dtype, DType::F16 | DType::BF16) && !x.device().is_metal() { t.to_dtype(DType::F64)? } else { t };
     let op = AddNoise { key: key.clone(), std, scale };
     Ok(t.apply_op1_no_bwd(&op)?.to_dtype(dtype)?)
 }
@@ -153,8 +162,11 @@ impl AddNoise {
 /// and the RFC 8439 vectors.
 ///
 /// # Errors
-/// Candle's, if the device fails.
+/// [`crate::Error::InvalidConfig`] if the blocks would run past counter
+/// `u64::MAX` (they would wrap and repeat); Candle's, if the device fails.
 pub fn keystream(key: &NoiseKey, first_block: u64, blocks: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let fits = u64::try_from(blocks).ok().and_then(|b| first_block.checked_add(b)).is_some();
+    ensure("keystream: first_block + blocks", first_block as f64, "first_block + blocks <= u64::MAX", fits)?;
     let shape = Tensor::zeros((blocks, 16), DType::U32, device)?;
     Ok(shape.apply_op1_no_bwd(&Keystream { key: key.clone(), first_block })?)
 }

@@ -14,7 +14,7 @@ use std::arch::x86_64::*;
 use super::chacha20::SIGMA;
 use super::cpu::Element;
 use super::gaussian::constants::*;
-use super::gaussian::{run, GROUP_BLOCKS, GROUP_VALUES};
+use super::gaussian::{run, GROUP_BLOCKS, GROUP_VALUES, NONCE};
 
 /// One register width. `U` holds one 32-bit word of `BLOCKS` blocks; `H`
 /// half of them (`BLOCKS / 2` lanes), as wide as `F`, `BLOCKS / 2` doubles.
@@ -135,8 +135,8 @@ unsafe fn chacha20<S: Simd>(key: &[u32; 8], first: u64) -> [S::U; 16] {
         S::splat(key[7]),
         S::counters(first as u32),
         S::splat(high),
-        S::splat(0),
-        S::splat(0),
+        S::splat(NONCE as u32),
+        S::splat((NONCE >> 32) as u32),
     ];
     let mut s = init;
     macro_rules! qr {
@@ -230,8 +230,7 @@ unsafe fn blocks_normals<S: Simd>(key: &[u32; 8], first: u64, z: &mut [f64; GROU
     half!(1);
 }
 
-/// 512-bit registers: AVX-512 F, DQ (the 64-bit mask moves) and VL (the
-/// 256-bit halves' bit tests).
+/// 512-bit registers: AVX-512 F and VL (the 256-bit halves' bit tests).
 struct Avx512;
 
 /// 256-bit registers: AVX2 and FMA.

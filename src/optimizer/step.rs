@@ -283,8 +283,8 @@ fn no_open_batch() -> Error {
 /// One noise definition on every device: the counter noise of a fresh key
 /// from the generator ([`crate::kernels::gaussian`]), made where the sum
 /// lives (on a GPU, on the device: no gradient crosses to the host and
-/// back). An `f32` sum on the CPU is noised in place, and checked for
-/// overflow while in cache.
+/// back). An `f32` sum on the CPU is noised in a host copy, then checked for
+/// overflow before it becomes a tensor again.
 ///
 /// # Errors
 /// [`Error::InvalidConfig`] for a result that is not finite in `dtype` (an
