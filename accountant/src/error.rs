@@ -92,6 +92,12 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A canary-scores file that is not the audit's format.
+    #[error("canary scores: {reason}")]
+    Scores {
+        /// What is wrong, and where.
+        reason: String,
+    },
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -259,6 +265,17 @@ pub enum Valid {
     /// An RDP order: `1 < x <= 1e6` (the exact series takes time linear in
     /// the order; 1e6 takes about 20 ms).
     Order,
+    /// `0 <= x < 1`.
+    UnitFromZero,
+    /// Any finite number.
+    Finite,
+    /// A number of canaries: an integer from 1 to 10^7.
+    Canaries,
+    /// An integer from 0 to the number of canaries (the upper end is checked
+    /// where the canaries are known).
+    AtMostCanaries,
+    /// An integer from 0 to the number of guesses (likewise).
+    AtMostGuesses,
 }
 
 impl Valid {
@@ -273,6 +290,10 @@ impl Valid {
             Valid::AboveOne => x > 1.0 && x < f64::INFINITY,
             Valid::AtLeastOne => (1.0..f64::INFINITY).contains(&x) && x.fract() == 0.0,
             Valid::Order => x > 1.0 && x <= 1e6,
+            Valid::UnitFromZero => (0.0..1.0).contains(&x),
+            Valid::Finite => x.is_finite(),
+            Valid::Canaries => (1.0..=1e7).contains(&x) && x.fract() == 0.0,
+            Valid::AtMostCanaries | Valid::AtMostGuesses => (0.0..f64::INFINITY).contains(&x) && x.fract() == 0.0,
         }
     }
 }
@@ -288,6 +309,11 @@ impl fmt::Display for Valid {
             Valid::AboveOne => "finite and > 1",
             Valid::AtLeastOne => "an integer >= 1",
             Valid::Order => "> 1 and <= 1e6 (the series takes time linear in the order)",
+            Valid::UnitFromZero => "in [0, 1)",
+            Valid::Finite => "finite",
+            Valid::Canaries => "an integer from 1 to 10^7",
+            Valid::AtMostCanaries => "an integer from 0 to the number of canaries",
+            Valid::AtMostGuesses => "an integer from 0 to the number of guesses",
         })
     }
 }

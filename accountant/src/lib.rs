@@ -24,6 +24,9 @@
 //! * [`PrivacyReport`]: the privacy statement a reviewer signs off, in text,
 //!   Markdown or JSON; the `dp-accountant` binary prints it
 //!   (`dp-accountant report ledger.json`).
+//! * [`audit`]: empirical lower bounds on epsilon from a run's canary scores
+//!   (the one-run audit of Steinke, Nasr & Jagielski 2023;
+//!   `dp-accountant audit scores.json`).
 //!
 //! The crate depends on no tensor library: its users are reviewers and other
 //! frameworks as much as `candle-dp`.
@@ -61,6 +64,7 @@
 #![doc(test(attr(deny(warnings))))]
 
 pub mod accountant;
+pub mod audit;
 pub mod calibrate;
 pub mod conversion;
 mod error;

@@ -344,3 +344,53 @@ fn reports_name_the_released_weights() {
         assert!(out.contains(&sha) && out.contains("model.safetensors"), "{format} report lacks the weights' hash");
     }
 }
+
+/// `audit`: the JSON fields the issue promises, a separated run giving a
+/// positive epsilon-hat that equals the library's, identical scores giving
+/// 0, and every bad input a one-line usage error naming what is wrong.
+#[test]
+fn audit_reads_scores_and_reports_epsilon_hat() {
+    // 400 canaries: included ones score 10 + k, excluded ones k, k < 200.
+    let ins: Vec<String> = (0..200).map(|k| format!("{}", 10.0 + k as f64 * 0.01)).collect();
+    let outs: Vec<String> = (0..200).map(|k| format!("{}", k as f64 * 0.01)).collect();
+    let text = format!("{{\"in_scores\": [{}], \"out_scores\": [{}]}}", ins.join(","), outs.join(","));
+    let path = temp_file("scores.json", &text);
+    let p = path.to_str().unwrap();
+    let v = json_out(&["audit", p, "--delta", "1e-5", "--alpha", "0.05", "--json"]);
+    let eps = v["epsilon_one_run"].as_f64().unwrap();
+    let scores = dp_accountant::audit::CanaryScores::from_json(&text).unwrap();
+    let lib = dp_accountant::audit::audit_one_run(&scores, 1e-5, 0.05, dp_accountant::audit::Guesses::Top).unwrap();
+    assert_eq!(eps, lib.epsilon);
+    assert!(eps > 1.0, "{v}");
+    assert_eq!(v["canaries"], 400);
+    assert_eq!(v["guesses"].as_u64().unwrap() as usize, lib.guesses);
+    assert_eq!(v["correct"].as_u64().unwrap() as usize, lib.correct);
+    assert_eq!(v["guess_counts_tried"], 7);
+    let two = json_out(&["audit", p, "--delta", "1e-5", "--two-sided", "--json"]);
+    assert_eq!(two["guesses_on"], "top_and_bottom");
+    assert!(two["epsilon_one_run"].as_f64().unwrap() >= eps);
+    let o = run(&["audit", p, "--delta", "1e-5"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stdout(&o).contains("epsilon-hat: "), "{}", stdout(&o));
+
+    let same = temp_file("same.json", "{\"in_scores\": [1, 1, 1], \"out_scores\": [1, 1]}");
+    let v = json_out(&["audit", same.to_str().unwrap(), "--delta", "0", "--json"]);
+    assert_eq!(v["epsilon_one_run"].as_f64(), Some(0.0));
+
+    for (text, needle) in [
+        ("{\"in_scores\": [1, 2]}", "out_scores"),
+        ("{\"in_scores\": [1], \"out_scores\": [2], \"extra\": 1}", "extra"),
+        ("{\"in_scores\": [1, \"x\"], \"out_scores\": []}", "canary scores"),
+        ("{\"in_scores\": [], \"out_scores\": []}", "canaries"),
+        ("[1, 2, 3]", "canary scores"),
+        ("", "canary scores"),
+    ] {
+        let bad = temp_file("bad.json", text);
+        assert_usage_error(&["audit", bad.to_str().unwrap(), "--delta", "1e-5"], needle);
+    }
+    assert_usage_error(&["audit", p, "--delta", "1"], "--delta");
+    assert_usage_error(&["audit", p, "--delta", "-1e-5"], "--delta");
+    assert_usage_error(&["audit", p, "--delta", "1e-5", "--alpha", "0"], "--alpha");
+    assert_usage_error(&["audit", p, "--delta", "1e-5", "--alpha", "nan"], "--alpha");
+    assert_usage_error(&["audit", "/nonexistent/scores.json", "--delta", "1e-5"], "/nonexistent/scores.json");
+}

@@ -47,6 +47,30 @@ pub(crate) enum Command {
     /// Sign a ledger's head with a secret key (the ledger is verified first, then rewritten with the signature).
     #[command(after_help = EXIT_CODES)]
     Sign(SignArgs),
+    /// An empirical lower bound on epsilon from canary scores: the one-run audit of Steinke, Nasr & Jagielski
+    /// (NeurIPS 2023).
+    #[command(after_help = EXIT_CODES)]
+    Audit(AuditArgs),
+}
+
+/// The flags of `audit`.
+#[derive(Args)]
+pub(crate) struct AuditArgs {
+    /// A JSON file {"in_scores": [numbers], "out_scores": [numbers]}: the scores of the canaries that were and
+    /// were not included (each independently with probability 1/2); higher means more likely included.
+    pub(crate) scores: std::path::PathBuf,
+    /// Delta of the hypothesis "training is (epsilon, delta)-DP", in [0, 1).
+    #[arg(long, allow_hyphen_values = true)]
+    pub(crate) delta: f64,
+    /// Significance: the chance that epsilon-hat exceeds the true epsilon, in (0, 1).
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0.05)]
+    pub(crate) alpha: f64,
+    /// Also guess "excluded" for the lowest scores (not only "included" for the highest).
+    #[arg(long)]
+    pub(crate) two_sided: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 /// The flags of `epsilon`.

@@ -7,9 +7,11 @@
 //!
 //! `args` holds the flags; each subcommand is one function, in
 //! `plan_cmd` (`epsilon`, `rdp`), `search_cmd` (`calibrate`, `max-steps`)
-//! and `ledger_cmd` (`report`, `verify`, `keygen`, `sign`).
+//! `ledger_cmd` (`report`, `verify`, `keygen`, `sign`) and `audit_cmd`
+//! (`audit`).
 
 mod args;
+mod audit_cmd;
 mod ledger_cmd;
 mod plan_cmd;
 mod progress;
@@ -102,6 +104,7 @@ fn run(command: Command, out: &mut String) -> Result<(), Failure> {
         Command::Verify(args) => ledger_cmd::verify(args, out),
         Command::Keygen(args) => ledger_cmd::keygen(args, out),
         Command::Sign(args) => ledger_cmd::sign(args, out),
+        Command::Audit(args) => audit_cmd::audit(args, out),
     }
 }
 
