@@ -260,3 +260,34 @@ fn mutated_score_files_are_refused_or_audited() {
     }
     assert!(accepted > 100 && refused > 100, "accepted {accepted}, refused {refused}");
 }
+
+/// The f-DP audit (Mahloujifar, Melis & Chaudhuri 2025) on Gaussian scores:
+/// in-scores `N(mu, 1)` against out-scores `N(0, 1)` make each canary's
+/// membership exactly `mu`-GDP, so the audit may reject `mu` itself at most
+/// alpha of the time: over 100 seeded runs at `mu = 1`, alpha 0.05, more
+/// than 5 + 3 standard deviations (12) rejections fail. On the same
+/// scores it is at least as tight as the `(epsilon, delta)` audit, and its
+/// epsilon never exceeds the epsilon of the true `mu`.
+#[test]
+fn the_fdp_audit_is_valid_and_tighter_on_gaussian_scores() {
+    let seeds: u64 = 100;
+    let (mut rejected_true, mut tighter) = (0u64, 0u64);
+    let true_eps = audit::audit_one_run(&gaussian_canaries(10, 0.0, 1), 1e-5, 0.05, Guesses::Top).unwrap();
+    assert_eq!(true_eps.epsilon_fdp, 0.0);
+    for seed in 0..seeds {
+        let a = audit::audit_one_run(&gaussian_canaries(500, 1.0, 9000 + seed), 1e-5, 0.05, Guesses::TopAndBottom);
+        let a = a.unwrap();
+        rejected_true += u64::from(a.mu_fdp > 1.0);
+        tighter += u64::from(a.epsilon_fdp >= a.epsilon);
+    }
+    assert!(rejected_true <= 12, "1-GDP rejected in {rejected_true} of {seeds}");
+    assert!(tighter >= seeds * 9 / 10, "f-DP at least as tight in only {tighter} of {seeds}");
+    let strong = audit::audit_one_run(&gaussian_canaries(1000, 3.0, 4), 1e-5, 0.05, Guesses::TopAndBottom).unwrap();
+    assert!(strong.mu_fdp > 1.0 && strong.mu_fdp <= 3.0, "mu-hat {} for 3-GDP scores", strong.mu_fdp);
+    assert!(strong.epsilon_fdp > strong.epsilon, "{} vs {}", strong.epsilon_fdp, strong.epsilon);
+    eprintln!(
+        "f-DP: 1-GDP rejected in {rejected_true} of {seeds}; at least as tight in {tighter}; 3-GDP scores: mu-hat {:.3}, \
+         epsilon-hat {:.3} (f-DP) vs {:.3}",
+        strong.mu_fdp, strong.epsilon_fdp, strong.epsilon
+    );
+}

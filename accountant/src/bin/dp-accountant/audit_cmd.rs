@@ -22,6 +22,10 @@ pub(crate) fn audit(args: AuditArgs, out: &mut String) -> Result<(), Failure> {
             out,
             serde_json::json!({
                 "epsilon_one_run": a.epsilon,
+                "epsilon_one_run_fdp": a.epsilon_fdp,
+                "mu_one_run_fdp": a.mu_fdp,
+                "fdp_guesses": a.fdp_guesses,
+                "fdp_correct": a.fdp_correct,
                 "p_value": a.p_value,
                 "canaries": a.canaries,
                 "in_canaries": canaries.in_scores().len(),
@@ -32,7 +36,8 @@ pub(crate) fn audit(args: AuditArgs, out: &mut String) -> Result<(), Failure> {
                 "alpha": a.alpha,
                 "delta": a.delta,
                 "method": "one-run audit, Steinke, Nasr & Jagielski (NeurIPS 2023, arXiv:2305.08846), with its delta \
-                           term; Bonferroni over the guess counts tried",
+                           term; f-DP (Gaussian curves) one-run audit, Mahloujifar, Melis & Chaudhuri (ICML 2025, \
+                           arXiv:2410.22235); Bonferroni over the guess counts tried",
             }),
         );
         return Ok(());
@@ -61,6 +66,19 @@ pub(crate) fn audit(args: AuditArgs, out: &mut String) -> Result<(), Failure> {
         a.candidates,
         alpha / a.candidates as f64
     ));
+    if a.mu_fdp > 0.0 {
+        let shown = format!("{:.3}", (a.epsilon_fdp * 1000.0).floor() / 1000.0);
+        out.push_str(&format!(
+            "f-DP audit (Gaussian curves): not {:.3}-GDP, i.e. epsilon-hat {shown} at delta {} \
+             ({} guesses, {} correct)\n",
+            (a.mu_fdp * 1000.0).floor() / 1000.0,
+            num(delta),
+            a.fdp_guesses,
+            a.fdp_correct
+        ));
+    } else {
+        out.push_str("f-DP audit (Gaussian curves): epsilon-hat 0 (no mu-GDP rejected)\n");
+    }
     out.push_str(&format!(
         "  {} guess counts tried (1% to 50% of the canaries), each at alpha / {}: the count chosen\n  \
          after seeing the scores is paid for (Bonferroni)\n",
