@@ -46,8 +46,9 @@
 //!   standard CSPRNG whose ARX rounds take the same time for every key on
 //!   CPUs and GPUs alike (no tables, no key-dependent branches). The key is
 //!   fresh from the optimizer's generator for every draw. Only the cipher is
-//!   claimed constant-time: the transform's division and square root may
-//!   take operand-dependent time on some CPUs.
+//!   claimed constant-time: the transform has no branches on secret bits,
+//!   but its division and square root may take operand-dependent time on
+//!   some CPUs.
 //! * Floating-point attacks (Mironov 2012 for Laplace; Jin et al. 2022,
 //!   arXiv:2112.05307, for the Gaussian, on Box-Muller in particular) read
 //!   the secret from which floating-point values a sampler can and cannot
@@ -182,10 +183,13 @@ fn pair(r_hi: u32, r_lo: u32, a: u32, b: u32) -> Pair {
     let rem = (a & ANGLE_MASK).wrapping_sub(HALF_SECTOR) as i32;
     let f = f64::from(rem).mul_add(TWO_POW_M31, f64::from(b >> 8) * TWO_POW_M55);
     let (sin, cos) = sin_cos(f * std::f64::consts::TAU);
-    let (first, second) = if a & (1 << 29) != 0 { (sin, cos) } else { (cos, sin) };
-    let first = if a & (1 << 31) != 0 { -first } else { first };
-    let second = if a & (1 << 30) != 0 { -second } else { second };
-    Pair { rho, first, second }
+    // The symmetry by bit operations, not branches on the secret bits: all
+    // ones where bit 29 swaps, then the sign bits flipped by bits 31 and 30.
+    let swap = 0u64.wrapping_sub(u64::from((a >> 29) & 1));
+    let (c, s) = (cos.to_bits(), sin.to_bits());
+    let first = ((c & !swap) | (s & swap)) ^ (u64::from(a >> 31) << 63);
+    let second = ((s & !swap) | (c & swap)) ^ (u64::from((a >> 30) & 1) << 63);
+    Pair { rho, first: f64::from_bits(first), second: f64::from_bits(second) }
 }
 
 /// `-ln(w 2^-64)` for `w` in `[1/2, 2^64]`: `w = m 2^k` with `m` in
