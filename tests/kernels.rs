@@ -210,6 +210,10 @@ fn bad_arguments_are_typed_errors() {
         let e = kernels::add_gaussian_noise(&g, &key, std, scale).unwrap_err();
         assert!(matches!(e, Error::InvalidConfig { field: f, .. } if f == field), "{e}");
     }
+    // Blocks past counter u64::MAX would wrap around and repeat.
+    let e = kernels::keystream(&key, u64::MAX - 1, 5, &Device::Cpu).unwrap_err();
+    assert!(matches!(e, Error::InvalidConfig { field: "keystream: first_block + blocks", .. }), "{e}");
+    assert!(kernels::keystream(&key, u64::MAX - 5, 5, &Device::Cpu).is_ok());
     assert_eq!(format!("{key:?}"), "NoiseKey(<secret>)");
 }
 

@@ -337,11 +337,17 @@ pub(crate) fn run<T: Element>(
 /// [`crate::Error::InvalidConfig`] if `first + out.len()` exceeds
 /// `u64::MAX` (positions would wrap around and repeat values).
 pub fn fill_gaussians(key: &NoiseKey, first: u64, out: &mut [f64]) -> Result<()> {
-    let fits = u64::try_from(out.len()).ok().and_then(|len| first.checked_add(len)).is_some();
+    let fits = ends_by_u64_max(first, out.len());
     ensure("fill_gaussians: first + out.len()", first as f64, "first + out.len() <= u64::MAX", fits)?;
     out.fill(0.0);
     add_noise_at(Backend::best(), key, first, out, 1.0, 1.0, 1);
     Ok(())
+}
+
+/// Whether `first + len` stays within `u64::MAX`: a run of positions (or
+/// block counters) from `first` that does not wrap around and repeat.
+pub(crate) fn ends_by_u64_max(first: u64, len: usize) -> bool {
+    u64::try_from(len).ok().and_then(|len| first.checked_add(len)).is_some()
 }
 
 /// The ChaCha20 keystream of the noise alone, at the noise's 16 bytes per

@@ -165,7 +165,7 @@ impl AddNoise {
 /// [`crate::Error::InvalidConfig`] if the blocks would run past counter
 /// `u64::MAX` (they would wrap and repeat); Candle's, if the device fails.
 pub fn keystream(key: &NoiseKey, first_block: u64, blocks: usize, device: &candle_core::Device) -> Result<Tensor> {
-    let fits = u64::try_from(blocks).ok().and_then(|b| first_block.checked_add(b)).is_some();
+    let fits = gaussian::ends_by_u64_max(first_block, blocks);
     ensure("keystream: first_block + blocks", first_block as f64, "first_block + blocks <= u64::MAX", fits)?;
     let shape = Tensor::zeros((blocks, 16), DType::U32, device)?;
     Ok(shape.apply_op1_no_bwd(&Keystream { key: key.clone(), first_block })?)

@@ -322,6 +322,9 @@ pub fn audit_one_run(scores: &CanaryScores, delta: f64, alpha: f64, guesses: Gue
     let mut sorted: Vec<(f64, bool)> =
         scores.included.iter().map(|s| (*s, true)).chain(scores.excluded.iter().map(|s| (*s, false))).collect();
     sorted.sort_by(|a, b| b.0.total_cmp(&a.0));
+    // Lowest first, for the bottom guesses (made once, not per guess count).
+    let ascending: Vec<(f64, bool)> =
+        if guesses == Guesses::TopAndBottom { sorted.iter().rev().copied().collect() } else { Vec::new() };
     let limit = match guesses {
         Guesses::Top => m,
         Guesses::TopAndBottom => m / 2,
@@ -347,9 +350,8 @@ pub fn audit_one_run(scores: &CanaryScores, delta: f64, alpha: f64, guesses: Gue
         let mut correct = sorted[..top].iter().filter(|(_, included)| *included).count();
         let mut r = top;
         if guesses == Guesses::TopAndBottom {
-            let reversed: Vec<(f64, bool)> = sorted.iter().rev().copied().collect();
-            let bottom = boundary_count(&reversed, k).min(m - top);
-            correct += reversed[..bottom].iter().filter(|(_, included)| !*included).count();
+            let bottom = boundary_count(&ascending, k).min(m - top);
+            correct += ascending[..bottom].iter().filter(|(_, included)| !*included).count();
             r += bottom;
         }
         let (epsilon, p) = epsilon_hat(m as u64, r as u64, correct as u64, delta, level);
