@@ -16,6 +16,21 @@
 //! canonical bytes are the compact JSON this crate writes (fields in
 //! declaration order, floats in shortest round-trip form).
 //!
+//! # Record kinds
+//! Each entry's `record` is one of:
+//! * `mechanism` ([`MechanismRecord`]): a mechanism applied to the data (the
+//!   event, adjacency, clipping norm, sampler, noise source, seeding); the
+//!   only kind that costs privacy.
+//! * `release` ([`ModelRelease`]): a model file saved from the run, by name
+//!   and SHA-256, with the steps recorded before it.
+//! * `audit` ([`AuditRecord`]): the result of an empirical one-run canary
+//!   audit of the run (an epsilon *lower* bound, beside the accountant's
+//!   upper bound), with the steps recorded before it.
+//!
+//! Releases and audits cost nothing and change no epsilon; each is checked
+//! on load against the entries before it. A kind added later is a new
+//! variant: ledgers without it keep their bytes, and hashes, unchanged.
+//!
 //! # One canonical, lossless encoding
 //! Floats are hashed as serde_json renders them (shortest round-trip form)
 //! and parsed with serde_json's `float_roundtrip` feature, which reads every
@@ -61,6 +76,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::accountant::PrivacyAccountant;
+use crate::audit::OneRunAudit;
 use crate::error::{ensure, Error, LedgerError, Result, Valid};
 use crate::event::{Adjacency, DpEvent};
 use crate::kind::AccountantKind;
@@ -147,6 +163,54 @@ pub struct ModelRelease {
     pub after_steps: u64,
 }
 
+/// How an empirical audit was run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditMethod {
+    /// Canaries each included in the training data independently with
+    /// probability 1/2, scored after training, and the one-run audit of
+    /// Steinke, Nasr & Jagielski, "Privacy Auditing with One (1) Training
+    /// Run" (NeurIPS 2023, arXiv:2305.08846) beside the f-DP (Gaussian
+    /// curves) audit of the same guesses by Mahloujifar, Melis & Chaudhuri
+    /// (ICML 2025, arXiv:2410.22235); see [`crate::audit`].
+    OneRunCanaries,
+}
+
+/// The empirical audit of a run: canaries inserted in training, scored from
+/// the privatized gradients. Its epsilons are *lower* bounds on what the run
+/// leaked (at confidence `1 - alpha`); the accountant's epsilon is the upper
+/// bound they should not exceed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditRecord {
+    /// How the audit was run.
+    pub method: AuditMethod,
+    /// Canaries, `m >= 1` (each included with probability 1/2; the included
+    /// ones count in the training set's size).
+    pub canaries: u64,
+    /// Guesses `r` of the guess count that gave `epsilon_lower_bound`, `r <= m`.
+    pub guesses: u64,
+    /// Correct guesses `v` among them, `v <= r`.
+    pub correct: u64,
+    /// The significance, in `(0, 1)`: each lower bound holds with probability
+    /// at least `1 - alpha`.
+    pub alpha: f64,
+    /// The delta of the hypothesis "training is `(epsilon, delta)`-DP", in `[0, 1)`.
+    pub delta: f64,
+    /// Epsilon-hat of the `(epsilon, delta)` audit ([`OneRunAudit::epsilon`]), `>= 0`.
+    pub epsilon_lower_bound: f64,
+    /// Epsilon-hat of the f-DP audit at `delta` ([`OneRunAudit::epsilon_fdp`]), `>= 0`.
+    pub epsilon_lower_bound_fdp: f64,
+    /// The largest `mu` of `mu`-GDP the f-DP audit rejected ([`OneRunAudit::mu_fdp`]), `>= 0`.
+    pub mu_fdp: f64,
+    /// How the generator that chose which canaries are included was seeded
+    /// (the audit assumes the choice is secret from the training run).
+    pub inclusion_seed: Seeding,
+    /// The number of steps recorded before it (it audits exactly those);
+    /// filled by [`Ledger::append_audit`].
+    pub after_steps: u64,
+}
+
 /// What one ledger entry records.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
@@ -155,6 +219,8 @@ pub enum Record {
     Mechanism(MechanismRecord),
     /// A model saved from the run.
     Release(ModelRelease),
+    /// An empirical audit of the run.
+    Audit(AuditRecord),
 }
 
 impl Record {
@@ -162,7 +228,7 @@ impl Record {
     pub fn mechanism(&self) -> Option<&MechanismRecord> {
         match self {
             Record::Mechanism(m) => Some(m),
-            Record::Release(_) => None,
+            _ => None,
         }
     }
 
@@ -170,7 +236,15 @@ impl Record {
     pub fn release(&self) -> Option<&ModelRelease> {
         match self {
             Record::Release(r) => Some(r),
-            Record::Mechanism(_) => None,
+            _ => None,
+        }
+    }
+
+    /// The audit, if this entry records one.
+    pub fn audit(&self) -> Option<&AuditRecord> {
+        match self {
+            Record::Audit(a) => Some(a),
+            _ => None,
         }
     }
 }
@@ -315,6 +389,32 @@ impl Ledger {
         }))
     }
 
+    /// Records the result of a one-run canary audit of the steps recorded so
+    /// far; `inclusion_seed` says how the generator that chose which canaries
+    /// were included was seeded.
+    ///
+    /// # Errors
+    /// [`LedgerError::InvalidEntry`], naming the field and its valid range,
+    /// for an audit out of range (e.g. `delta = 1`, which
+    /// [`crate::audit::audit_one_run`] accepts but no run can mean). Nothing
+    /// is appended on error.
+    pub fn append_audit(&mut self, audit: &OneRunAudit, inclusion_seed: Seeding) -> Result<&LedgerEntry> {
+        let after_steps = self.total_steps();
+        self.push(Record::Audit(AuditRecord {
+            method: AuditMethod::OneRunCanaries,
+            canaries: audit.canaries as u64,
+            guesses: audit.guesses as u64,
+            correct: audit.correct as u64,
+            alpha: audit.alpha,
+            delta: audit.delta,
+            epsilon_lower_bound: audit.epsilon,
+            epsilon_lower_bound_fdp: audit.epsilon_fdp,
+            mu_fdp: audit.mu_fdp,
+            inclusion_seed,
+            after_steps,
+        }))
+    }
+
     fn push(&mut self, record: Record) -> Result<&LedgerEntry> {
         let index = self.entries.len();
         check_entry(&record, self.first_adjacency(), self.total_steps(), index)?;
@@ -335,6 +435,11 @@ impl Ledger {
     /// The models released, in order.
     pub fn releases(&self) -> impl Iterator<Item = &ModelRelease> {
         self.entries.iter().filter_map(|e| e.record.release())
+    }
+
+    /// The audits recorded, in order.
+    pub fn audits(&self) -> impl Iterator<Item = &AuditRecord> {
+        self.entries.iter().filter_map(|e| e.record.audit())
     }
 
     fn first_adjacency(&self) -> Option<Adjacency> {
@@ -590,7 +695,46 @@ fn check_entry(record: &Record, adjacency: Option<Adjacency>, steps_before: u64,
             }
             Ok(())
         }
+        Record::Audit(a) => check_audit(a, steps_before, index),
     }
+}
+
+/// Checks an audit's values: every float in its range (NaN fails each),
+/// the counts nested (`correct <= guesses <= canaries`, `canaries >= 1`),
+/// and the steps it claims to audit those recorded before it.
+fn check_audit(a: &AuditRecord, steps_before: u64, index: usize) -> Result<()> {
+    let invalid = |message: String| Error::Ledger(LedgerError::InvalidEntry { entry: index, message });
+    for (field, value, valid) in [
+        ("alpha", a.alpha, Valid::OpenUnit),
+        ("delta", a.delta, Valid::UnitFromZero),
+        ("epsilon_lower_bound", a.epsilon_lower_bound, Valid::NonNegative),
+        ("epsilon_lower_bound_fdp", a.epsilon_lower_bound_fdp, Valid::NonNegative),
+        ("mu_fdp", a.mu_fdp, Valid::NonNegative),
+    ] {
+        ensure(field, value, valid).map_err(|e| invalid(format!("audit: {e}")))?;
+    }
+    if a.canaries == 0 {
+        return Err(invalid("audit: canaries = 0: must be an integer >= 1".into()));
+    }
+    if a.guesses > a.canaries {
+        return Err(invalid(format!(
+            "audit: guesses = {}: must be an integer from 0 to canaries ({})",
+            a.guesses, a.canaries
+        )));
+    }
+    if a.correct > a.guesses {
+        return Err(invalid(format!(
+            "audit: correct = {}: must be an integer from 0 to guesses ({})",
+            a.correct, a.guesses
+        )));
+    }
+    if a.after_steps != steps_before {
+        return Err(invalid(format!(
+            "audit: after_steps = {}: the entries before it record {steps_before} steps",
+            a.after_steps
+        )));
+    }
+    Ok(())
 }
 
 /// Checks a record's values and their consistency with each other and with

@@ -88,8 +88,8 @@ pub use error::{Error, LedgerError, Result, Valid};
 pub use event::{Adjacency, DpEvent};
 pub use kind::AccountantKind;
 pub use ledger::{
-    HeadSignature, Ledger, LedgerEntry, LedgerHeader, MechanismRecord, ModelRelease, NoiseGenerator, NoiseSource,
-    PrivacyTarget, Record, SamplerKind, Seeding, SignatureAlgorithm,
+    AuditMethod, AuditRecord, HeadSignature, Ledger, LedgerEntry, LedgerHeader, MechanismRecord, ModelRelease,
+    NoiseGenerator, NoiseSource, PrivacyTarget, Record, SamplerKind, Seeding, SignatureAlgorithm,
 };
 pub use pld::{PldAccountant, PldDelta, PldEpsilon, DEFAULT_EPSILON_ERROR, MAX_WORK};
 pub use rdp::{default_orders, rdp_poisson_subsampled_gaussian, RdpAccountant};

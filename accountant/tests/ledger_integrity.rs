@@ -253,3 +253,106 @@ fn a_ledger_is_refused_by_an_accountant_of_another_adjacency() {
     let empty = Ledger::new(Default::default());
     assert!(empty.compose_into(dp_accountant::RdpAccountant::new(Adjacency::ReplaceOne)).is_ok());
 }
+
+/// A one-run audit of `m` canaries whose included half all outscore the
+/// excluded half: a clear leak, so every bound it records is positive.
+fn clear_leak_audit(m: usize) -> dp_accountant::audit::OneRunAudit {
+    use dp_accountant::audit::{audit_one_run, CanaryScores, Guesses};
+    let included: Vec<f64> = (0..m / 2).map(|k| 10.0 + k as f64).collect();
+    let excluded: Vec<f64> = (0..m - m / 2).map(|k| -(k as f64)).collect();
+    audit_one_run(&CanaryScores::new(included, excluded).unwrap(), 1e-5, 0.05, Guesses::Top).unwrap()
+}
+
+#[test]
+fn an_audit_is_chained_and_checked() {
+    let mut ledger = sample_ledger();
+    let audit = clear_leak_audit(200);
+    assert!(audit.epsilon > 0.0 && audit.epsilon_fdp > 0.0 && audit.mu_fdp > 0.0, "{audit:?}");
+    ledger.append_audit(&audit, Seeding::OsEntropy).unwrap();
+    let back = Ledger::from_json(&ledger.to_json()).unwrap();
+    assert_eq!(back, ledger);
+    assert_eq!(back.head(), ledger.head());
+    let a = back.audits().next().unwrap();
+    assert_eq!(a.method, dp_accountant::AuditMethod::OneRunCanaries);
+    assert_eq!((a.canaries, a.guesses, a.correct), (200, audit.guesses as u64, audit.correct as u64));
+    assert_eq!((a.alpha, a.delta), (0.05, 1e-5));
+    assert_eq!(
+        (a.epsilon_lower_bound, a.epsilon_lower_bound_fdp, a.mu_fdp),
+        (audit.epsilon, audit.epsilon_fdp, audit.mu_fdp)
+    );
+    assert_eq!((a.inclusion_seed, a.after_steps), (Seeding::OsEntropy, 674));
+    assert_eq!(back.total_steps(), 674, "an audit is not a step");
+    assert_eq!(back.mechanisms().count(), 3);
+    // The JSON names the record kind and the method as documented.
+    let v = json(&ledger);
+    assert_eq!(v["entries"][3]["record"]["audit"]["method"], Value::from("one_run_canaries"));
+    assert_eq!(v["entries"][3]["record"]["audit"]["inclusion_seed"], Value::from("os_entropy"));
+
+    // Editing any recorded field breaks the chain at that entry.
+    for (field, value) in [
+        ("epsilon_lower_bound", Value::from(0.0)),
+        ("epsilon_lower_bound_fdp", Value::from(0.0)),
+        ("mu_fdp", Value::from(0.0)),
+        ("correct", Value::from(1)),
+        ("canaries", Value::from(201)),
+        ("alpha", Value::from(0.5)),
+        ("inclusion_seed", Value::from("fixed")),
+    ] {
+        let mut v = json(&ledger);
+        v["entries"][3]["record"]["audit"][field] = value;
+        assert!(matches!(load(&v), Err(LedgerError::HashMismatch { entry: 3, .. })), "{field}: {:?}", load(&v));
+    }
+
+    // Out-of-range values, even consistently rehashed, are refused naming the field.
+    for (field, value, needle) in [
+        ("alpha", Value::from(1.0), "alpha = 1: must be in (0, 1)"),
+        ("delta", Value::from(1.0), "delta = 1: must be in [0, 1)"),
+        ("epsilon_lower_bound", Value::from(-0.5), "epsilon_lower_bound = -0.5: must be finite and >= 0"),
+        ("epsilon_lower_bound_fdp", Value::from(-2.0), "epsilon_lower_bound_fdp = -2: must be finite and >= 0"),
+        ("mu_fdp", Value::from(-1.0), "mu_fdp = -1: must be finite and >= 0"),
+        ("canaries", Value::from(0), "canaries = 0: must be an integer >= 1"),
+        ("guesses", Value::from(201), "guesses = 201: must be an integer from 0 to canaries (200)"),
+        ("correct", Value::from(audit.guesses + 1), "must be an integer from 0 to guesses"),
+        ("after_steps", Value::from(5), "after_steps = 5: the entries before it record 674 steps"),
+    ] {
+        let mut v = json(&ledger);
+        v["entries"][3]["record"]["audit"][field] = value;
+        common::rehash_canonical(&mut v);
+        let err = load(&v).unwrap_err();
+        assert!(matches!(err, LedgerError::InvalidEntry { entry: 3, .. }), "{field}: {err:?}");
+        assert!(err.to_string().contains(needle), "{field}: {err}");
+    }
+
+    // An unknown field or method is malformed, not ignored.
+    let mut v = json(&ledger);
+    v["entries"][3]["record"]["audit"]["extra"] = Value::from(1);
+    assert!(matches!(load(&v), Err(LedgerError::Malformed { entry: Some(3), .. })));
+    let mut v = json(&ledger);
+    v["entries"][3]["record"]["audit"]["method"] = Value::from("many_runs");
+    assert!(matches!(load(&v), Err(LedgerError::Malformed { entry: Some(3), .. })));
+
+    // Appending an out-of-range audit is refused and appends nothing.
+    let head = ledger.head();
+    let bad = dp_accountant::audit::OneRunAudit { delta: 1.0, ..audit.clone() };
+    let err = ledger.append_audit(&bad, Seeding::Fixed).unwrap_err();
+    assert!(err.to_string().contains("delta = 1: must be in [0, 1)"), "{err}");
+    let bad = dp_accountant::audit::OneRunAudit { epsilon: f64::NAN, ..audit.clone() };
+    let err = ledger.append_audit(&bad, Seeding::Fixed).unwrap_err();
+    assert!(err.to_string().contains("epsilon_lower_bound = NaN: must be finite and >= 0"), "{err}");
+    // (An infinite value cannot come from a file, JSON has none, but can from a caller.)
+    let bad = dp_accountant::audit::OneRunAudit { epsilon_fdp: f64::INFINITY, ..audit };
+    let err = ledger.append_audit(&bad, Seeding::Fixed).unwrap_err();
+    assert!(err.to_string().contains("epsilon_lower_bound_fdp = inf: must be finite and >= 0"), "{err}");
+    assert_eq!(ledger.head(), head);
+
+    // Steps after an audit are recorded as usual; the audit keeps its count.
+    ledger.append(poisson_record(0.0445, 2.1, 10)).unwrap();
+    let back = Ledger::from_json(&ledger.to_json()).unwrap();
+    assert_eq!((back.total_steps(), back.audits().next().unwrap().after_steps), (684, 674));
+}
+
+#[test]
+fn a_ledger_without_audits_writes_no_audit_field() {
+    let text = sample_ledger().to_json();
+    assert!(!text.contains("audit"), "{text}");
+}
