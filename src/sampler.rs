@@ -156,19 +156,41 @@ fn check_dataset_size(dataset_size: usize) -> Result<f64> {
 /// probability `q`, so batches vary in size and may be empty. This is the
 /// sampling the privacy amplification of DP-SGD's accounting assumes.
 ///
+/// # Counter-based
+/// Whether example `i` is in the batch of step `t` is a function of the
+/// sampler's 256-bit key, `t` and `i` alone: the 64-bit word pair `i mod 8`
+/// of the ChaCha20 block with counter `i / 8` and nonce `t`. So a batch does
+/// not depend on the dataset's size (slots appended after it, such as an
+/// audit's canaries, leave the examples' batches as they were), on the order
+/// in which examples are visited, or on how the dataset is split between
+/// workers; and a checkpoint is the key and the step.
+///
 /// # Precision
 /// An example is included when a 53-bit uniform is below `q`: the inclusion
 /// probability is `q` rounded down to a multiple of `2^-53`.
 ///
 /// # Security
-/// ChaCha20, seeded from the operating system unless a seed is given (which
+/// The key comes from the operating system unless a seed is given (which
 /// makes the batches reproducible, and is recorded by the seeding).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PoissonSampler {
     dataset_size: usize,
     sample_rate: f64,
-    rng: ChaCha20Rng,
+    key: [u8; 32],
+    step: u64,
     seeding: Seeding,
+}
+
+impl std::fmt::Debug for PoissonSampler {
+    /// Everything but the key (which would reveal every batch).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoissonSampler")
+            .field("dataset_size", &self.dataset_size)
+            .field("sample_rate", &self.sample_rate)
+            .field("step", &self.step)
+            .field("seeding", &self.seeding)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PoissonSampler {
@@ -178,15 +200,19 @@ impl PoissonSampler {
     /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) unless `dataset_size >= 1` and
     /// `sample_rate` is in `(0, 1]`; [`Error::Entropy`](crate::Error::Entropy) if the OS has none.
     pub fn new(dataset_size: usize, sample_rate: f64) -> Result<Self> {
-        Self::build(dataset_size, sample_rate, os_rng()?, Seeding::OsEntropy)
+        let mut key = [0u8; 32];
+        os_rng()?.fill_bytes(&mut key);
+        Self::build(dataset_size, sample_rate, key, 0, Seeding::OsEntropy)
     }
 
-    /// A reproducible sampler (ChaCha20 keyed by `seed`).
+    /// A reproducible sampler (its key made by ChaCha20 from `seed`).
     ///
     /// # Errors
     /// As [`PoissonSampler::new`].
     pub fn seeded(dataset_size: usize, sample_rate: f64, seed: u64) -> Result<Self> {
-        Self::build(dataset_size, sample_rate, ChaCha20Rng::seed_from_u64(seed), Seeding::Fixed)
+        let mut key = [0u8; 32];
+        ChaCha20Rng::seed_from_u64(seed).fill_bytes(&mut key);
+        Self::build(dataset_size, sample_rate, key, 0, Seeding::Fixed)
     }
 
     /// A sampler whose expected batch size is `expected_batch_size`
@@ -213,33 +239,50 @@ impl PoissonSampler {
         }
     }
 
-    fn build(dataset_size: usize, sample_rate: f64, rng: ChaCha20Rng, seeding: Seeding) -> Result<Self> {
+    fn build(dataset_size: usize, sample_rate: f64, key: [u8; 32], step: u64, seeding: Seeding) -> Result<Self> {
         SamplerDescription::poisson(dataset_size, sample_rate, seeding)?;
-        Ok(Self { dataset_size, sample_rate, rng, seeding })
+        Ok(Self { dataset_size, sample_rate, key, step, seeding })
     }
 
     /// The indices of the next batch, in increasing order (possibly none).
     pub fn sample(&mut self) -> Vec<usize> {
+        let batch = self.batch_at(self.step, 0..self.dataset_size);
+        self.step += 1;
+        batch
+    }
+
+    /// The examples of `range` in the batch of step `step`, in increasing
+    /// order: the same whatever else is drawn, and in whatever order.
+    pub(crate) fn batch_at(&self, step: u64, range: std::ops::Range<usize>) -> Vec<usize> {
         // Included when a 53-bit integer is below floor(q 2^53): the
         // inclusion probability is q rounded down, never above the q the
         // accountant uses (the product is exact; the cast truncates).
         let threshold = (self.sample_rate * (1u64 << 53) as f64) as u64;
-        (0..self.dataset_size).filter(|_| (self.rng.next_u64() >> 11) < threshold).collect()
+        // rand_chacha's stream `t` at word 16 c is block (counter c, nonce t)
+        // of `kernels::chacha20` (tested there), and it reads a word pair as
+        // one little-endian u64: the definition above, at SIMD speed.
+        let mut rng = ChaCha20Rng::from_seed(self.key);
+        rng.set_stream(step);
+        rng.set_word_pos(16 * (range.start / 8) as u128);
+        for _ in 0..range.start % 8 {
+            rng.next_u64();
+        }
+        range.filter(|_| (rng.next_u64() >> 11) < threshold).collect()
     }
 
-    /// The generator's position, for checkpoints: `(seed, stream, word
-    /// position)`. Only a fixed-seed sampler has one worth saving; an
-    /// OS-seeded sampler is re-seeded from the OS when resumed.
-    pub(crate) fn state(&self) -> ChaChaState {
-        chacha_position(&self.rng)
+    /// Where the sampler is, for checkpoints: its key and the next step.
+    /// Only a fixed-seed sampler's is saved; an OS-seeded sampler gets a
+    /// fresh key when resumed.
+    pub(crate) fn state(&self) -> ([u8; 32], u64) {
+        (self.key, self.step)
     }
 
     /// A sampler restored at `state` (see [`PoissonSampler::state`]).
     ///
     /// # Errors
     /// As [`PoissonSampler::new`].
-    pub(crate) fn restore(dataset_size: usize, sample_rate: f64, state: ChaChaState) -> Result<Self> {
-        Self::build(dataset_size, sample_rate, chacha_at(state), Seeding::Fixed)
+    pub(crate) fn restore(dataset_size: usize, sample_rate: f64, state: ([u8; 32], u64)) -> Result<Self> {
+        Self::build(dataset_size, sample_rate, state.0, state.1, Seeding::Fixed)
     }
 
     /// What this sampler does, for the optimizer and the ledger.
@@ -271,7 +314,8 @@ pub struct ShuffledSampler {
     order: Vec<usize>,
     batch_size: usize,
     position: usize,
-    rng: ChaCha20Rng,
+    // Boxed: the generator is most of its size, and `Sampler` holds either kind.
+    rng: Box<ChaCha20Rng>,
     seeding: Seeding,
 }
 
@@ -293,7 +337,7 @@ impl ShuffledSampler {
         // Validated as the description it will report (seeding does not matter).
         SamplerDescription::shuffled_fixed_size(dataset_size, batch_size, Seeding::Fixed)?;
         // position = N forces a shuffle on the first batch.
-        Ok(Self { order: (0..dataset_size).collect(), batch_size, position: dataset_size, rng, seeding })
+        Ok(Self { order: (0..dataset_size).collect(), batch_size, position: dataset_size, rng: Box::new(rng), seeding })
     }
 
     /// The indices of the next batch (always `batch_size` of them).
@@ -305,7 +349,7 @@ impl ShuffledSampler {
             for (k, i) in self.order.iter_mut().enumerate() {
                 *i = k;
             }
-            self.order.shuffle(&mut self.rng);
+            self.order.shuffle(&mut *self.rng);
             self.position = 0;
         }
         let batch = self.order[self.position..self.position + self.batch_size].to_vec();
@@ -413,6 +457,7 @@ impl ShuffledSampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::chacha20;
 
     /// Over 200 batches of N = 1000 at q = 0.05, the inclusion count is
     /// Binomial(200 000, 0.05): mean 10 000, standard deviation 97.5; 5 sd
@@ -432,6 +477,40 @@ mod tests {
         }
         let (lo, hi) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
         assert!(*lo > 100 - 50 && *hi < 100 + 50, "{lo}..{hi}");
+    }
+
+    /// Example `i`'s inclusion at step `t` is ChaCha20 word pair `i mod 8`
+    /// of block `i / 8` under nonce `t` (written out here from the block
+    /// function), whatever the dataset size, the range asked or the steps
+    /// drawn before.
+    #[test]
+    fn poisson_inclusion_is_a_function_of_key_step_and_index() {
+        let (q, seed) = (0.3, 9);
+        let mut big = PoissonSampler::seeded(1000, q, seed).unwrap();
+        let mut small = PoissonSampler::seeded(37, q, seed).unwrap();
+        let key = chacha20::key_words(&big.state().0);
+        let threshold = (q * (1u64 << 53) as f64) as u64;
+        for t in 0..20u64 {
+            let want: Vec<usize> = (0..1000)
+                .filter(|&i| {
+                    let w = chacha20::block(&key, (i / 8) as u64, t);
+                    let u = u64::from(w[2 * (i % 8)]) | (u64::from(w[2 * (i % 8) + 1]) << 32);
+                    (u >> 11) < threshold
+                })
+                .collect();
+            // Any slice of the examples, e.g. one worker's shard, draws its part.
+            let shard = big.batch_at(t, 123..777);
+            assert_eq!(shard, want.iter().copied().filter(|i| (123..777).contains(i)).collect::<Vec<_>>());
+            assert_eq!(big.sample(), want, "step {t}");
+            assert_eq!(small.sample(), want.iter().copied().filter(|&i| i < 37).collect::<Vec<_>>());
+        }
+        // A restored sampler continues at its step.
+        let mut resumed = PoissonSampler::restore(1000, q, big.state()).unwrap();
+        assert_eq!(resumed.sample(), big.sample());
+        // Another seed, other batches; and the key is not in Debug.
+        let other = PoissonSampler::seeded(1000, q, seed + 1).unwrap();
+        assert_ne!(other.batch_at(0, 0..1000), PoissonSampler::seeded(1000, q, seed).unwrap().batch_at(0, 0..1000));
+        assert!(!format!("{big:?}").contains(&format!("{:?}", big.state().0)));
     }
 
     #[test]

@@ -288,7 +288,7 @@ fn every_privacy_setting_of_the_manifest_is_covered() {
     // Noise, sampler and optimizer state: covered by the manifest's hash.
     let state_edits: [(&str, serde_json::Value); 3] = [
         ("/noise/rng/word_pos", "0".into()),
-        ("/sampler/poisson/rng/word_pos", "0".into()),
+        ("/sampler/poisson/counter/step", 0.into()),
         ("/learning_rate", 0.5.into()),
     ];
     for (field, value) in state_edits {
@@ -297,17 +297,18 @@ fn every_privacy_setting_of_the_manifest_is_covered() {
         std::fs::write(&path, serde_json::to_string_pretty(&edited).unwrap()).unwrap();
         assert!(resumes().unwrap_err().contains("manifest_sha256 does not match"), "{field}");
     }
-    // An unknown field is refused, and so is a version-2 manifest.
+    // An unknown field is refused, and so is a version-3 manifest (whose
+    // Poisson sampler state was a sequential generator's).
     let mut edited = original.clone();
     edited["clip_everything"] = true.into();
     rehash(&mut edited);
     std::fs::write(&path, serde_json::to_string_pretty(&edited).unwrap()).unwrap();
     assert!(resumes().unwrap_err().contains("unknown field"));
     let mut edited = original.clone();
-    edited["version"] = 2.into();
+    edited["version"] = 3.into();
     std::fs::write(&path, serde_json::to_string_pretty(&edited).unwrap()).unwrap();
     let err = resumes().unwrap_err();
-    assert!(err.contains("version 2: expected \"candle-dp-checkpoint\" version 3"), "{err}");
+    assert!(err.contains("version 3: expected \"candle-dp-checkpoint\" version 4"), "{err}");
     std::fs::write(&path, serde_json::to_string_pretty(&original).unwrap()).unwrap();
     resumes().unwrap();
     std::fs::remove_dir_all(&d).unwrap();

@@ -14,9 +14,10 @@ use crate::sampler::{PoissonSampler, Sampler, ShuffledSampler};
 
 pub(super) const FORMAT: &str = "candle-dp-checkpoint";
 /// Version 2 added `manifest_sha256`; version 3 stores the [`DpConfig`],
-/// any sampler's and the optimizer's state, and content-named files.
+/// any sampler's and the optimizer's state, and content-named files;
+/// version 4 the counter-based Poisson sampler's key and step.
 /// Earlier versions are refused with a version error.
-pub(super) const VERSION: u64 = 3;
+pub(super) const VERSION: u64 = 4;
 pub(super) const MANIFEST: &str = "checkpoint.json";
 
 /// A ChaCha20 position: key (hex), stream, word position (decimal, a u128).
@@ -36,16 +37,33 @@ impl RngState {
     }
 
     fn get(&self, path: &Path) -> Result<RawRng> {
-        let bad = |what: &str| Error::Checkpoint { path: path.to_path_buf(), reason: format!("malformed {what}") };
-        if self.key.len() != 64 || !self.key.is_ascii() {
-            return Err(bad("generator key"));
-        }
-        let mut key = [0u8; 32];
-        for (k, b) in key.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&self.key[2 * k..2 * k + 2], 16).map_err(|_| bad("generator key"))?;
-        }
-        Ok((key, self.stream, self.word_pos.parse().map_err(|_| bad("generator position"))?))
+        let word_pos = self.word_pos.parse().map_err(|_| malformed(path, "generator position"))?;
+        Ok((parse_key(&self.key, path)?, self.stream, word_pos))
     }
+}
+
+fn malformed(path: &Path, what: &str) -> Error {
+    Error::Checkpoint { path: path.to_path_buf(), reason: format!("malformed {what}") }
+}
+
+/// A 256-bit key from 64 hex digits.
+fn parse_key(hex: &str, path: &Path) -> Result<[u8; 32]> {
+    if hex.len() != 64 || !hex.is_ascii() {
+        return Err(malformed(path, "generator key"));
+    }
+    let mut key = [0u8; 32];
+    for (k, b) in key.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * k..2 * k + 2], 16).map_err(|_| malformed(path, "generator key"))?;
+    }
+    Ok(key)
+}
+
+/// A counter-based sampler's key (hex) and next step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CounterState {
+    key: String,
+    step: u64,
 }
 
 /// A generator's state is saved exactly when the user seeded it: an
@@ -61,7 +79,7 @@ fn saved_rng(seeding: Seeding, state: RawRng) -> Option<RngState> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub(super) enum SamplerState {
-    Poisson { rng: Option<RngState> },
+    Poisson { counter: Option<CounterState> },
     Shuffled { rng: Option<RngState> },
 }
 
@@ -69,7 +87,12 @@ impl SamplerState {
     pub(super) fn of(sampler: &Sampler) -> Self {
         let seeding = sampler.description().seeding();
         match sampler {
-            Sampler::Poisson(s) => SamplerState::Poisson { rng: saved_rng(seeding, s.state()) },
+            Sampler::Poisson(s) => SamplerState::Poisson {
+                counter: (seeding == Seeding::Fixed).then(|| {
+                    let (key, step) = s.state();
+                    CounterState { key: dp_accountant::ledger::hex(&key), step }
+                }),
+            },
             Sampler::Shuffled(s) => SamplerState::Shuffled { rng: saved_rng(seeding, s.state()) },
         }
     }
@@ -78,21 +101,24 @@ impl SamplerState {
     pub(super) fn restore(&self, config: &DpConfig, path: &Path) -> Result<Sampler> {
         let d = config.sampler();
         let bad = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
-        let (SamplerState::Poisson { rng } | SamplerState::Shuffled { rng }) = self;
-        if rng.is_some() != (d.seeding() == Seeding::Fixed) {
+        let saved = match self {
+            SamplerState::Poisson { counter } => counter.is_some(),
+            SamplerState::Shuffled { rng } => rng.is_some(),
+        };
+        if saved != (d.seeding() == Seeding::Fixed) {
             return Err(bad(format!("sampler seeding {:?} contradicts the saved sampler state", d.seeding())));
         }
-        let state = rng.as_ref().map(|r| r.get(path)).transpose()?;
         let invalid = |e: Error| bad(format!("invalid sampler state: {e}"));
         Ok(match (self, d.sample_rate(), d.batch_size()) {
-            (SamplerState::Poisson { .. }, Some(q), None) => Sampler::Poisson(
-                match state {
-                    Some(s) => PoissonSampler::restore(d.dataset_size(), q, s),
+            (SamplerState::Poisson { counter }, Some(q), None) => Sampler::Poisson(
+                match counter {
+                    Some(c) => PoissonSampler::restore(d.dataset_size(), q, (parse_key(&c.key, path)?, c.step)),
                     None => PoissonSampler::new(d.dataset_size(), q),
                 }
                 .map_err(invalid)?,
             ),
-            (SamplerState::Shuffled { .. }, None, Some(b)) => {
+            (SamplerState::Shuffled { rng }, None, Some(b)) => {
+                let state = rng.as_ref().map(|r| r.get(path)).transpose()?;
                 Sampler::Shuffled(ShuffledSampler::restore(d.dataset_size(), b, state).map_err(invalid)?)
             }
             _ => return Err(bad("the sampler state is not of the configuration's sampler".into())),
