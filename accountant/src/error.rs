@@ -228,6 +228,12 @@ pub enum LedgerError {
         /// Who signed: a key fingerprint, or "not signed".
         found: String,
     },
+    /// A header whose values are out of range (e.g. a malformed data hash).
+    #[error("ledger header: {message}")]
+    InvalidHeader {
+        /// What is wrong, naming the field and its valid range.
+        message: String,
+    },
     /// An entry whose values are out of range or contradict each other.
     #[error("ledger entry {entry}: {message}")]
     InvalidEntry {

@@ -4,7 +4,8 @@
 //! # Format (version 1)
 //! ```json
 //! { "format": "dp-accountant-ledger", "version": 1,
-//!   "header": { "created_by": "...", "dataset_size": 1797, "target": {"epsilon": 3.0, "delta": 1e-5} },
+//!   "header": { "created_by": "...", "dataset_size": 1797, "target": {"epsilon": 3.0, "delta": 1e-5},
+//!               "data": {"name": "digits.csv", "sha256": "<hex>", "bytes": 123456, "rows": 1797} },
 //!   "entries": [ { "index": 0, "prev_hash": "<hex>", "record": { "mechanism": { ... } }, "hash": "<hex>" },
 //!                { "index": 1, "prev_hash": "<hex>", "record": { "release": { ... } }, "hash": "<hex>" } ],
 //!   "head": "<hex>",
@@ -259,6 +260,87 @@ pub struct PrivacyTarget {
     pub delta: f64,
 }
 
+/// The most bytes of [`DataProvenance::name`].
+pub const MAX_DATA_NAME_BYTES: usize = 1024;
+
+/// The data a run trained on, identified by its bytes: the privacy statement
+/// is about exactly the data with this hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataProvenance {
+    /// A name for people, e.g. the file's name: 1 to [`MAX_DATA_NAME_BYTES`]
+    /// bytes, no control characters (it is printed on one line).
+    pub name: String,
+    /// The SHA-256 of the data's bytes, 64 lower-case hex digits.
+    pub sha256: String,
+    /// The data's length in bytes.
+    pub bytes: u64,
+    /// The examples (rows) the data holds, as the trainer counted them.
+    pub rows: u64,
+}
+
+impl DataProvenance {
+    /// The provenance of the file at `path`, hashed as a stream (64 KiB at a
+    /// time, never read whole into memory), named `name`, holding `rows` examples.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the file cannot be read; [`LedgerError::InvalidHeader`]
+    /// for a `name` that is empty, longer than [`MAX_DATA_NAME_BYTES`], or
+    /// holds a control character.
+    pub fn of_file(path: impl AsRef<Path>, name: &str, rows: u64) -> Result<Self> {
+        use std::io::Read as _;
+        let path = path.as_ref();
+        let io = |source| Error::Io { path: path.to_path_buf(), source };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let (mut hasher, mut bytes) = (Sha256::new(), 0u64);
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io(e)),
+            };
+            hasher.update(&buf[..n]);
+            bytes += n as u64;
+        }
+        Self::checked(name, hex(&hasher.finalize()), bytes, rows)
+    }
+
+    /// The provenance of data held in memory, named `name`, holding `rows` examples.
+    ///
+    /// # Errors
+    /// As [`DataProvenance::of_file`] for `name`.
+    pub fn of_bytes(name: &str, data: &[u8], rows: u64) -> Result<Self> {
+        Self::checked(name, hex(&Sha256::digest(data)), data.len() as u64, rows)
+    }
+
+    fn checked(name: &str, sha256: String, bytes: u64, rows: u64) -> Result<Self> {
+        let data = Self { name: name.to_string(), sha256, bytes, rows };
+        data.check()?;
+        Ok(data)
+    }
+
+    /// Checks the fields: `name` 1 to [`MAX_DATA_NAME_BYTES`] bytes without
+    /// control characters, `sha256` 64 lower-case hex digits.
+    ///
+    /// # Errors
+    /// [`LedgerError::InvalidHeader`] naming the field.
+    pub fn check(&self) -> Result<(), LedgerError> {
+        let invalid = |message: String| LedgerError::InvalidHeader { message };
+        if self.name.is_empty() || self.name.len() > MAX_DATA_NAME_BYTES || self.name.chars().any(char::is_control) {
+            return Err(invalid(format!(
+                "data.name = {:?}: must be 1 to {MAX_DATA_NAME_BYTES} bytes without control characters",
+                self.name
+            )));
+        }
+        if unhex(&self.sha256).is_none() {
+            return Err(invalid(format!("data.sha256 = {:?}: must be 64 lower-case hex digits", self.sha256)));
+        }
+        Ok(())
+    }
+}
+
 /// Facts about the run as a whole, hashed into the chain's first link.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -274,6 +356,20 @@ pub struct LedgerHeader {
     /// The budget the run declared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<PrivacyTarget>,
+    /// The data trained on, by hash (absent from ledgers that record none, so
+    /// that theirs, and their hashes, are unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataProvenance>,
+}
+
+impl LedgerHeader {
+    /// Checks the header's values (today: its data provenance, if any).
+    ///
+    /// # Errors
+    /// [`LedgerError::InvalidHeader`] naming the field.
+    pub fn check(&self) -> Result<(), LedgerError> {
+        self.data.as_ref().map_or(Ok(()), DataProvenance::check)
+    }
 }
 
 /// One link of the chain.
@@ -370,7 +466,9 @@ impl Ledger {
     /// # Errors
     /// [`Error::InvalidParameter`] or [`Error::UnsupportedEvent`] for a bad
     /// event, [`LedgerError::InvalidEntry`] if it contradicts itself or the
-    /// entries before it. Nothing is appended on error.
+    /// entries before it, [`LedgerError::InvalidHeader`] if the header would
+    /// not load ([`LedgerHeader::check`]; every append checks it). Nothing is
+    /// appended on error.
     pub fn append(&mut self, record: MechanismRecord) -> Result<&LedgerEntry> {
         self.push(Record::Mechanism(record))
     }
@@ -417,6 +515,8 @@ impl Ledger {
 
     fn push(&mut self, record: Record) -> Result<&LedgerEntry> {
         let index = self.entries.len();
+        // A header that would not load is refused before anything is chained to it.
+        self.header.check()?;
         check_entry(&record, self.first_adjacency(), self.total_steps(), index)?;
         // A signature vouches for the head it signed, which this entry replaces.
         self.signature = None;
@@ -587,6 +687,7 @@ impl Ledger {
         // serde_json keeps the last of repeated keys; refuse them before that matters.
         canonical::check_duplicate_keys(text)?;
         let file: LedgerFileIn = serde_json::from_value(value).map_err(|e| malformed(None, &e))?;
+        file.header.check()?;
         let mut ledger = Ledger::new(file.header);
         let mut prev = header_hash(&ledger.header);
         for (k, raw) in file.entries.into_iter().enumerate() {
