@@ -18,12 +18,16 @@
 //!   plan needs for a target epsilon, and the steps a budget allows, by any
 //!   accountant; always on the conservative side.
 //! * [`Ledger`]: an append-only, SHA-256-chained JSON record of every
-//!   mechanism applied, verified on every load.
+//!   mechanism applied, of the models released and of the run's empirical
+//!   audits ([`AuditRecord`]), with the data trained on named by hash
+//!   ([`DataProvenance`]); verified on every load.
 //! * [`SecretKey`] and [`PublicKey`]: an optional Ed25519 signature over a
 //!   ledger's head, so a statement can be checked with a public key alone.
 //! * [`PrivacyReport`]: the privacy statement a reviewer signs off, in text,
-//!   Markdown or JSON; the `dp-accountant` binary prints it
-//!   (`dp-accountant report ledger.json`).
+//!   Markdown, JSON or HTML: epsilon beside the audit's epsilon-hat, the
+//!   protected unit (and a user-level bound by group privacy), the data,
+//!   N, batch size, epochs and steps, and every caveat; the `dp-accountant`
+//!   binary prints it (`dp-accountant report ledger.json`).
 //! * [`audit`]: empirical lower bounds on epsilon from a run's canary scores
 //!   (the one-run audit of Steinke, Nasr & Jagielski 2023;
 //!   `dp-accountant audit scores.json`).
@@ -88,10 +92,12 @@ pub use error::{Error, LedgerError, Result, Valid};
 pub use event::{Adjacency, DpEvent};
 pub use kind::AccountantKind;
 pub use ledger::{
-    AuditMethod, AuditRecord, HeadSignature, Ledger, LedgerEntry, LedgerHeader, MechanismRecord, ModelRelease,
-    NoiseGenerator, NoiseSource, PrivacyTarget, Record, SamplerKind, Seeding, SignatureAlgorithm,
+    AuditMethod, AuditRecord, DataProvenance, HeadSignature, Ledger, LedgerEntry, LedgerHeader, MechanismRecord,
+    ModelRelease, NoiseGenerator, NoiseSource, PrivacyTarget, Record, SamplerKind, Seeding, SignatureAlgorithm,
 };
 pub use pld::{PldAccountant, PldDelta, PldEpsilon, DEFAULT_EPSILON_ERROR, MAX_WORK};
 pub use rdp::{default_orders, rdp_poisson_subsampled_gaussian, RdpAccountant};
-pub use report::{DeltaSource, MechanismSummary, PrivacyReport, SignatureSummary};
+pub use report::{
+    AuditSummary, AuditVerdict, DeltaSource, MechanismSummary, PrivacyReport, SignatureSummary, UserLevelBound,
+};
 pub use signing::{generate_key_files, PublicKey, SecretKey};

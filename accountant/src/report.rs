@@ -1,17 +1,29 @@
 //! The privacy statement a reviewer signs off, made from a ledger alone.
+//!
+//! This file builds [`PrivacyReport`] (the accounting, the caveats); its
+//! submodules hold the rest: `scope` (the protected unit, a user-level bound,
+//! N, batch size and epochs, audits, the noise sampler), `curves` (epsilon
+//! against steps and delta) and `text` (the plain-text and Markdown forms,
+//! and the sentences HTML shares); `report_html.rs` draws the HTML page.
 
-use std::fmt::Write as _;
+mod curves;
+mod scope;
+mod text;
 
 use serde::Serialize;
 
 use crate::accountant::PrivacyAccountant;
 use crate::conversion::EpsilonBound;
-use crate::error::{ensure, Result, Valid};
+use crate::error::{ensure, LedgerError, Result, Valid};
 use crate::event::{Adjacency, DpEvent};
 use crate::kind::AccountantKind;
-use crate::ledger::{Ledger, ModelRelease, NoiseSource, PrivacyTarget, SamplerKind, Seeding};
+use crate::ledger::{DataProvenance, Ledger, ModelRelease, NoiseSource, PrivacyTarget, SamplerKind, Seeding};
 use crate::pld::{PldAccountant, PldEpsilon};
 use crate::rdp::RdpAccountant;
+
+use curves::{epsilon_by_delta, epsilon_by_step};
+pub use scope::{AuditSummary, AuditVerdict, UserLevelBound};
+pub(crate) use text::{audit_lines, fmt_lower, fmt_num, noise_words, sampler_seed_words, sampler_words};
 
 /// The most work of the report's PLD composition, in the units of
 /// [`crate::MAX_WORK`] (about three seconds): a report answers quickly or
@@ -67,8 +79,17 @@ pub struct MechanismSummary {
     pub clipping_norm: f64,
     /// Where the noise came from.
     pub noise: NoiseSource,
+    /// How the batch sampler's generator was seeded.
+    pub sampler_seed: Seeding,
     /// Steps taken with these parameters.
     pub steps: u64,
+    /// Expected examples per step: `q N` (Poisson), `N` (full batch); none
+    /// without a declared `N`, or for fixed-size batches (whose size the
+    /// event does not record).
+    pub expected_batch_size: Option<f64>,
+    /// Expected passes over the data these steps make: `q steps` (Poisson),
+    /// `steps` (full batch), `steps / steps_per_epoch` (shuffled).
+    pub epochs: f64,
 }
 
 /// Who signed the ledger's head (see [`crate::signing`]).
@@ -97,10 +118,34 @@ pub struct PrivacyReport {
     pub created_by: String,
     /// What was trained.
     pub description: Option<String>,
-    /// Training set size, if declared.
+    /// Training set size `N`, if declared (canaries of an audit included).
     pub dataset_size: Option<u64>,
+    /// Expected examples per step, when every mechanism has the same
+    /// ([`MechanismSummary::expected_batch_size`]).
+    pub expected_batch_size: Option<f64>,
+    /// Expected passes over the data, all mechanisms together.
+    pub epochs: f64,
+    /// The data trained on, by hash, if the run recorded it.
+    pub data: Option<DataProvenance>,
     /// The unit of privacy.
     pub adjacency: Adjacency,
+    /// The unit of privacy in words, with what it is not (one person).
+    pub protected_unit: String,
+    /// The bound for a person with several examples, if asked for
+    /// ([`PrivacyReport::with_max_examples_per_user`]).
+    pub user_level: Option<UserLevelBound>,
+    /// Which model states the guarantee covers (every checkpoint, not only the last).
+    pub coverage: &'static str,
+    /// What hyper-parameter tuning on the same data costs, and how to account it.
+    pub tuning: &'static str,
+    /// How the Gaussian values were drawn, as far as the ledger's writer tells.
+    pub noise_sampler: String,
+    /// The empirical audits the ledger records, each beside the accountant's
+    /// bound for the same steps and delta.
+    pub audits: Vec<AuditSummary>,
+    /// The head the reviewer holds, once checked against the ledger
+    /// ([`PrivacyReport::with_verified_head`]).
+    pub head_verified_against: Option<String>,
     /// What kinds of step were taken.
     pub mechanisms: Vec<MechanismSummary>,
     /// The model files the run released, with their SHA-256: the weights this
@@ -140,6 +185,10 @@ pub struct PrivacyReport {
     pub conversion_reference: &'static str,
     /// The orders searched.
     pub orders: &'static str,
+    /// What makes the statement fail, one sentence each: a declared budget
+    /// exceeded, an audit whose lower bound exceeds the accountant's epsilon.
+    /// Empty when the statement stands.
+    pub failures: Vec<String>,
     /// Everything that weakens or qualifies the statement.
     pub caveats: Vec<String>,
     /// Epsilon at `delta` after a given number of steps (about 40 points; as
@@ -174,10 +223,14 @@ impl PrivacyReport {
         let epsilon = accounted.statement.epsilon_at(delta)?.epsilon;
         let (epsilon_at_target_delta, within_target) = target_verdict(header.target, &*accounted.statement)?;
         let mechanisms = summarize(ledger);
+        let audits = scope::audit_summaries(ledger, accountant, &*accounted.statement)?;
         let mut caveats = record_caveats(ledger, &mechanisms);
         caveats.extend(delta_caveats(delta, delta_source, header.dataset_size));
         caveats.extend(accounting_caveats(&accounted, header.target, epsilon_at_target_delta, within_target));
+        caveats.extend(audits.iter().filter(|a| a.failed()).map(audit_caveat));
         let (accountant_name, accountant_reference, conversion, conversion_reference) = method_text(accountant);
+        let (expected_batch_size, epochs) = scope::training_shape(&mechanisms);
+        let failures = text::failures(header.target, within_target, epsilon_at_target_delta, &audits);
         Ok(Self {
             epsilon_by_step: epsilon_by_step(ledger, delta, accounted.by_step, accounted.step_points)?,
             epsilon_by_delta: epsilon_by_delta(&*accounted.by_delta)?,
@@ -191,7 +244,17 @@ impl PrivacyReport {
             created_by: header.created_by.clone(),
             description: header.description.clone(),
             dataset_size: header.dataset_size,
+            expected_batch_size,
+            epochs,
+            data: header.data.clone(),
             adjacency: ledger.adjacency(),
+            protected_unit: scope::protected_unit_sentence(ledger.adjacency()),
+            user_level: None,
+            coverage: scope::COVERAGE,
+            tuning: scope::TUNING,
+            noise_sampler: scope::gaussian_sampler_sentence(&header.created_by),
+            audits,
+            head_verified_against: None,
             mechanisms,
             releases: ledger.releases().cloned().collect(),
             total_steps: ledger.total_steps(),
@@ -211,170 +274,54 @@ impl PrivacyReport {
             conversion,
             conversion_reference,
             orders: ORDERS,
+            failures,
             caveats,
         })
     }
 
-    /// The statement as plain text.
-    pub fn to_text(&self) -> String {
-        let mut s = String::new();
-        let _ = writeln!(s, "PRIVACY STATEMENT");
-        let _ = writeln!(s, "{}", self.guarantee_sentence());
-        let _ = writeln!(s);
-        let _ = writeln!(s, "Protected unit:  {}", self.protected_unit());
-        let _ = writeln!(s, "Total steps:     {}", self.total_steps);
-        for m in &self.mechanisms {
-            let _ = writeln!(s, "Mechanism:       {}", describe(m));
-        }
-        for r in &self.releases {
-            let _ =
-                writeln!(s, "Model released:  {} after {} steps, SHA-256 {}", r.file, r.after_steps, r.weights_sha256);
-        }
-        if let Some(t) = self.target {
-            let _ = writeln!(s, "Declared budget: {}", self.target_sentence(t));
-        }
-        let _ = writeln!(s, "Accountant:      {}", self.accountant);
-        let _ = writeln!(s, "                 {}", self.accountant_reference);
-        let _ = writeln!(s, "Conversion:      {}", self.conversion);
-        let _ = writeln!(s, "                 {}", self.conversion_reference);
-        let _ = writeln!(s, "Orders:          {}; optimal order {}", self.orders, fmt_num(self.order));
-        let _ = writeln!(s, "Side by side:    {}", self.side_by_side());
-        let _ = writeln!(s, "Ledger:          {} entries, head {}", self.ledger_entries, self.ledger_head);
-        let _ = writeln!(s, "Signature:       {}", self.signature_sentence());
-        let _ = writeln!(s, "Written by:      {}{}", self.created_by, self.description_suffix());
-        let _ = writeln!(s);
-        if self.caveats.is_empty() {
-            let _ = writeln!(s, "Caveats: none.");
-        } else {
-            let _ = writeln!(s, "Caveats:");
-            for c in &self.caveats {
-                let _ = writeln!(s, "  - {c}");
-            }
-        }
-        s
+    /// The statement with a user-level bound for people who contributed up
+    /// to `k` examples each ([`UserLevelBound::new`]: group privacy from this
+    /// statement's epsilon and delta).
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidParameter`] (`max_examples_per_user`) unless `k >= 1`.
+    pub fn with_max_examples_per_user(mut self, k: u64) -> Result<Self> {
+        self.user_level = Some(UserLevelBound::new(k, self.epsilon, self.delta)?);
+        Ok(self)
     }
 
-    /// The statement as Markdown.
-    pub fn to_markdown(&self) -> String {
-        let mut s = String::new();
-        let _ = writeln!(s, "# Privacy statement\n");
-        let _ = writeln!(s, "{}\n", self.guarantee_sentence());
-        let _ = writeln!(s, "| | |\n|---|---|");
-        let _ = writeln!(s, "| Protected unit | {} |", self.protected_unit());
-        let _ = writeln!(s, "| Epsilon | {} |", fmt_num(self.epsilon));
-        let _ = writeln!(s, "| Delta | {:e} ({}) |", self.delta, delta_source_words(self.delta_source));
-        let _ = writeln!(s, "| Total steps | {} |", self.total_steps);
-        if let Some(t) = self.target {
-            let _ = writeln!(s, "| Declared budget | {} |", self.target_sentence(t));
+    /// The statement, recorded as checked against `anchor`, a head the
+    /// reviewer holds ([`Ledger::verify_head`]); `ledger` must be the one the
+    /// statement was made from.
+    ///
+    /// # Errors
+    /// [`LedgerError::AnchorMismatch`] if the ledger's head is not `anchor`,
+    /// or if the statement is about another ledger (another head).
+    pub fn with_verified_head(mut self, ledger: &Ledger, anchor: &str) -> Result<Self, LedgerError> {
+        ledger.verify_head(anchor)?;
+        if ledger.head() != self.ledger_head {
+            return Err(LedgerError::AnchorMismatch {
+                anchor: anchor.to_string(),
+                head: self.ledger_head.clone(),
+                entries: self.ledger_entries,
+            });
         }
-        let _ = writeln!(s, "| Accountant | {} ({}) |", self.accountant, self.accountant_reference);
-        let _ = writeln!(s, "| Conversion | {} ({}) |", self.conversion, self.conversion_reference);
-        let _ = writeln!(s, "| Optimal RDP order | {} ({}) |", fmt_num(self.order), self.orders);
-        let _ = writeln!(s, "| Side by side | {} |", self.side_by_side());
-        for r in &self.releases {
-            let _ = writeln!(
-                s,
-                "| Model released | `{}` after {} steps, SHA-256 `{}` |",
-                r.file, r.after_steps, r.weights_sha256
-            );
-        }
-        let _ = writeln!(s, "| Ledger | {} entries, head `{}` |", self.ledger_entries, self.ledger_head);
-        let _ = writeln!(s, "| Signature | {} |", self.signature_sentence());
-        let _ = writeln!(s, "| Written by | {}{} |", self.created_by, self.description_suffix());
-        let _ = writeln!(s, "\n## Mechanisms\n");
-        let _ = writeln!(s, "| Sampler | Sample rate | Noise multiplier | Clipping norm | Noise source | Steps |");
-        let _ = writeln!(s, "|---|---|---|---|---|---|");
-        for m in &self.mechanisms {
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} | {} | {} | {} |",
-                sampler_words(m.sampler),
-                m.sample_rate.map_or("-".to_string(), fmt_num),
-                fmt_num(m.noise_multiplier),
-                fmt_num(m.clipping_norm),
-                noise_words(m.noise),
-                m.steps
-            );
-        }
-        let _ = writeln!(s, "\n## Caveats\n");
-        if self.caveats.is_empty() {
-            let _ = writeln!(s, "None.");
-        }
-        for c in &self.caveats {
-            let _ = writeln!(s, "- {c}");
-        }
-        s
+        self.head_verified_against = Some(ledger.head());
+        Ok(self)
     }
 
     /// The statement as one JSON object (infinite epsilon is `null`).
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_default()
     }
+}
 
-    pub(crate) fn guarantee_sentence(&self) -> String {
-        format!(
-            "The training run recorded in this ledger is ({}, {:e})-differentially private over its {} steps, \
-             protecting {}.",
-            fmt_eps(self.epsilon),
-            self.delta,
-            self.total_steps,
-            self.protected_unit()
-        )
-    }
-
-    /// Both accountants' epsilons, and which one the statement uses.
-    pub(crate) fn side_by_side(&self) -> String {
-        let pld = match (self.epsilon_pld, self.epsilon_pld_lower) {
-            (Some(e), Some(lo)) => {
-                format!("PLD epsilon {} (the true epsilon is proven to be at least {})", fmt_eps(e), fmt_eps(lo))
-            }
-            _ => "PLD not computed".to_string(),
-        };
-        format!(
-            "RDP epsilon {}; {pld}; at delta {:e}. The statement uses {}.",
-            fmt_eps(self.epsilon_rdp),
-            self.delta,
-            self.statement_accountant.name().to_uppercase()
-        )
-    }
-
-    /// Whether the statement is signed, and by which key.
-    pub(crate) fn signature_sentence(&self) -> String {
-        match &self.signature {
-            Some(sig) if sig.trusted => {
-                format!("signed (Ed25519) by the trusted key {}, over this head", sig.fingerprint)
-            }
-            Some(sig) => format!(
-                "signed (Ed25519) by key {}, over this head; not checked against a key you trust (use --public-key)",
-                sig.fingerprint
-            ),
-            None => "not signed (anchor the head, or sign it: dp-accountant sign)".to_string(),
-        }
-    }
-
-    pub(crate) fn protected_unit(&self) -> String {
-        match self.adjacency {
-            Adjacency::AddOrRemoveOne => "each training example (add-or-remove-one adjacency)".into(),
-            Adjacency::ReplaceOne => "each training example (replace-one adjacency)".into(),
-        }
-    }
-
-    pub(crate) fn target_sentence(&self, t: PrivacyTarget) -> String {
-        let verdict = match self.within_target {
-            Some(true) => "met",
-            _ => "EXCEEDED",
-        };
-        format!(
-            "epsilon {} at delta {:e}: {verdict} (epsilon at that delta: {})",
-            fmt_num(t.epsilon),
-            t.delta,
-            fmt_eps(self.epsilon_at_target_delta.unwrap_or(f64::NAN))
-        )
-    }
-
-    pub(crate) fn description_suffix(&self) -> String {
-        self.description.as_ref().map(|d| format!(" ({d})")).unwrap_or_default()
-    }
+/// The caveat of an audit that contradicts the accountant.
+fn audit_caveat(a: &AuditSummary) -> String {
+    format!(
+        "The empirical audit FAILED ({}). Do not rely on this statement until the cause is found: check clipping,          the noise, the sampler and the ledger against the code that ran.",
+        text::audit_verdict_sentence(a)
+    )
 }
 
 /// The ledger accounted for a report: RDP always (its epsilon, order and
@@ -551,119 +498,6 @@ fn accounting_caveats(
     caveats
 }
 
-/// Epsilon at the end against delta, `1e-12` to `1e-2`, log-spaced (31 points).
-fn epsilon_by_delta(accountant: &dyn PrivacyAccountant) -> Result<Vec<(f64, f64)>> {
-    (0..=30)
-        .map(|k| {
-            let d = 10f64.powf(-12.0 + 10.0 * f64::from(k) / 30.0);
-            Ok((d, accountant.epsilon_at(d)?.epsilon))
-        })
-        .collect()
-}
-
-/// The ledger's steps in order, as segments `(event, copies)`: composed
-/// events are opened up, so that a prefix ends inside at most one segment.
-fn segments(ledger: &Ledger) -> Vec<(&DpEvent, u64)> {
-    fn walk<'a>(event: &'a DpEvent, copies: u64, out: &mut Vec<(&'a DpEvent, u64)>) {
-        match event {
-            DpEvent::Composed { events } if copies == 1 => events.iter().for_each(|e| walk(e, 1, out)),
-            DpEvent::SelfComposed { event, count } if copies == 1 => out.push((event, *count)),
-            other => out.push((other, copies)),
-        }
-    }
-    let mut out = Vec::new();
-    for m in ledger.mechanisms() {
-        walk(&m.event, 1, &mut out);
-    }
-    out
-}
-
-/// The first `steps` steps of `event` (fewer than it has), as an event.
-fn first_steps(event: &DpEvent, steps: u64) -> DpEvent {
-    match event {
-        DpEvent::SelfComposed { event, count } => {
-            let per = event.steps().max(1);
-            let (whole, rest) = ((steps / per).min(*count), steps % per);
-            let mut parts = vec![DpEvent::self_composed((**event).clone(), whole)];
-            if rest > 0 && whole < *count {
-                parts.push(first_steps(event, rest));
-            }
-            DpEvent::composed(parts)
-        }
-        DpEvent::Composed { events } => {
-            let (mut parts, mut left) = (Vec::new(), steps);
-            for e in events {
-                if left == 0 {
-                    break;
-                }
-                let n = e.steps();
-                if n <= left {
-                    parts.push(e.clone());
-                    left -= n;
-                } else {
-                    parts.push(first_steps(e, left));
-                    left = 0;
-                }
-            }
-            DpEvent::composed(parts)
-        }
-        DpEvent::ShuffledFixedSizeBatches { noise_multiplier, steps_per_epoch, .. } => {
-            DpEvent::shuffled_fixed_size_batches(*noise_multiplier, *steps_per_epoch, steps)
-        }
-        // A single release has no proper prefix but the empty one.
-        _ => DpEvent::composed(Vec::new()),
-    }
-}
-
-/// Epsilon after about 40 evenly spaced step counts: the steps before each
-/// count composed (composed and repeated mechanisms cut exactly at it).
-/// `running` is the empty accountant the prefixes are composed into.
-fn epsilon_by_step(
-    ledger: &Ledger,
-    delta: f64,
-    mut running: Box<dyn PrivacyAccountant>,
-    max_points: u64,
-) -> Result<Vec<(u64, f64)>> {
-    let total = ledger.total_steps();
-    let mut points = vec![(0, 0.0)];
-    if total == 0 {
-        return Ok(points);
-    }
-    let n_points = total.min(max_points.max(1));
-    let segments = segments(ledger);
-    let mut next = segments.iter().peekable();
-    let mut done = 0u64;
-    for j in 1..=n_points {
-        // (Exact in u128: `total * j` overflows u64 for ledgers of 2^58 steps and more.)
-        let target = (u128::from(total) * u128::from(j) / u128::from(n_points)) as u64;
-        while let Some(&&(event, copies)) = next.peek() {
-            let steps = event.steps().saturating_mul(copies);
-            if steps > target - done {
-                break;
-            }
-            running.compose(event, copies)?;
-            done += steps;
-            next.next();
-        }
-        let left = target - done;
-        let epsilon = match next.peek() {
-            Some(&&(event, copies)) if left > 0 => {
-                let mut cut = running.clone();
-                let per = event.steps().max(1);
-                cut.compose(event, left / per)?;
-                if left % per > 0 {
-                    cut.compose(&first_steps(event, left % per), 1)?;
-                }
-                debug_assert!(left / per < copies);
-                cut.epsilon_at(delta)?.epsilon
-            }
-            _ => running.epsilon_at(delta)?.epsilon,
-        };
-        points.push((target, epsilon));
-    }
-    Ok(points)
-}
-
 /// Groups the ledger's steps by their parameters.
 fn summarize(ledger: &Ledger) -> Vec<MechanismSummary> {
     let mut out: Vec<MechanismSummary> = Vec::new();
@@ -689,79 +523,32 @@ fn summarize(ledger: &Ledger) -> Vec<MechanismSummary> {
                 noise_multiplier,
                 clipping_norm: r.clipping_norm,
                 noise: r.noise,
+                sampler_seed: r.sampler_seed,
                 steps,
+                expected_batch_size: None,
+                epochs: 0.0,
             };
-            let same = |o: &MechanismSummary| {
-                (o.sampler, o.sample_rate, o.steps_per_epoch, o.noise_multiplier, o.clipping_norm, o.noise)
-                    == (m.sampler, m.sample_rate, m.steps_per_epoch, m.noise_multiplier, m.clipping_norm, m.noise)
+            let key = |o: &MechanismSummary| {
+                (
+                    o.sampler,
+                    o.sample_rate,
+                    o.steps_per_epoch,
+                    o.noise_multiplier,
+                    o.clipping_norm,
+                    o.noise,
+                    o.sampler_seed,
+                )
             };
-            match out.iter_mut().find(|o| same(o)) {
+            match out.iter_mut().find(|o| key(o) == key(&m)) {
                 Some(o) => o.steps = o.steps.saturating_add(steps),
                 None => out.push(m),
             }
         }
     }
+    let n = ledger.header().dataset_size;
+    for m in &mut out {
+        (m.expected_batch_size, m.epochs) =
+            scope::mechanism_shape(m.sampler, m.sample_rate, m.steps_per_epoch, m.steps, n);
+    }
     out
-}
-
-fn describe(m: &MechanismSummary) -> String {
-    let sampling = match (m.sampler, m.sample_rate, m.steps_per_epoch) {
-        (SamplerKind::Poisson, Some(q), _) => format!("Poisson sampling, q = {}", fmt_num(q)),
-        (SamplerKind::ShuffledFixedSize, _, Some(k)) => format!("shuffled fixed-size batches, {k} steps per epoch"),
-        _ => sampler_words(m.sampler).to_string(),
-    };
-    format!(
-        "Gaussian noise, multiplier {} (std {} x C), clipping norm C = {}, {sampling}, {} steps; noise from {}",
-        fmt_num(m.noise_multiplier),
-        fmt_num(m.noise_multiplier),
-        fmt_num(m.clipping_norm),
-        m.steps,
-        noise_words(m.noise)
-    )
-}
-
-fn sampler_words(s: SamplerKind) -> &'static str {
-    match s {
-        SamplerKind::Poisson => "Poisson",
-        SamplerKind::ShuffledFixedSize => "shuffled fixed-size batches",
-        SamplerKind::FullBatch => "full batch",
-    }
-}
-
-fn noise_words(n: NoiseSource) -> &'static str {
-    match n.seed {
-        Seeding::OsEntropy => "ChaCha20 seeded from OS entropy",
-        Seeding::Fixed => "ChaCha20 with a FIXED seed",
-    }
-}
-
-fn delta_source_words(d: DeltaSource) -> &'static str {
-    match d {
-        DeltaSource::Given => "given by the reviewer",
-        DeltaSource::LedgerTarget => "the ledger's declared delta",
-        DeltaSource::Default => "default: none given or declared",
-    }
-}
-
-/// A number with 6 significant digits, without trailing noise; in
-/// scientific notation below `1e-4` and from `1e6` on (never 300 digits).
-pub(crate) fn fmt_num(x: f64) -> String {
-    if !x.is_finite() {
-        return format!("{x}");
-    }
-    let s = format!("{x:.6e}");
-    let v: f64 = s.parse().unwrap_or(x);
-    if v != 0.0 && (v.abs() < 1e-4 || v.abs() >= 1e6) {
-        format!("{v:e}")
-    } else {
-        format!("{v}")
-    }
-}
-
-fn fmt_eps(x: f64) -> String {
-    if x == f64::INFINITY {
-        "infinity".into()
-    } else {
-        fmt_num(x)
-    }
 }

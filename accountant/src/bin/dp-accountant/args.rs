@@ -158,6 +158,9 @@ pub(crate) struct ReportArgs {
     /// The accountant the statement uses (both are shown): rdp or pld.
     #[arg(long, default_value_t = AccountantKind::Rdp)]
     pub(crate) accountant: AccountantKind,
+    /// The most examples one person contributed (an integer >= 1): adds a user-level epsilon, by group privacy.
+    #[arg(long, value_name = "K", allow_hyphen_values = true, value_parser = parse_count)]
+    pub(crate) max_examples_per_user: Option<u64>,
     #[command(flatten)]
     pub(crate) trust: Trust,
 }

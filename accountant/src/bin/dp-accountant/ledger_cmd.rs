@@ -26,15 +26,25 @@ impl Trust {
 
 /// `report`: the privacy statement of a verified ledger, in the format asked.
 pub(crate) fn report(args: ReportArgs, out: &mut String) -> Result<(), Failure> {
-    let ReportArgs { ledger, delta, format, accountant, trust } = args;
+    let ReportArgs { ledger, delta, format, accountant, max_examples_per_user, trust } = args;
     if let Some(d) = delta {
         flag("--delta", d, Valid::OpenUnit)?;
+    }
+    if let Some(k) = max_examples_per_user {
+        flag("--max-examples-per-user", k as f64, Valid::AtLeastOne)?;
     }
     let ledger = Ledger::read(&ledger)?;
     let trusted = trust.check(&ledger)?;
     let progress = Progress::after_a_second(&format!("composing {} entries", ledger.entries().len()));
     let mut report = PrivacyReport::from_ledger_with(&ledger, delta, accountant)?;
     drop(progress);
+    if let Some(k) = max_examples_per_user {
+        report = report.with_max_examples_per_user(k)?;
+    }
+    if let Some(anchor) = &trust.expect_head {
+        // (Checked above too: the statement now says so.)
+        report = report.with_verified_head(&ledger, anchor).map_err(ledger_failure)?;
+    }
     if let (Some(sig), Some(_)) = (report.signature.as_mut(), trusted) {
         sig.trusted = true;
     }
