@@ -12,6 +12,7 @@
 //! cargo run --release --example digits
 //! cargo run --release --example digits -- --epsilon 1 --seed 2 --json
 //! cargo run --release --example digits -- --non-private   # the same model without DP
+//! cargo run --release --example digits -- --audit 1000     # epsilon-hat beside epsilon
 //! cargo run --release --example digits -- --out runs/a --epochs 100   # interrupted? then:
 //! cargo run --release --example digits -- --resume runs/a            # continues from the last checkpoint
 //! ```
@@ -25,7 +26,7 @@ mod common;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_dp::accountant::AccountantKind;
+use candle_dp::accountant::{AccountantKind, DataProvenance};
 use candle_dp::optim::AdamW;
 use candle_dp::{loss, DpOptimizer, PoissonSampler, PrivacyBudget, StatefulOptimizer};
 use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
@@ -92,6 +93,14 @@ struct Args {
     /// checkpoint: it restarts from the weights at a resume.
     #[arg(long, default_value_t = 0.0)]
     ema: f64,
+    /// Audit the run with this many canaries (0: none): the one-run canary
+    /// audit's epsilon-hat, an empirical lower bound, goes into the ledger
+    /// and the report beside epsilon. Canaries take sampler slots after the
+    /// training set (with Adam the smaller update this makes matters
+    /// little). An audited run writes no checkpoints, so it cannot be
+    /// resumed.
+    #[arg(long, default_value_t = 0)]
+    audit: usize,
     /// Print summary.json as the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -166,6 +175,12 @@ fn check_flags(args: &Args) -> Result<(), AnyError> {
     ])?;
     if args.resume.is_some() && args.non_private {
         return Err("--resume continues a DP run; it cannot be combined with --non-private".into());
+    }
+    if args.audit > 0 && args.non_private {
+        return Err("--audit audits a DP run; it cannot be combined with --non-private".into());
+    }
+    if args.audit > 0 && args.resume.is_some() {
+        return Err("--audit: an audited run writes no checkpoints, so there is nothing to --resume".into());
     }
     if let (Some(resume), Some(out)) = (&args.resume, &args.out) {
         // Continuing a run elsewhere would fork it: two models, two ledgers,
@@ -259,8 +274,13 @@ struct Private {
     noise_multiplier: f64,
 }
 
+/// The shipped data file.
+fn data_file() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv.gz")
+}
+
 fn run(args: &Args, out: &std::path::Path) -> Result<(), AnyError> {
-    let data = common::load_digits_csv(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv.gz"))?;
+    let data = common::load_digits_csv(&data_file())?;
     let (train, test) = common::stratified_split(&data.labels, 0.2, 0);
     let n = train.len();
     if args.batch_size == 0 || args.batch_size > n {
@@ -305,7 +325,7 @@ fn run(args: &Args, out: &std::path::Path) -> Result<(), AnyError> {
         Some(p) => (Some(p.release.report.epsilon), Some(args.delta), Some(p.noise_multiplier)),
         None => (None, None, None),
     };
-    let summary = serde_json::json!({
+    let mut summary = serde_json::json!({
         "test_accuracy": accuracy,
         "epsilon": epsilon,
         "delta": delta,
@@ -323,6 +343,7 @@ fn run(args: &Args, out: &std::path::Path) -> Result<(), AnyError> {
         "test_examples": test.len(),
         "wall_seconds": started.elapsed().as_secs_f64(),
     });
+    common::add_audit(&mut summary, private.as_ref().map(|p| &p.release.ledger));
     let done = format!("test accuracy {accuracy:.4} ({} test examples)", test.len());
     common::finish(out, &summary, private.as_ref().map(|p| &p.release.report), args.json, &done)
 }
@@ -452,21 +473,29 @@ fn train_dp<O: StatefulOptimizer>(ctx: &Ctx, config: O::Config) -> Result<Privat
         // Weights, ledger (the spent budget), noise, sampler and optimizer
         // state as they were.
         Some(_) => DpOptimizer::<O>::resume(&checkpoint, ctx.varmap, vars, config)?,
-        None => DpOptimizer::<O>::builder(
-            vars,
-            PoissonSampler::with_expected_batch_size(ctx.train.len(), args.batch_size, args.seed)?,
-        )
-        .target(PrivacyBudget { epsilon: args.epsilon, delta: args.delta }, ctx.steps)
-        .accountant(args.accountant)
-        .max_grad_norm(args.max_grad_norm)
-        .noise(common::noise(args.seed)?)
-        .description(format!(
-            "digits MLP 64-{}-10, {} epochs, expected batch {}",
-            args.hidden, args.epochs, args.batch_size
-        ))
-        .build(config)?,
+        None => {
+            let builder = DpOptimizer::<O>::builder(
+                vars,
+                PoissonSampler::with_expected_batch_size(ctx.train.len(), args.batch_size, args.seed)?,
+            )
+            .target(PrivacyBudget { epsilon: args.epsilon, delta: args.delta }, ctx.steps)
+            .accountant(args.accountant)
+            .max_grad_norm(args.max_grad_norm)
+            .noise(common::noise(args.seed)?)
+            // The whole file is hashed; training reads its stratified 80% split.
+            .data(DataProvenance::of_file(data_file(), "examples/data/digits.csv.gz", ctx.data.labels.len() as u64)?)
+            .description(format!(
+                "digits MLP 64-{}-10, {} epochs, expected batch {}, on the 80% training split (seed 0) of the data",
+                args.hidden, args.epochs, args.batch_size
+            ));
+            match common::canaries(args.audit, args.seed) {
+                Some(c) => builder.audit(c),
+                None => builder,
+            }
+            .build(config)?
+        }
     };
-    let trained_on = opt.config().sampler().dataset_size();
+    let trained_on = opt.config().sampler().dataset_size() - args.audit;
     if trained_on != ctx.train.len() {
         return Err(format!(
             "the checkpoint samples from {trained_on} examples, the training set has {}",
@@ -487,7 +516,7 @@ fn train_dp<O: StatefulOptimizer>(ctx: &Ctx, config: O::Config) -> Result<Privat
         let epoch_end = (step + 1) % ctx.steps_per_epoch == 0;
         // Also after the last step: an interrupted release resumes to it
         // without training again.
-        if epoch_end || step + 1 == ctx.steps {
+        if (epoch_end || step + 1 == ctx.steps) && args.audit == 0 {
             opt.save_checkpoint(&checkpoint, ctx.varmap)?;
         }
         progress(ctx, step, &mut epoch_loss, epoch_end.then(|| opt.epsilon(args.delta)).transpose()?);

@@ -34,6 +34,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Module, Tensor};
+use candle_dp::accountant::DataProvenance;
 use candle_dp::models::{Adapters, Flavor, Gpt, GptConfig};
 use candle_dp::optim::AdamW;
 use candle_dp::{loss, DpOptimizer, LoraConfig, PoissonSampler, PrivacyBudget};
@@ -102,6 +103,12 @@ struct Args {
     /// Run folder (default runs/lm-<UTC time>).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Audit the fine-tuning with this many canaries (0: none): the one-run
+    /// canary audit's epsilon-hat, an empirical lower bound, goes into the
+    /// ledger and the report beside epsilon. Canaries take sampler slots
+    /// after the training windows.
+    #[arg(long, default_value_t = 0)]
+    audit: usize,
     /// Print summary.json as the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -139,8 +146,16 @@ fn check_flags(args: &Args) -> Result<(), AnyError> {
         ("--lora-rank", args.lora_rank as f64, "an integer in [1, 128]", (1..=128).contains(&args.lora_rank)),
         ("--limit", args.limit.unwrap_or(10) as f64, "an integer >= 10", args.limit.unwrap_or(10) >= 10),
     ])?;
+    if args.audit > 0 && (args.non_private || args.mode == Mode::Pretrain) {
+        return Err(
+            "--audit audits a DP fine-tuning; it cannot be combined with --non-private or --mode pretrain".into()
+        );
+    }
     Ok(())
 }
+
+/// The private fine-tuning text.
+const PRIVATE: &str = "fortunes-private.txt.gz";
 
 fn data_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data").join(name)
@@ -296,7 +311,11 @@ fn finetune(args: &Args) -> Result<(), AnyError> {
     let base_path = args.base.clone().unwrap_or_else(|| data_path("lm-base.safetensors"));
     let base = candle_core::safetensors::load(&base_path, &Device::Cpu)
         .map_err(|e| format!("{}: {e} (make it with --mode pretrain)", base_path.display()))?;
-    let (mut train, mut held_out) = Windows::read("fortunes-private.txt.gz")?.split(10);
+    let private = Windows::read(PRIVATE)?;
+    // The whole file is hashed; fine-tuning reads its training windows.
+    let provenance =
+        DataProvenance::of_file(data_path(PRIVATE), "examples/data/fortunes-private.txt.gz", private.len() as u64)?;
+    let (mut train, mut held_out) = private.split(10);
     if let Some(limit) = args.limit {
         (train, held_out) = (train.first(limit), held_out.first(limit / 10));
     }
@@ -332,19 +351,24 @@ fn finetune(args: &Args) -> Result<(), AnyError> {
         tuned.trained.save(out.join("model.safetensors"))?;
         None
     } else {
-        let mut opt = DpOptimizer::<AdamW>::builder(vars, sampler)
+        let builder = DpOptimizer::<AdamW>::builder(vars, sampler)
             .target(PrivacyBudget { epsilon: args.epsilon, delta: args.delta }, steps)
             .max_grad_norm(args.max_grad_norm)
             .max_physical_batch_size(args.physical_batch_size)
             .noise(common::noise(args.seed)?)
+            .data(provenance)
             .description(format!(
                 "byte-level GPT {} on {n} windows of {WINDOW} bytes (the privacy unit: one window), {} epochs, \
                  expected batch {}",
                 if args.full { "full fine-tuning" } else { "LoRA fine-tuning" },
                 args.epochs,
                 args.batch_size
-            ))
-            .build(adam(lr))?;
+            ));
+        let mut opt = match common::canaries(args.audit, args.seed) {
+            Some(c) => builder.audit(c),
+            None => builder,
+        }
+        .build(adam(lr))?;
         for _ in 0..steps {
             let s = opt.train_step(losses)?;
             bar.inc(1);
@@ -358,7 +382,7 @@ fn finetune(args: &Args) -> Result<(), AnyError> {
     bar.finish_and_clear();
     let bpb = held_out.bits_per_byte(&tuned.model)?;
     let samples = sample_lines(&tuned.model, args.seed, 3)?;
-    let summary = serde_json::json!({
+    let mut summary = serde_json::json!({
         "epsilon": release.as_ref().map(|(r, _)| r.report.epsilon),
         "delta": release.as_ref().map(|_| args.delta),
         "noise_multiplier": release.as_ref().map(|(_, s)| *s),
@@ -374,6 +398,7 @@ fn finetune(args: &Args) -> Result<(), AnyError> {
         "samples": samples,
         "wall_seconds": started.elapsed().as_secs_f64(),
     });
+    common::add_audit(&mut summary, release.as_ref().map(|(r, _)| &r.ledger));
     if !args.json {
         for line in &samples {
             println!("  > {line}");

@@ -15,6 +15,9 @@
 //! * [`loss::cross_entropy`]: per-example losses, the only kind the optimizer takes.
 //! * [`kernels`]: the per-example norm, clip-and-accumulate and device-noise
 //!   ops (CPU reference; CUDA and Metal behind features).
+//! * [`audit`]: what a run really leaked: canaries in training
+//!   ([`DpOptimizerBuilder::audit`], epsilon-hat in the ledger beside
+//!   epsilon) and the replay check on neighbouring datasets.
 //!
 //! # What a step guarantees
 //! Each example's gradient (over all trained variables, every use of a tied
@@ -68,6 +71,7 @@
 
 pub use dp_accountant as accountant;
 
+pub mod audit;
 pub mod checkpoint;
 pub mod clip;
 pub mod config;

@@ -57,6 +57,8 @@ impl<O: Optimizer> DpOptimizer<O> {
         }
         let delta = delta.or(self.config().budget().map(|b| b.delta));
         self.variable_names(varmap)?;
+        // The canary audit, if any, is recorded before the model it audits.
+        let audit = self.audit_with_seeding()?;
         // Checked before anything is written or recorded.
         PrivacyReport::from_ledger_with(&self.ledger()?, delta, self.accountant())?;
         std::fs::create_dir_all(dir).map_err(io(dir))?;
@@ -66,11 +68,17 @@ impl<O: Optimizer> DpOptimizer<O> {
         // file is written: a failed release can be retried without a second
         // release record.
         let mut ledger = self.ledger()?;
+        if let Some((audit, seeding)) = &audit {
+            ledger.append_audit(audit, *seeding)?;
+        }
         ledger.append_release(WEIGHTS, &weights_sha256)?;
         let report = PrivacyReport::from_ledger_with(&ledger, delta, self.accountant())?;
         writer.write(dir, LEDGER, ledger.to_json().as_bytes())?;
         writer.write(dir, REPORT_MD, report.to_markdown().as_bytes())?;
         writer.write(dir, REPORT_HTML, report.to_html().as_bytes())?;
+        if let Some((audit, seeding)) = &audit {
+            self.append_audit(audit, *seeding)?;
+        }
         self.record_release(WEIGHTS, &weights_sha256)?;
         Ok(Release { weights: dir.join(WEIGHTS), weights_sha256, ledger, report })
     }

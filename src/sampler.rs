@@ -395,6 +395,35 @@ impl Sampler {
         }
     }
 
+    /// The same sampler over `extra` more slots appended after the dataset
+    /// (indices `N..N + extra`), drawn like every example: the canaries of
+    /// an audit ([`crate::audit::Canaries`]). Poisson sampling only.
+    ///
+    /// # Errors
+    /// [`Error::Incompatible`](crate::Error::Incompatible) for shuffled
+    /// batches; [`Error::InvalidConfig`](crate::Error::InvalidConfig) if the
+    /// count overflows.
+    pub(crate) fn with_appended_slots(self, extra: usize) -> Result<Sampler> {
+        match self {
+            Sampler::Poisson(mut s) => {
+                let size = s.dataset_size.checked_add(extra).ok_or(crate::Error::InvalidConfig {
+                    field: "audit canaries",
+                    value: extra as f64,
+                    valid: "few enough that dataset_size + canaries fits in usize",
+                })?;
+                SamplerDescription::poisson(size, s.sample_rate, s.seeding)?;
+                s.dataset_size = size;
+                Ok(Sampler::Poisson(s))
+            }
+            Sampler::Shuffled(_) => Err(crate::Error::Incompatible {
+                setting: "a canary audit",
+                with: "shuffled fixed-size batches",
+                why: "the one-run audit's canaries are Poisson-sampled like every example, so that each canary's \
+                      inclusion is independent of the others' (use a PoissonSampler)",
+            }),
+        }
+    }
+
     /// Steps in one pass over the data: `ceil(1 / q)` in expectation for
     /// Poisson sampling, `floor(N / b)` for shuffled batches.
     pub fn steps_per_epoch(&self) -> u64 {

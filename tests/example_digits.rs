@@ -194,3 +194,36 @@ fn a_run_killed_again_and_again_resumes_to_the_uninterrupted_model() {
         std::fs::remove_dir_all(d).unwrap();
     }
 }
+
+#[test]
+fn an_audited_run_records_epsilon_hat_beside_epsilon() {
+    let out = folder("audit");
+    let o = out.display().to_string();
+    let r = run(&["--epochs", "5", "--audit", "300", "--seed", "4", "--json", "--out", &o]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let summary: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&r.stdout).lines().last().unwrap()).unwrap();
+    let (eps, eps_hat) = (summary["epsilon"].as_f64().unwrap(), summary["epsilon_audit"].as_f64().unwrap());
+    assert_eq!(summary["audit_canaries"].as_u64(), Some(300));
+    assert!(eps_hat >= 0.0 && eps_hat <= eps, "{summary}");
+    let ledger = Ledger::read(out.join("ledger.json")).unwrap();
+    let audit = ledger.audits().last().unwrap();
+    assert_eq!((audit.epsilon_lower_bound, audit.canaries), (eps_hat, 300));
+    assert_eq!(ledger.header().dataset_size, Some(summary["train_examples"].as_u64().unwrap() + 300));
+    assert!(!out.join("checkpoint").exists(), "an audited run writes no checkpoint");
+    // The data the guarantee is about, by hash.
+    let data = ledger.header().data.clone().unwrap();
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv.gz");
+    assert_eq!(data.sha256, candle_dp::checkpoint::sha256_file(&file).unwrap());
+    assert_eq!((data.bytes, data.rows), (std::fs::metadata(&file).unwrap().len(), 1797));
+    assert!(std::fs::read_to_string(out.join("report.md")).unwrap().contains("epsilon-hat"));
+    // As if interrupted before its release: its flags say --audit, so there is no checkpoint to resume.
+    std::fs::remove_file(out.join("ledger.json")).unwrap();
+    let r = run(&["--resume", &o]);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(stderr(&r).contains("nothing to --resume"), "{}", stderr(&r));
+    std::fs::remove_dir_all(&out).unwrap();
+    let r = run(&["--audit", "10", "--non-private"]);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(stderr(&r).contains("--audit audits a DP run"), "{}", stderr(&r));
+}

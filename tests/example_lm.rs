@@ -39,7 +39,7 @@ fn summary(o: &Output) -> serde_json::Value {
 #[test]
 fn dp_lora_fine_tuning_releases_the_adapter_under_a_verified_ledger() {
     let out = folder("lora");
-    let s = summary(&lm(&quick(&out, &[])));
+    let s = summary(&lm(&quick(&out, &["--audit", "100"])));
     let (eps, base, tuned) = (
         s["epsilon"].as_f64().unwrap(),
         s["base_bits_per_byte"].as_f64().unwrap(),
@@ -65,6 +65,13 @@ fn dp_lora_fine_tuning_releases_the_adapter_under_a_verified_ledger() {
         std::fs::read_to_string(out.join("report.md")).unwrap().contains("one window"),
         "the privacy unit is stated"
     );
+    // --audit 100: epsilon-hat in the summary and the ledger, below epsilon.
+    let audit = ledger.audits().last().unwrap();
+    assert_eq!(
+        (s["audit_canaries"].as_u64(), s["epsilon_audit"].as_f64()),
+        (Some(100), Some(audit.epsilon_lower_bound))
+    );
+    assert!(audit.epsilon_lower_bound <= eps, "{s}");
     std::fs::remove_dir_all(&out).unwrap();
 }
 
@@ -98,6 +105,7 @@ fn non_private_fine_tuning_states_no_epsilon_and_bad_flags_are_named() {
         (vec!["--lora-rank", "0"], "--lora-rank = 0: must be an integer in [1, 128]"),
         (vec!["--epsilon", "0"], "--epsilon = 0: must be finite and > 0"),
         (vec!["--limit", "3"], "--limit = 3: must be an integer >= 10"),
+        (vec!["--audit", "5", "--non-private"], "--audit audits a DP fine-tuning"),
     ] {
         let o = lm(&flags);
         assert_eq!(o.status.code(), Some(2), "{flags:?}");

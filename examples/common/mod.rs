@@ -253,6 +253,29 @@ pub fn noise(seed: Option<u64>) -> Result<candle_dp::GaussianNoise, candle_dp::E
     })
 }
 
+/// The canaries of an example's `--audit M` (none for 0), their inclusion
+/// seeded from `--seed` (offset from the other streams) or from the OS.
+pub fn canaries(count: usize, seed: Option<u64>) -> Option<candle_dp::audit::Canaries> {
+    (count > 0).then(|| {
+        let c = candle_dp::audit::Canaries::new(count);
+        match seed {
+            Some(s) => c.seeded(s.wrapping_add(0x7f4a_7c15)),
+            None => c,
+        }
+    })
+}
+
+/// Adds the audit fields to an example's `summary.json` object, from its
+/// released ledger (nulls without an audit).
+pub fn add_audit(summary: &mut serde_json::Value, ledger: Option<&candle_dp::accountant::Ledger>) {
+    let audit = ledger.and_then(|l| l.audits().last());
+    if let Some(map) = summary.as_object_mut() {
+        map.insert("audit_canaries".into(), serde_json::json!(audit.map(|a| a.canaries)));
+        map.insert("epsilon_audit".into(), serde_json::json!(audit.map(|a| a.epsilon_lower_bound)));
+        map.insert("epsilon_audit_fdp".into(), serde_json::json!(audit.map(|a| a.epsilon_lower_bound_fdp)));
+    }
+}
+
 /// A progress bar over `steps` steps, hidden when stdout is for `--json`.
 pub fn progress_bar(steps: u64, hidden: bool) -> Result<indicatif::ProgressBar, Box<dyn std::error::Error>> {
     let bar = indicatif::ProgressBar::new(steps);

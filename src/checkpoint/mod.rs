@@ -202,6 +202,8 @@ impl<O: StatefulOptimizer> DpOptimizer<O> {
     /// # Errors
     /// [`Error::OutOfOrder`] while a batch is open (between
     /// [`DpOptimizer::next_batch`] and [`DpOptimizer::step`]);
+    /// [`Error::Incompatible`] for a run with audit canaries (their
+    /// inclusion and scores are not in checkpoints yet);
     /// [`Error::Io`] and Candle's errors.
     pub fn save_checkpoint(&mut self, dir: impl AsRef<Path>, varmap: &VarMap) -> Result<()> {
         self.save_checkpoint_with(dir.as_ref(), varmap, &mut Writer::default())
@@ -213,6 +215,14 @@ impl<O: StatefulOptimizer> DpOptimizer<O> {
                 call: "save_checkpoint",
                 state: "while a batch is open",
                 fix: "step() or cancel_batch() first: a checkpoint holds whole steps only",
+            });
+        }
+        if self.audited() {
+            return Err(Error::Incompatible {
+                setting: "a checkpoint",
+                with: "audit canaries",
+                why: "the canaries' inclusion and scores are not saved in checkpoints yet, so a resumed run could \
+                      not finish its audit: run audited trainings without checkpoints",
             });
         }
         let variables = self.variable_names(varmap)?;

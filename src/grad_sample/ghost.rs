@@ -71,6 +71,15 @@ impl GhostEngine {
         Ok(self.users()?.groups)
     }
 
+    /// Each variable's clipping group (in the order of the variables), as
+    /// per-layer clipping numbers them.
+    ///
+    /// # Errors
+    /// As [`GhostEngine::num_layers`].
+    pub fn clipping_group_of_vars(&self) -> Result<Vec<usize>> {
+        Ok(self.users()?.group_of_var)
+    }
+
     fn users(&self) -> Result<Users> {
         let mut layers: Vec<Arc<dyn GhostLayer>> = Vec::new();
         let mut of_var = Vec::with_capacity(self.vars.len());

@@ -2,9 +2,10 @@
 
 use candle_core::Var;
 use candle_nn::Optimizer;
-use dp_accountant::{calibrate_with, AccountantKind, Ledger, LedgerHeader, PrivacyTarget};
+use dp_accountant::{calibrate_with, AccountantKind, DataProvenance, Ledger, LedgerHeader, PrivacyTarget};
 
 use super::DpOptimizer;
+use crate::audit::{Canaries, CanaryState, PlantedBug};
 use crate::clip::ClipMode;
 use crate::config::{DpConfig, Engine, PrivacyBudget};
 use crate::error::{ensure, Error, Result};
@@ -33,6 +34,9 @@ pub struct DpOptimizerBuilder<O: Optimizer> {
     description: Option<String>,
     accountant: AccountantKind,
     max_physical_batch_size: Option<usize>,
+    audit: Option<Canaries>,
+    bug: Option<PlantedBug>,
+    data: Option<DataProvenance>,
 }
 
 impl<O: Optimizer> DpOptimizerBuilder<O> {
@@ -50,6 +54,9 @@ impl<O: Optimizer> DpOptimizerBuilder<O> {
             description: None,
             accountant: AccountantKind::Rdp,
             max_physical_batch_size: None,
+            audit: None,
+            bug: None,
+            data: None,
         }
     }
 
@@ -129,6 +136,41 @@ impl<O: Optimizer> DpOptimizerBuilder<O> {
         self
     }
 
+    /// The data the examples are read from, by SHA-256, size and rows
+    /// ([`DataProvenance::of_file`]), for the ledger's header: the report
+    /// then says which data the guarantee is about.
+    pub fn data(mut self, data: DataProvenance) -> Self {
+        self.data = Some(data);
+        self
+    }
+
+    /// Audits the run with canaries ([`Canaries`], the one-run audit of
+    /// [`crate::audit`]): `m` slots are appended to the sampler's dataset
+    /// (indices `N..N + m`, drawn like every example at the same rate, and
+    /// counted in the ledger's dataset size), each holding a canary with
+    /// probability 1/2. The closure of [`DpOptimizer::train_step`] and
+    /// [`DpOptimizer::next_batch`] see real examples only, in the batches
+    /// they would have without canaries (the sampling is counter-based);
+    /// the canaries' gradients land on an audit block the model never
+    /// reads, so the model's gradients are untouched, but the expected batch size that
+    /// divides the sum counts the slots (the update is `N / (N + m)` of an
+    /// unaudited run's: raise the learning rate to match).
+    /// [`DpOptimizer::record_audit`] (or a release) records the audit in
+    /// the ledger. Poisson sampling only; not with checkpoints yet.
+    pub fn audit(mut self, canaries: Canaries) -> Self {
+        self.audit = Some(canaries);
+        self
+    }
+
+    /// Plants `bug` in the optimizer (feature `planted-bugs`, for tests of
+    /// the audits only: the run is not private). The ledger's description
+    /// says so.
+    #[cfg(feature = "planted-bugs")]
+    pub fn plant_bug(mut self, bug: PlantedBug) -> Self {
+        self.bug = Some(bug);
+        self
+    }
+
     /// What is trained, for the ledger's header.
     pub fn description(mut self, description: impl Into<String>) -> Self {
         self.description = Some(description.into());
@@ -146,8 +188,17 @@ impl<O: Optimizer> DpOptimizerBuilder<O> {
     /// layer uses; [`Error::DuplicateVariable`]; [`Error::LayerTrainedTwice`]
     /// for a DP layer another live optimizer trains;
     /// [`Error::DpLayerInMicrobatch`] for a DP layer's variable with the
-    /// microbatch engine; the accountant's and Candle's errors.
-    pub fn build(self, config: O::Config) -> Result<DpOptimizer<O>> {
+    /// microbatch engine; for [`DpOptimizerBuilder::audit`],
+    /// [`Error::InvalidConfig`] naming a bad setting,
+    /// [`Error::MissingSetting`] without a delta and
+    /// [`Error::Incompatible`] for a shuffled sampler; the accountant's and
+    /// Candle's errors.
+    pub fn build(mut self, config: O::Config) -> Result<DpOptimizer<O>> {
+        let first_canary = self.sampler.description().dataset_size();
+        if let Some(canaries) = &self.audit {
+            self.sampler = self.sampler.with_appended_slots(canaries.count())?;
+        }
+        let audit = self.audit.map(|c| CanaryState::new(c, first_canary, self.budget.map(|b| b.delta))).transpose()?;
         let description = self.sampler.description();
         description.validate()?;
         let noise_multiplier = match self.noise_plan {
@@ -189,12 +240,22 @@ impl<O: Optimizer> DpOptimizerBuilder<O> {
             // depend on the thread count).
             None => GaussianNoise::from_os_entropy()?.with_all_threads(),
         };
+        let description_text = match self.bug {
+            Some(bug) => {
+                Some(format!("PLANTED BUG ({}): NOT PRIVATE. {}", bug.describe(), self.description.unwrap_or_default()))
+            }
+            None => self.description,
+        };
         let ledger = Ledger::new(LedgerHeader {
             created_by: format!("candle-dp {}", env!("CARGO_PKG_VERSION")),
-            description: self.description,
+            description: description_text,
             dataset_size: Some(description.dataset_size() as u64),
             target: self.budget.map(|b| PrivacyTarget { epsilon: b.epsilon, delta: b.delta }),
+            data: self.data,
         });
-        DpOptimizer::assemble(self.vars, self.sampler, noise, dp, config, ledger)
+        let mut optimizer = DpOptimizer::assemble(self.vars, self.sampler, noise, dp, config, ledger)?;
+        optimizer.audit = audit;
+        optimizer.bug = self.bug;
+        Ok(optimizer)
     }
 }

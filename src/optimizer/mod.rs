@@ -28,15 +28,17 @@
 //! a sampling other than the one it draws.
 
 mod builder;
+mod replay;
 mod step;
 
 use candle_core::{Tensor, Var};
 use candle_nn::{Optimizer, VarMap};
-use dp_accountant::{max_steps_with, AccountantKind, Ledger, MechanismRecord, NoiseGenerator, NoiseSource};
+use dp_accountant::{max_steps_with, AccountantKind, Ledger, MechanismRecord, NoiseGenerator, NoiseSource, Seeding};
 
 pub use builder::DpOptimizerBuilder;
 pub use step::StepSummary;
 
+use crate::audit::{CanaryState, PlantedBug};
 use crate::config::{DpConfig, Engine, PrivacyBudget};
 use crate::error::{Error, Result};
 use crate::grad_sample::ghost::GhostEngine;
@@ -52,6 +54,8 @@ struct OpenBatch {
     accumulated: usize,
     /// Their clipped sums, per variable (`None` before the first chunk).
     sums: Option<Vec<Tensor>>,
+    /// The audit's canaries drawn (their numbers, not sampler indices).
+    canaries: Vec<usize>,
     /// The sampler as it was before the draw, for [`DpOptimizer::cancel_batch`].
     sampler_before: Sampler,
 }
@@ -70,6 +74,8 @@ pub struct DpOptimizer<O: Optimizer> {
     pending_steps: u64,
     steps: u64,
     max_steps: Option<u64>,
+    audit: Option<CanaryState>,
+    bug: Option<PlantedBug>,
 }
 
 impl<O: Optimizer> DpOptimizer<O> {
@@ -131,6 +137,8 @@ impl<O: Optimizer> DpOptimizer<O> {
             pending_steps: 0,
             steps,
             max_steps,
+            audit: None,
+            bug: None,
         })
     }
 
@@ -209,6 +217,45 @@ impl<O: Optimizer> DpOptimizer<O> {
         self.flush_ledger()?;
         self.ledger.append_release(file, weights_sha256)?;
         Ok(())
+    }
+
+    /// The one-run canary audit of the steps so far ([`crate::audit::Canaries`]);
+    /// `None` without canaries. Nothing is recorded.
+    ///
+    /// # Errors
+    /// The accountant's ([`Error::Accountant`]) for scores that are not
+    /// finite (a noise scale so small that a likelihood ratio overflows).
+    pub fn audit(&self) -> Result<Option<dp_accountant::audit::OneRunAudit>> {
+        self.audit.as_ref().map(CanaryState::audit).transpose()
+    }
+
+    /// Runs the canary audit ([`DpOptimizer::audit`]) and records it in the
+    /// ledger, after the steps so far. [`DpOptimizer::release`] does this
+    /// before it records the model.
+    ///
+    /// # Errors
+    /// As [`DpOptimizer::audit`]; the ledger's.
+    pub fn record_audit(&mut self) -> Result<Option<dp_accountant::audit::OneRunAudit>> {
+        let Some((audit, seeding)) = self.audit_with_seeding()? else { return Ok(None) };
+        self.append_audit(&audit, seeding)?;
+        Ok(Some(audit))
+    }
+
+    /// The audit, and how the canaries' inclusion was seeded.
+    pub(crate) fn audit_with_seeding(&self) -> Result<Option<(dp_accountant::audit::OneRunAudit, Seeding)>> {
+        self.audit.as_ref().map(|state| Ok((state.audit()?, state.seeding()))).transpose()
+    }
+
+    /// Records `audit` in the ledger after the steps so far.
+    pub(crate) fn append_audit(&mut self, audit: &dp_accountant::audit::OneRunAudit, seeding: Seeding) -> Result<()> {
+        self.flush_ledger()?;
+        self.ledger.append_audit(audit, seeding)?;
+        Ok(())
+    }
+
+    /// Whether the run has audit canaries.
+    pub(crate) fn audited(&self) -> bool {
+        self.audit.is_some()
     }
 
     /// What `steps` steps of this optimizer record in the ledger.

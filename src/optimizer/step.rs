@@ -5,6 +5,8 @@ use candle_core::{DType, Tensor};
 use candle_nn::Optimizer;
 
 use super::{DpOptimizer, OpenBatch};
+use crate::audit::PlantedBug;
+use crate::clip::ClipMode;
 use crate::config::Engine;
 use crate::error::{Error, Result};
 use crate::grad_sample::ghost::ClippedBatch;
@@ -59,7 +61,7 @@ impl<O: Optimizer> DpOptimizer<O> {
     }
 
     /// Clips and sums every example of `batch`, chunk by chunk.
-    fn accumulate_batch(
+    pub(super) fn accumulate_batch(
         &mut self,
         batch: &[usize],
         losses_of: &mut impl FnMut(&[usize]) -> Result<PerSampleLoss>,
@@ -109,8 +111,12 @@ impl<O: Optimizer> DpOptimizer<O> {
         }
         self.check_budget()?;
         let sampler_before = self.sampler.clone();
-        let batch = self.sampler.sample();
-        self.batch = Some(OpenBatch { size: batch.len(), accumulated: 0, sums: None, sampler_before });
+        let drawn = self.sampler.sample();
+        let (batch, canaries) = match &self.audit {
+            Some(audit) => audit.split(drawn),
+            None => (drawn, Vec::new()),
+        };
+        self.batch = Some(OpenBatch { size: batch.len(), accumulated: 0, sums: None, canaries, sampler_before });
         Ok(batch)
     }
 
@@ -148,7 +154,10 @@ impl<O: Optimizer> DpOptimizer<O> {
             });
         };
         self.check_room(losses.len())?;
-        let clipped = ghost.clip(losses, &self.config.clipping, self.config.max_grad_norm)?;
+        let clipped = match self.bug {
+            Some(PlantedBug::ClippingDisabled) => ghost.clip(losses, &ClipMode::Flat, f64::MAX)?,
+            _ => ghost.clip(losses, &self.config.clipping, self.config.max_grad_norm)?,
+        };
         self.add(clipped)
     }
 
@@ -172,7 +181,7 @@ impl<O: Optimizer> DpOptimizer<O> {
         loss_of: impl FnMut(usize) -> std::result::Result<Tensor, E>,
     ) -> Result<()> {
         self.check_room(count)?;
-        let clipped = clip_microbatch(&self.vars, count, loss_of, self.config.max_grad_norm)?;
+        let clipped = clip_microbatch(&self.vars, count, loss_of, self.clip_threshold())?;
         self.add(clipped)
     }
 
@@ -211,6 +220,19 @@ impl<O: Optimizer> DpOptimizer<O> {
     /// part of the update): it is accounted, its noise is spent, the batch is
     /// closed, and the inner optimizer's error is returned.
     pub fn step(&mut self) -> Result<()> {
+        let sums = self.checked_sums()?;
+        self.check_budget()?;
+        // Draw all noise before changing anything: a failure leaves the
+        // optimizer, the variables and the ledger as they were.
+        let mut noise = self.noise.clone();
+        let released = self.privatize(&sums, &mut noise)?;
+        let canaries = self.privatize_canaries(&mut noise)?;
+        self.commit(released, noise, canaries)
+    }
+
+    /// The open batch's clipped sums (zeros for an empty batch), once every
+    /// example drawn was accumulated.
+    pub(super) fn checked_sums(&self) -> Result<Vec<Tensor>> {
         let Some(open) = &self.batch else {
             return Err(Error::OutOfOrder {
                 call: "step()",
@@ -221,19 +243,66 @@ impl<O: Optimizer> DpOptimizer<O> {
         if open.accumulated != open.size {
             return Err(Error::BatchMismatch { drawn: open.size, accumulated: open.accumulated });
         }
-        self.check_budget()?;
-        let sums = match &open.sums {
+        Ok(match &open.sums {
             Some(s) => s.clone(),
             None => self.vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?,
-        };
+        })
+    }
+
+    /// The threshold handed to the clipping: `C` (a planted bug may
+    /// disable it).
+    fn clip_threshold(&self) -> f64 {
+        match self.bug {
+            Some(PlantedBug::ClippingDisabled) => f64::MAX,
+            _ => self.config.max_grad_norm,
+        }
+    }
+
+    /// The noise's standard deviation on the sum, `sigma C` (unless a bug
+    /// is planted), and the scale `1 / B` of the mean.
+    fn noise_and_scale(&self) -> (f64, f64) {
         let std = self.config.noise_multiplier * self.config.max_grad_norm;
         let scale = 1.0 / self.config.sampler.expected_batch_size();
-        // Draw all noise before changing anything: a failure leaves the
-        // optimizer, the variables and the ledger as they were.
-        let mut noise = self.noise.clone();
+        let std = match self.bug {
+            Some(PlantedBug::NoiseTenTimesSmaller) => std / 10.0,
+            Some(PlantedBug::NoiseOfTheMean) => std * scale,
+            _ => std,
+        };
+        (std, scale)
+    }
+
+    /// The noisy mean of each variable's sum, a key of `noise` each, in the
+    /// variables' order.
+    pub(super) fn privatize(&self, sums: &[Tensor], noise: &mut GaussianNoise) -> Result<Vec<Tensor>> {
+        let (std, scale) = self.noise_and_scale();
+        self.vars.iter().zip(sums).map(|(var, sum)| noisy_mean(sum, noise, std, scale, var.dtype())).collect()
+    }
+
+    /// The audit block's privatized sum (not divided: the model never reads
+    /// it), with the next key of `noise`; `None` without canaries.
+    pub(super) fn privatize_canaries(&self, noise: &mut GaussianNoise) -> Result<Option<Vec<f32>>> {
+        let (Some(audit), Some(open)) = (&self.audit, &self.batch) else { return Ok(None) };
+        let (std, _) = self.noise_and_scale();
+        let mut sum = audit.clipped_sum(&open.canaries, self.clip_threshold(), self.config.max_grad_norm);
+        noise.add_scaled_to_f32(&mut sum, std, 1.0);
+        if !sum.iter().all(|v| v.is_finite()) {
+            return Err(overflow(std));
+        }
+        Ok(Some(sum))
+    }
+
+    /// The inner optimizer's step on `released`, then the step is taken:
+    /// `noise` becomes the generator, the canaries are scored, the step is
+    /// accounted and the batch closed.
+    pub(super) fn commit(
+        &mut self,
+        released: Vec<Tensor>,
+        noise: GaussianNoise,
+        canaries: Option<Vec<f32>>,
+    ) -> Result<()> {
         let mut grads = GradStore::default();
-        for (var, sum) in self.vars.iter().zip(&sums) {
-            grads.insert(var.as_tensor(), noisy_mean(sum, &mut noise, std, scale, var.dtype())?);
+        for (var, g) in self.vars.iter().zip(released) {
+            grads.insert(var.as_tensor(), g);
         }
         let stepped = self.inner.step(&grads);
         // Committed even when the inner step failed: it may have applied part
@@ -241,6 +310,12 @@ impl<O: Optimizer> DpOptimizer<O> {
         // its noise is spent (a retry with the same noise would release the
         // same draw twice).
         self.noise = noise;
+        if let (Some(audit), Some(noisy)) = (&mut self.audit, canaries) {
+            // Scored against the claimed mechanism, whatever a bug did.
+            let q = self.config.sampler.sample_rate().unwrap_or(1.0);
+            let c = self.config.max_grad_norm;
+            audit.score(&noisy, q, c, self.config.noise_multiplier * c);
+        }
         self.pending_steps += 1;
         self.steps += 1;
         self.batch = None;
