@@ -11,7 +11,7 @@
 //! Its threshold is the whole `C` in either clipping mode: a canary is one
 //! example, and its gradient lies in a block of its own.
 
-use dp_accountant::audit::{audit_one_run, CanaryScores, Guesses, OneRunAudit};
+use dp_accountant::audit::{audit_one_run, CanaryScores, Guesses, OneRunAudit, MAX_CANARIES};
 use dp_accountant::Seeding;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -95,7 +95,14 @@ impl Canaries {
 
     /// Checks the settings; `budget_delta` is the run's.
     fn validated_delta(&self, budget_delta: Option<f64>) -> Result<f64> {
-        ensure("audit canaries", self.count as f64, "an integer >= 1", self.count >= 1)?;
+        // Checked before the inclusion bits are allocated, at the accountant's
+        // limit: a count the audit would refuse after training is refused now.
+        ensure(
+            "audit canaries",
+            self.count as f64,
+            "an integer in [1, 10^7]",
+            self.count >= 1 && self.count as u64 <= MAX_CANARIES,
+        )?;
         ensure(
             "audit gradient_norm (in units of max_grad_norm)",
             self.gradient_norm,
@@ -265,6 +272,8 @@ mod tests {
     fn bad_settings_name_the_field() {
         let bad = [
             (Canaries::new(0), "audit canaries"),
+            (Canaries::new(10_000_001), "audit canaries"),
+            (Canaries::new(usize::MAX), "audit canaries"),
             (Canaries::new(5).gradient_norm(1.0), "audit gradient_norm (in units of max_grad_norm)"),
             (Canaries::new(5).gradient_norm(f64::NAN), "audit gradient_norm (in units of max_grad_norm)"),
             (Canaries::new(5).alpha(0.0), "audit alpha"),
