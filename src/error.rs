@@ -159,6 +159,42 @@ pub enum Error {
     /// The operating system's entropy source failed.
     #[error("could not seed the noise generator from the operating system: {0}")]
     Entropy(String),
+    /// Another rank of a distributed run failed this step (an error or a
+    /// non-finite value there; that rank returns its own error): no rank
+    /// took the step, and nothing was recorded.
+    #[error(
+        "{failed} of {world_size} ranks failed this step (see their errors): no rank took it and nothing was \
+         recorded"
+    )]
+    PeerFailed {
+        /// How many ranks failed.
+        failed: usize,
+        /// The number of ranks.
+        world_size: usize,
+    },
+    /// The ranks of a distributed run were not built alike: their settings,
+    /// variables (shapes, dtypes, order) or ledgers differ from rank 0's.
+    #[error(
+        "{disagreeing} of {world_size} ranks were built with other settings, variables or ledger than rank 0 \
+         (this rank {}): build every rank's optimizer the same way",
+        if *this_rank { "among them" } else { "not" }
+    )]
+    RanksDisagree {
+        /// How many ranks differ from rank 0.
+        disagreeing: usize,
+        /// The number of ranks.
+        world_size: usize,
+        /// Whether this rank is one of them.
+        this_rank: bool,
+    },
+    /// The communication engine (MPI, NCCL) failed or refused.
+    #[error("{engine}: {reason}")]
+    Collective {
+        /// The engine.
+        engine: &'static str,
+        /// What happened.
+        reason: String,
+    },
     /// A setting the builder needs was not given.
     #[error("{setting} is not set: {how}")]
     MissingSetting {

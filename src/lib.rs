@@ -75,6 +75,7 @@ pub mod audit;
 pub mod checkpoint;
 pub mod clip;
 pub mod config;
+pub mod distributed;
 mod error;
 pub mod grad_sample;
 pub mod kernels;

@@ -73,6 +73,17 @@ impl GaussianNoise {
         self.with_threads(std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get))
     }
 
+    /// The threads large buffers are filled on.
+    pub(crate) fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Moves this generator to `state` (another's [`GaussianNoise::state`]:
+    /// a distributed run's rank 0's), keeping its threads and seeding.
+    pub(crate) fn adopt(&mut self, state: ChaChaState) {
+        self.rng = chacha_at(state);
+    }
+
     /// How this generator was seeded.
     pub fn seeding(&self) -> Seeding {
         self.seeding

@@ -46,8 +46,32 @@ impl<O: Optimizer> DpOptimizer<O> {
     /// [`crate::Error::UnknownVariable`] for a trained variable not in
     /// `varmap`; [`crate::Error::Io`];
     /// the accountant's (a `delta` outside `(0, 1)`) and Candle's errors.
+    ///
+    /// On a distributed optimizer, rank 0 writes the files; every rank
+    /// records the same release and returns the same [`Release`], or fails
+    /// if rank 0 did ([`crate::Error::PeerFailed`] on the others).
     pub fn release(&mut self, dir: impl AsRef<Path>, varmap: &VarMap, delta: Option<f64>) -> Result<Release> {
         let dir = dir.as_ref();
+        self.on_root(
+            |opt| {
+                let release = opt.release_here(dir, varmap, delta)?;
+                let mut hash = [0u8; 64];
+                hash.copy_from_slice(release.weights_sha256.as_bytes());
+                Ok((release, hash))
+            },
+            |opt, hash| {
+                let weights_sha256 = String::from_utf8_lossy(&hash).into_owned();
+                let delta = delta.or(opt.config().budget().map(|b| b.delta));
+                opt.record_release(WEIGHTS, &weights_sha256)?;
+                let ledger = opt.ledger()?;
+                let report = PrivacyReport::from_ledger_with(&ledger, delta, opt.accountant())?;
+                Ok(Release { weights: dir.join(WEIGHTS), weights_sha256, ledger, report })
+            },
+        )
+    }
+
+    /// The release, written by this process.
+    fn release_here(&mut self, dir: &Path, varmap: &VarMap, delta: Option<f64>) -> Result<Release> {
         if self.batch_open() {
             return Err(crate::Error::OutOfOrder {
                 call: "release",

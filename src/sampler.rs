@@ -251,6 +251,20 @@ impl PoissonSampler {
         batch
     }
 
+    /// The examples of `range` in the next batch (a distributed rank's
+    /// shard of it).
+    pub(crate) fn sample_range(&mut self, range: std::ops::Range<usize>) -> Vec<usize> {
+        let batch = self.batch_at(self.step, range);
+        self.step += 1;
+        batch
+    }
+
+    /// Takes another sampler's key and step (a distributed run's rank 0's).
+    pub(crate) fn adopt(&mut self, key: [u8; 32], step: u64) {
+        self.key = key;
+        self.step = step;
+    }
+
     /// The examples of `range` in the batch of step `step`, in increasing
     /// order: the same whatever else is drawn, and in whatever order.
     pub(crate) fn batch_at(&self, step: u64, range: std::ops::Range<usize>) -> Vec<usize> {
@@ -384,6 +398,16 @@ impl Sampler {
         match self {
             Sampler::Poisson(s) => s.sample(),
             Sampler::Shuffled(s) => s.sample(),
+        }
+    }
+
+    /// The examples of `range` in the next logical batch: a distributed
+    /// rank's shard of it (for shuffled batches, which the optimizer does
+    /// not distribute, the batch's members in `range`).
+    pub(crate) fn sample_shard(&mut self, range: std::ops::Range<usize>) -> Vec<usize> {
+        match self {
+            Sampler::Poisson(s) => s.sample_range(range),
+            Sampler::Shuffled(s) => s.sample().into_iter().filter(|i| range.contains(i)).collect(),
         }
     }
 

@@ -205,8 +205,23 @@ impl<O: StatefulOptimizer> DpOptimizer<O> {
     /// [`Error::Incompatible`] for a run with audit canaries (their
     /// inclusion and scores are not in checkpoints yet);
     /// [`Error::Io`] and Candle's errors.
+    ///
+    /// On a distributed optimizer, rank 0 writes the checkpoint and every
+    /// rank flushes its ledger as rank 0 does; all fail if rank 0 fails
+    /// ([`Error::PeerFailed`] on the others). Every rank resumes from the
+    /// same checkpoint, on any world size, with [`DpOptimizer::resume`] then
+    /// [`DpOptimizer::distribute`].
     pub fn save_checkpoint(&mut self, dir: impl AsRef<Path>, varmap: &VarMap) -> Result<()> {
-        self.save_checkpoint_with(dir.as_ref(), varmap, &mut Writer::default())
+        let dir = dir.as_ref();
+        if self.rank().1 > 1 {
+            // As rank 0's checkpoint does, on every rank, whatever happens to
+            // it: the ranks' ledgers stay the same entry for entry.
+            self.flush_ledger()?;
+        }
+        self.on_root(
+            |opt| opt.save_checkpoint_with(dir, varmap, &mut Writer::default()).map(|()| ((), [0; 64])),
+            |_, _| Ok(()),
+        )
     }
 
     fn save_checkpoint_with(&mut self, dir: &Path, varmap: &VarMap, writer: &mut Writer) -> Result<()> {

@@ -28,6 +28,7 @@
 //! a sampling other than the one it draws.
 
 mod builder;
+mod distributed;
 mod replay;
 mod step;
 
@@ -76,6 +77,7 @@ pub struct DpOptimizer<O: Optimizer> {
     max_steps: Option<u64>,
     audit: Option<CanaryState>,
     bug: Option<PlantedBug>,
+    distributed: Option<distributed::Distributed>,
 }
 
 impl<O: Optimizer> DpOptimizer<O> {
@@ -139,6 +141,7 @@ impl<O: Optimizer> DpOptimizer<O> {
             max_steps,
             audit: None,
             bug: None,
+            distributed: None,
         })
     }
 

@@ -30,6 +30,14 @@ impl<O: Optimizer> DpOptimizer<O> {
         removed: usize,
         mut losses_of: impl FnMut(&[usize]) -> Result<PerSampleLoss>,
     ) -> Result<ReplayStep> {
+        if self.distributed.is_some() {
+            return Err(crate::Error::Incompatible {
+                setting: "replay_step",
+                with: "a distributed optimizer",
+                why: "the replay compares two clipped sums of one batch, which one process must hold: replay a \
+                      one-process run",
+            });
+        }
         let examples = self.config.sampler.dataset_size() - self.audit.as_ref().map_or(0, |a| a.count());
         ensure(
             "removed",

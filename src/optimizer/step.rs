@@ -50,10 +50,17 @@ impl<O: Optimizer> DpOptimizer<O> {
     /// the sampling the accountant assumes).
     pub fn train_step(&mut self, mut losses_of: impl FnMut(&[usize]) -> Result<PerSampleLoss>) -> Result<StepSummary> {
         let batch = self.next_batch()?;
-        let result = self.accumulate_batch(&batch, &mut losses_of).and_then(|summary| {
-            self.step()?;
-            Ok(summary)
-        });
+        let local = self.accumulate_batch(&batch, &mut losses_of);
+        // A distributed rank steps even when its own part failed: the step's
+        // all-reduce tells every rank, and all refuse together.
+        let result = if self.distributed.is_some() {
+            self.step_distributed(local)
+        } else {
+            local.and_then(|summary| {
+                self.step()?;
+                Ok(summary)
+            })
+        };
         if result.is_err() {
             self.cancel_batch();
         }
@@ -111,7 +118,10 @@ impl<O: Optimizer> DpOptimizer<O> {
         }
         self.check_budget()?;
         let sampler_before = self.sampler.clone();
-        let drawn = self.sampler.sample();
+        let drawn = match &self.distributed {
+            Some(d) => self.sampler.sample_shard(d.shard()),
+            None => self.sampler.sample(),
+        };
         let (batch, canaries) = match &self.audit {
             Some(audit) => audit.split(drawn),
             None => (drawn, Vec::new()),
@@ -211,6 +221,10 @@ impl<O: Optimizer> DpOptimizer<O> {
     /// Stage 3: noise, scaling, the inner optimizer's step, accounting; it
     /// closes the batch.
     ///
+    /// On a distributed optimizer ([`DpOptimizer::distribute`]) every rank
+    /// must call it, even one whose [`DpOptimizer::accumulate`] failed (it
+    /// then fails here on every rank, and every rank's batch is put back).
+    ///
     /// # Errors
     /// Before anything is touched: [`Error::BudgetExhausted`];
     /// [`Error::OutOfOrder`] without an open batch; [`Error::BatchMismatch`]
@@ -220,6 +234,10 @@ impl<O: Optimizer> DpOptimizer<O> {
     /// part of the update): it is accounted, its noise is spent, the batch is
     /// closed, and the inner optimizer's error is returned.
     pub fn step(&mut self) -> Result<()> {
+        if self.distributed.is_some() {
+            let examples = self.batch.as_ref().map_or(0, |b| b.size);
+            return self.step_distributed(Ok(StepSummary { examples, chunks: 0, loss_sum: 0.0 })).map(|_| ());
+        }
         let sums = self.checked_sums()?;
         self.check_budget()?;
         // Draw all noise before changing anything: a failure leaves the
@@ -260,7 +278,7 @@ impl<O: Optimizer> DpOptimizer<O> {
 
     /// The noise's standard deviation on the sum, `sigma C` (unless a bug
     /// is planted), and the scale `1 / B` of the mean.
-    fn noise_and_scale(&self) -> (f64, f64) {
+    pub(super) fn noise_and_scale(&self) -> (f64, f64) {
         let std = self.config.noise_multiplier * self.config.max_grad_norm;
         let scale = 1.0 / self.config.sampler.expected_batch_size();
         let std = match self.bug {
@@ -325,7 +343,7 @@ impl<O: Optimizer> DpOptimizer<O> {
 
 /// `t` in `dtype`, refused if a value is not finite there (an `f32` or half
 /// precision model with an enormous noise scale).
-fn finite_as(t: &Tensor, dtype: DType, noise_scale: f64) -> Result<Tensor> {
+pub(super) fn finite_as(t: &Tensor, dtype: DType, noise_scale: f64) -> Result<Tensor> {
     let t = t.to_dtype(dtype)?;
     let largest = t.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     if largest.is_finite() {

@@ -1,0 +1,264 @@
+//! Data-parallel DP-SGD ([`crate::distributed`]): the agreement of the
+//! ranks when a run is distributed, and the step's one all-reduce.
+
+use std::ops::Range;
+
+use candle_core::{DType, Tensor};
+use candle_nn::Optimizer;
+use sha2::{Digest, Sha256};
+
+use super::step::{finite_as, StepSummary};
+use super::DpOptimizer;
+use crate::distributed::{shard, Collective};
+use crate::error::{ensure, Error, Result};
+use crate::kernels::gaussian::{add_noise_at, Backend};
+use crate::sampler::Sampler;
+
+/// A distributed optimizer's engine and its part of the work.
+#[derive(Debug)]
+pub(super) struct Distributed {
+    collective: Box<dyn Collective>,
+    /// This rank's examples, `[r N / W, (r + 1) N / W)`.
+    shard: Range<usize>,
+}
+
+impl Distributed {
+    /// This rank's part of the dataset.
+    pub(super) fn shard(&self) -> Range<usize> {
+        self.shard.clone()
+    }
+}
+
+/// The bytes rank 0 broadcasts when a run is distributed: its sampler key
+/// and step, its noise generator's position, and the hash of its settings.
+const AGREEMENT: usize = 32 + 8 + 32 + 8 + 16 + 32;
+
+/// Slots after the gradient coordinates in a step's all-reduce: ranks that
+/// failed, the sum of the losses, the examples.
+const TRAILER: usize = 3;
+
+impl<O: Optimizer> DpOptimizer<O> {
+    /// Makes this optimizer rank `collective.rank()` of a data-parallel run
+    /// of `collective.world_size()` processes ([`crate::distributed`]).
+    /// Every rank calls it with an optimizer built (or resumed) the same
+    /// way; from then on, [`DpOptimizer::train_step`] draws this rank's
+    /// shard of each global Poisson batch and steps together with the
+    /// others, and only rank 0 writes files.
+    ///
+    /// Rank 0's sampler key and noise generator replace the others' (so
+    /// the run's keys are rank 0's: from its operating system unless
+    /// seeded), and every rank checks that its settings, variables and
+    /// ledger are rank 0's.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a rank outside `0..world_size`;
+    /// [`Error::OutOfOrder`] with a batch open; [`Error::Incompatible`] for
+    /// shuffled batches, audit canaries, or an optimizer distributed
+    /// already; [`Error::RanksDisagree`] on every rank if one was built
+    /// otherwise than rank 0; the engine's errors.
+    pub fn distribute(mut self, collective: impl Collective + 'static) -> Result<Self> {
+        let (rank, world_size) = (collective.rank(), collective.world_size());
+        ensure("world_size", world_size as f64, "an integer >= 1", world_size >= 1)?;
+        ensure("rank", rank as f64, "an integer in [0, world_size)", rank < world_size)?;
+        if self.batch.is_some() {
+            return Err(Error::OutOfOrder {
+                call: "distribute",
+                state: "while a batch is open",
+                fix: "step() or cancel_batch() first",
+            });
+        }
+        let refuse = |with: &'static str, why: &'static str| Error::Incompatible { setting: "distribute", with, why };
+        if self.distributed.is_some() {
+            return Err(refuse("an optimizer distributed already", "a rank belongs to one run"));
+        }
+        if self.audit.is_some() {
+            return Err(refuse(
+                "audit canaries",
+                "the canaries' inclusion and scores are not shared between ranks yet: audit a one-process run",
+            ));
+        }
+        let Sampler::Poisson(sampler) = &self.sampler else {
+            return Err(refuse(
+                "shuffled fixed-size batches",
+                "the ranks sample their shards independently, which is Poisson sampling (use a PoissonSampler)",
+            ));
+        };
+        let (key, step) = sampler.state();
+        let (noise_key, stream, word) = self.noise.state();
+        let fingerprint = self.fingerprint(world_size)?;
+        let mut message = Vec::with_capacity(AGREEMENT);
+        message.extend_from_slice(&key);
+        message.extend_from_slice(&step.to_le_bytes());
+        message.extend_from_slice(&noise_key);
+        message.extend_from_slice(&stream.to_le_bytes());
+        message.extend_from_slice(&word.to_le_bytes());
+        message.extend_from_slice(&fingerprint);
+        collective.broadcast(&mut message, 0)?;
+        let this_rank = message[AGREEMENT - 32..] != fingerprint;
+        let mut disagreeing = [f64::from(u8::from(this_rank))];
+        collective.all_reduce_sum_f64(&mut disagreeing)?;
+        if disagreeing[0] > 0.0 {
+            return Err(Error::RanksDisagree { disagreeing: disagreeing[0] as usize, world_size, this_rank });
+        }
+        let bytes = |range: Range<usize>| -> [u8; 32] { message[range].try_into().unwrap_or([0; 32]) };
+        let word_at = |at: usize| u64::from_le_bytes(message[at..at + 8].try_into().unwrap_or([0; 8]));
+        let root_key = bytes(0..32);
+        let root_step = word_at(32);
+        let root_noise = bytes(40..72);
+        let root_stream = word_at(72);
+        let root_word = u128::from_le_bytes(message[80..96].try_into().unwrap_or([0; 16]));
+        if let Sampler::Poisson(s) = &mut self.sampler {
+            s.adopt(root_key, root_step);
+        }
+        // The seedings are in the fingerprint, hence rank 0's.
+        self.noise.adopt((root_noise, root_stream, root_word));
+        let shard = shard(self.config.sampler.dataset_size(), rank, world_size);
+        self.distributed = Some(Distributed { collective: Box::new(collective), shard });
+        Ok(self)
+    }
+
+    /// This rank and the number of ranks: `(0, 1)` unless distributed.
+    pub fn rank(&self) -> (usize, usize) {
+        self.distributed.as_ref().map_or((0, 1), |d| (d.collective.rank(), d.collective.world_size()))
+    }
+
+    /// Whether this process writes the run's files: rank 0 of a
+    /// distributed run, and any undistributed optimizer.
+    pub fn is_root(&self) -> bool {
+        self.rank().0 == 0
+    }
+
+    /// What must be equal on every rank, hashed: the configuration, the
+    /// variables' shapes and dtypes in order, the noise's seeding, the
+    /// ledger and the steps, a planted bug, the world size.
+    fn fingerprint(&self, world_size: usize) -> Result<[u8; 32]> {
+        let mut h = Sha256::new();
+        let config = serde_json::to_vec(&self.config)
+            .map_err(|e| Error::Collective { engine: "agreement", reason: e.to_string() })?;
+        h.update(&config);
+        for var in &self.vars {
+            h.update(format!("{:?} {:?};", var.dims(), var.dtype()).as_bytes());
+        }
+        h.update(format!("{:?} {:?} {} {}", self.noise.seeding(), self.bug, self.steps, self.pending_steps).as_bytes());
+        h.update(self.ledger.to_json().as_bytes());
+        h.update(world_size.to_le_bytes());
+        Ok(h.finalize().into())
+    }
+
+    /// The distributed stage 3: one all-reduce of every rank's clipped sums
+    /// with its slice of the noise, a failure flag and the loss, then the
+    /// same step on every rank (or, if any rank failed, none: the batch is
+    /// put back everywhere). `local` is this rank's accumulation.
+    pub(super) fn step_distributed(&mut self, local: Result<StepSummary>) -> Result<StepSummary> {
+        let (rank, world_size) = self.rank();
+        let lens: Vec<usize> = self.vars.iter().map(|v| v.elem_count()).collect();
+        let n: usize = lens.iter().sum();
+        let mut buf = vec![0.0f64; n + TRAILER];
+        // Every rank draws the same keys, one per variable in order (as a
+        // one-process run does), whether or not its own part failed.
+        let mut noise = self.noise.clone();
+        let keys: Vec<_> = self.vars.iter().map(|_| noise.noise_key()).collect();
+        let (std, scale) = self.noise_and_scale();
+        let prepared = local.and_then(|summary| {
+            let sums = self.checked_sums()?;
+            self.check_budget()?;
+            let mut at = 0;
+            for (sum, len) in sums.iter().zip(&lens) {
+                let values = sum.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                buf[at..at + len].copy_from_slice(&values);
+                at += len;
+            }
+            // This rank's slice of the one noise vector over all coordinates.
+            let slice = shard(n, rank, world_size);
+            let threads = self.noise.threads();
+            let mut at = 0;
+            for (key, len) in keys.iter().zip(&lens) {
+                let (lo, hi) = (slice.start.clamp(at, at + len), slice.end.clamp(at, at + len));
+                if lo < hi {
+                    add_noise_at(Backend::best(), key, (lo - at) as u64, &mut buf[lo..hi], std, 1.0, threads);
+                }
+                at += len;
+            }
+            Ok(summary)
+        });
+        let summary = match &prepared {
+            Ok(s) => *s,
+            Err(_) => {
+                buf[..n].fill(0.0);
+                buf[n] = 1.0;
+                StepSummary { examples: 0, chunks: 0, loss_sum: 0.0 }
+            }
+        };
+        buf[n + 1] = summary.loss_sum;
+        buf[n + 2] = summary.examples as f64;
+        let reduced = self.collective()?.all_reduce_sum_f64(&mut buf);
+        let failed = buf[n];
+        if reduced.is_err() || failed > 0.0 {
+            self.cancel_batch();
+            return Err(match (prepared, reduced) {
+                (Err(own), _) => own,
+                (_, Err(engine)) => engine,
+                _ => Error::PeerFailed { failed: failed as usize, world_size },
+            });
+        }
+        let mut released = Vec::with_capacity(self.vars.len());
+        let mut at = 0;
+        for (var, len) in self.vars.iter().zip(&lens) {
+            let values: Vec<f64> = buf[at..at + len].iter().map(|v| v * scale).collect();
+            let mean = Tensor::from_vec(values, var.shape(), var.device())?;
+            match finite_as(&mean, var.dtype(), std * scale) {
+                Ok(t) => released.push(t),
+                // Every rank has the same bits, so every rank refuses.
+                Err(e) => {
+                    self.cancel_batch();
+                    return Err(e);
+                }
+            }
+            at += len;
+        }
+        self.commit(released, noise, None)?;
+        Ok(StepSummary { examples: buf[n + 2] as usize, chunks: summary.chunks, loss_sum: buf[n + 1] })
+    }
+}
+
+impl<O: Optimizer> DpOptimizer<O> {
+    /// Runs `write` on rank 0 only (a distributed run's files are rank
+    /// 0's), and tells every rank how it went: the other ranks then run
+    /// `follow` on the 64 bytes rank 0's `write` returned beside its value,
+    /// and fail with [`Error::PeerFailed`] if it failed. Undistributed: `write`.
+    pub(crate) fn on_root<T>(
+        &mut self,
+        write: impl FnOnce(&mut Self) -> Result<(T, [u8; 64])>,
+        follow: impl FnOnce(&mut Self, [u8; 64]) -> Result<T>,
+    ) -> Result<T> {
+        if self.distributed.is_none() {
+            return write(self).map(|(value, _)| value);
+        }
+        let mut outcome = [0u8; 65];
+        let written = if self.is_root() {
+            let written = write(self);
+            if let Ok((_, answer)) = &written {
+                outcome[0] = 1;
+                outcome[1..].copy_from_slice(answer);
+            }
+            Some(written)
+        } else {
+            None
+        };
+        self.collective()?.broadcast(&mut outcome, 0)?;
+        match written {
+            Some(written) => written.map(|(value, _)| value),
+            None if outcome[0] == 1 => follow(self, outcome[1..].try_into().unwrap_or([0; 64])),
+            None => Err(Error::PeerFailed { failed: 1, world_size: self.rank().1 }),
+        }
+    }
+
+    /// The engine of a distributed optimizer.
+    pub(super) fn collective(&self) -> Result<&dyn Collective> {
+        self.distributed.as_ref().map(|d| d.collective.as_ref()).ok_or_else(not_distributed)
+    }
+}
+
+fn not_distributed() -> Error {
+    Error::OutOfOrder { call: "step_distributed", state: "on an optimizer not distributed", fix: "distribute() first" }
+}

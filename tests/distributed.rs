@@ -1,0 +1,373 @@
+//! Data-parallel DP-SGD (issue 17) on an in-process world of threads:
+//! W ranks equal one process after K steps up to summation order (f64,
+//! 1e-12 relative), with the same global batches and the same ledger; the
+//! noise slices cover every coordinate exactly once; one rank's failure
+//! stops every rank with nothing changed; ranks built otherwise refuse
+//! together; only rank 0 writes files. The same properties under MPI are
+//! tested by tests/distributed_mpi.rs (feature `mpi`, run under mpirun by
+//! .ci/run).
+
+mod common;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_dp::distributed::{shard, Collective, SingleProcess};
+use candle_dp::{loss, DpLinear, DpOptimizer, Error, GaussianNoise, PerSampleLoss, PoissonSampler, StepSummary};
+use candle_nn::{VarMap, SGD};
+use common::world::on_ranks;
+use common::{mlp_pair, set_deterministic, take, tensor, vars_by_name, Mlp};
+
+const N: usize = 25;
+
+/// What a run on one rank ends with.
+#[derive(Debug, Clone, PartialEq)]
+struct Outcome {
+    weights: Vec<f64>,
+    ledger: String,
+    /// The examples this rank saw at each step.
+    batches: Vec<Vec<usize>>,
+    summaries: Vec<StepSummary>,
+}
+
+type Builder = candle_dp::DpOptimizerBuilder<SGD>;
+
+struct Run {
+    varmap: VarMap,
+    model: Mlp<DpLinear>,
+    opt: DpOptimizer<SGD>,
+    x: Tensor,
+    y: Tensor,
+}
+
+impl Run {
+    /// The same MLP, data and seeds on every rank.
+    fn new(dtype: DType, sample_rate: f64, max_grad_norm: f64) -> Self {
+        Run::with(dtype, sample_rate, |b| b.max_grad_norm(max_grad_norm))
+    }
+
+    /// As [`Run::new`], with `tweak` applied to the builder.
+    fn with(dtype: DType, sample_rate: f64, tweak: impl FnOnce(Builder) -> Builder) -> Self {
+        Run::build(dtype, |varmap| {
+            let sampler = PoissonSampler::seeded(N, sample_rate, 3).unwrap();
+            let builder = DpOptimizer::<SGD>::builder(vars_by_name(varmap), sampler)
+                .noise_multiplier(0.8)
+                .max_grad_norm(0.3)
+                .max_physical_batch_size(4)
+                .noise(GaussianNoise::from_seed(9));
+            tweak(builder).build(0.2).unwrap()
+        })
+    }
+
+    /// The model and data, resumed from the checkpoint in `dir`.
+    fn resumed(dir: &std::path::Path) -> Self {
+        Run::build(DType::F64, |varmap| DpOptimizer::resume(dir, varmap, vars_by_name(varmap), 0.2).unwrap())
+    }
+
+    fn build(dtype: DType, optimizer: impl FnOnce(&VarMap) -> DpOptimizer<SGD>) -> Self {
+        let varmap = VarMap::new();
+        let (model, _) = mlp_pair(&varmap, &[5, 7, 3], dtype).unwrap();
+        set_deterministic(&varmap, 4).unwrap();
+        let opt = optimizer(&varmap);
+        let x = tensor(&[N, 5], 12, 1.5, dtype).unwrap();
+        let y = Tensor::from_vec((0..N as u32).map(|i| i % 3).collect(), N, &Device::Cpu).unwrap();
+        Run { varmap, model, opt, x, y }
+    }
+
+    /// One train step whose closure fails on this rank if `fail` (after
+    /// computing the losses), or returns a NaN loss if `nan`.
+    fn step_failing(&mut self, fail: bool, nan: bool) -> candle_dp::Result<StepSummary> {
+        let (model, x, y) = (&self.model, &self.x, &self.y);
+        self.opt.train_step(|idx| {
+            let losses = loss::cross_entropy(&model.forward(&take(x, idx))?, &take(y, idx))?;
+            if fail {
+                return Err(Error::InvalidConfig { field: "test data", value: 0.0, valid: "readable" });
+            }
+            if nan {
+                let t = losses.tensor();
+                return PerSampleLoss::new((t * f64::NAN)?);
+            }
+            Ok(losses)
+        })
+    }
+
+    fn weights(&self) -> Vec<f64> {
+        vars_by_name(&self.varmap)
+            .iter()
+            .flat_map(|v| v.as_tensor().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap())
+            .collect()
+    }
+
+    /// `steps` train steps; returns what each saw.
+    fn train(mut self, steps: usize) -> Outcome {
+        let (rank, world) = self.opt.rank();
+        let mut batches = Vec::new();
+        let mut summaries = Vec::new();
+        for _ in 0..steps {
+            let mut seen = Vec::new();
+            let (model, x, y) = (&self.model, &self.x, &self.y);
+            let summary = self
+                .opt
+                .train_step(|idx| {
+                    seen.extend_from_slice(idx);
+                    loss::cross_entropy(&model.forward(&take(x, idx))?, &take(y, idx))
+                })
+                .unwrap();
+            assert!(seen.iter().all(|i| shard(N, rank, world).contains(i)), "rank {rank} saw {seen:?}");
+            batches.push(seen);
+            summaries.push(summary);
+        }
+        self.outcome(batches, summaries)
+    }
+
+    fn outcome(&self, batches: Vec<Vec<usize>>, summaries: Vec<StepSummary>) -> Outcome {
+        Outcome { weights: self.weights(), ledger: self.opt.ledger().unwrap().to_json(), batches, summaries }
+    }
+
+    fn distribute(mut self, collective: impl Collective + 'static) -> Self {
+        self.opt = self.opt.distribute(collective).unwrap();
+        self
+    }
+}
+
+fn max_rel_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+const STEPS: usize = 6;
+
+/// 2 and 3 ranks end where one process does (f64, 1e-12 relative: only
+/// the order of the sums differs), every rank with the same bits; each
+/// step's global batch (the union of the ranks' shards of it) is the
+/// one-process batch; the summaries (examples, loss) are global; and the
+/// ledgers are the same.
+#[test]
+fn two_and_three_ranks_equal_one_process() {
+    let one = Run::new(DType::F64, 0.4, 0.3).train(STEPS);
+    assert!(one.batches.iter().map(Vec::len).sum::<usize>() > 3 * STEPS, "batches too small to test anything");
+    for world in [2, 3] {
+        let ranks = on_ranks(world, |rank| Run::new(DType::F64, 0.4, 0.3).distribute(rank).train(STEPS));
+        for (r, outcome) in ranks.iter().enumerate() {
+            assert_eq!(outcome.weights, ranks[0].weights, "rank {r} of {world} drifted from rank 0");
+            assert_eq!(outcome.ledger, one.ledger, "rank {r} of {world}: ledger");
+            let d = max_rel_diff(&outcome.weights, &one.weights);
+            assert!(d < 1e-12, "{world} ranks vs one process: relative difference {d:e}");
+            assert_ne!(outcome.weights, Run::new(DType::F64, 0.4, 0.3).weights(), "nothing was trained");
+            for (step, summary) in outcome.summaries.iter().enumerate() {
+                assert_eq!(summary.examples, one.summaries[step].examples, "step {step}");
+                let (a, b) = (summary.loss_sum, one.summaries[step].loss_sum);
+                assert!((a - b).abs() <= 1e-12 * b.abs().max(1.0), "step {step}: loss {a} vs {b}");
+            }
+        }
+        for step in 0..STEPS {
+            let mut global: Vec<usize> = ranks.iter().flat_map(|o| o.batches[step].clone()).collect();
+            global.sort_unstable();
+            assert_eq!(global, one.batches[step], "{world} ranks, step {step}: the global batch");
+        }
+    }
+}
+
+/// At world size 1 a distributed run is the plain run, bit for bit, in
+/// f32 too.
+#[test]
+fn single_process_world_is_the_plain_run_bit_for_bit() {
+    let plain = Run::new(DType::F32, 0.4, 0.3).train(STEPS);
+    let single = Run::new(DType::F32, 0.4, 0.3).distribute(SingleProcess).train(STEPS);
+    assert_eq!(single, plain);
+}
+
+/// With no example in any batch (q tiny), each step releases noise only:
+/// the released noise of W ranks is the one-process noise bit for bit
+/// (adding zeros is exact). A gap in the slices would leave a coordinate
+/// without noise, an overlap would give it twice: either breaks equality.
+#[test]
+fn noise_slices_cover_every_coordinate_exactly_once() {
+    let steps = 3;
+    let one = Run::new(DType::F64, 1e-12, 1.0).train(steps);
+    assert!(one.batches.iter().all(Vec::is_empty));
+    let initial = Run::new(DType::F64, 1e-12, 1.0).weights();
+    assert!(one.weights.iter().zip(&initial).all(|(a, b)| a != b), "a coordinate got no noise");
+    for world in [2, 3, 4, 7] {
+        let ranks = on_ranks(world, |rank| Run::new(DType::F64, 1e-12, 1.0).distribute(rank).train(steps));
+        for outcome in &ranks {
+            assert_eq!(outcome.weights, one.weights, "{world} ranks: noise differs from one process");
+        }
+    }
+}
+
+/// One rank's failing closure (an error, or a NaN loss) stops every rank:
+/// each returns an error (its own, or `PeerFailed`), nothing changes
+/// anywhere (weights, steps, ledger), and the same batch is drawn again, so
+/// the run that goes on ends where an uninterrupted one does.
+#[test]
+fn one_ranks_failure_stops_every_rank_and_changes_nothing() {
+    let uninterrupted = Run::new(DType::F64, 0.4, 0.3).train(STEPS);
+    for (fail, nan) in [(true, false), (false, true)] {
+        let ranks = on_ranks(3, |rank| {
+            let me = rank.rank();
+            let mut run = Run::new(DType::F64, 0.4, 0.3).distribute(rank);
+            for _ in 0..2 {
+                run.step_failing(false, false).unwrap();
+            }
+            let before = (run.weights(), run.opt.steps(), run.opt.ledger().unwrap().head());
+            // Rank 1's part fails, whatever its batch.
+            let err = run.step_failing(fail && me == 1, nan && me == 1).unwrap_err();
+            let after = (run.weights(), run.opt.steps(), run.opt.ledger().unwrap().head());
+            assert_eq!(after, before, "rank {me}: a refused step changed something");
+            let rest = run.train(STEPS - 2);
+            (me, err, rest)
+        });
+        for (me, err, rest) in ranks {
+            match (me, &err, nan) {
+                (1, Error::InvalidConfig { field: "test data", .. }, false) => {}
+                (1, Error::NonFinite { what: "loss", .. }, true) => {}
+                (0 | 2, Error::PeerFailed { failed: 1, world_size: 3 }, _) => {}
+                _ => panic!("rank {me}: unexpected error {err}"),
+            }
+            let d = max_rel_diff(&rest.weights, &uninterrupted.weights);
+            assert!(d < 1e-12, "rank {me}: after the refused step, {d:e} from an uninterrupted run");
+            assert_eq!(rest.ledger, uninterrupted.ledger);
+        }
+    }
+}
+
+/// A rank built with another clipping norm, noise seeding or model makes
+/// every rank refuse to distribute, each saying whether it is the odd one.
+#[test]
+fn ranks_built_otherwise_refuse_together() {
+    type Tweak = fn(Builder) -> Builder;
+    let tweaks: [Tweak; 2] = [|b| b.max_grad_norm(0.31), |b| b.noise(GaussianNoise::from_os_entropy().unwrap())];
+    for tweak in tweaks {
+        let errors = on_ranks(3, |rank| {
+            let me = rank.rank();
+            let run = if me == 2 { Run::with(DType::F64, 0.4, tweak) } else { Run::new(DType::F64, 0.4, 0.3) };
+            run.opt.distribute(rank).map(|_| ()).unwrap_err()
+        });
+        for (me, err) in errors.iter().enumerate() {
+            let expected = Error::RanksDisagree { disagreeing: 1, world_size: 3, this_rank: me == 2 };
+            assert_eq!(err.to_string(), expected.to_string(), "rank {me}");
+        }
+    }
+    // Another model (f32 instead of f64) too.
+    let errors = on_ranks(2, |rank| {
+        let dtype = if rank.rank() == 1 { DType::F32 } else { DType::F64 };
+        Run::new(dtype, 0.4, 0.3).opt.distribute(rank).map(|_| ()).unwrap_err()
+    });
+    assert!(errors.iter().all(|e| matches!(e, Error::RanksDisagree { disagreeing: 1, .. })), "{errors:?}");
+}
+
+/// The budget is enforced on every rank from the same ledger: all take the
+/// same number of steps and refuse the next one together.
+#[test]
+fn the_budget_refuses_on_every_rank_at_the_same_step() {
+    let budget = candle_dp::PrivacyBudget { epsilon: 2.0, delta: 1e-5 };
+    let allowed = Run::with(DType::F64, 0.4, |b| b.budget(budget)).opt.max_steps().unwrap();
+    assert!(allowed < 100, "the test needs a budget that runs out soon ({allowed} steps)");
+    let outcomes = on_ranks(2, |rank| {
+        let mut run = Run::with(DType::F64, 0.4, |b| b.budget(budget)).distribute(rank);
+        let mut taken = 0;
+        let err = loop {
+            match run.step_failing(false, false) {
+                Ok(_) => taken += 1,
+                Err(e) => break e,
+            }
+        };
+        (taken, err)
+    });
+    for (taken, err) in outcomes {
+        assert_eq!(taken, allowed);
+        assert!(matches!(err, Error::BudgetExhausted { .. }), "{err}");
+    }
+}
+
+/// What cannot be distributed is refused with a typed error.
+#[test]
+fn distribute_refuses_what_it_cannot_do() {
+    #[derive(Debug)]
+    struct Outside;
+    impl Collective for Outside {
+        fn rank(&self) -> usize {
+            2
+        }
+        fn world_size(&self) -> usize {
+            2
+        }
+        fn all_reduce_sum_f64(&self, _: &mut [f64]) -> candle_dp::Result<()> {
+            unreachable!("nothing is communicated before the checks")
+        }
+        fn all_reduce_sum_f32(&self, _: &mut [f32]) -> candle_dp::Result<()> {
+            unreachable!()
+        }
+        fn broadcast(&self, _: &mut [u8], _: usize) -> candle_dp::Result<()> {
+            unreachable!()
+        }
+    }
+    let err = Run::new(DType::F64, 0.4, 0.3).opt.distribute(Outside).unwrap_err();
+    assert_eq!(err.to_string(), "rank = 2: must be an integer in [0, world_size)");
+
+    let varmap = VarMap::new();
+    let _model = mlp_pair(&varmap, &[5, 3], DType::F64).unwrap();
+    let shuffled = candle_dp::ShuffledSampler::new(N, 5, Some(1)).unwrap();
+    let opt = DpOptimizer::<SGD>::builder(vars_by_name(&varmap), shuffled).noise_multiplier(1.0).build(0.1).unwrap();
+    let err = opt.distribute(SingleProcess).unwrap_err();
+    assert!(matches!(err, Error::Incompatible { with: "shuffled fixed-size batches", .. }), "{err}");
+
+    let audited = Run::with(DType::F64, 0.4, |b| {
+        b.audit(candle_dp::audit::Canaries::new(10).seeded(1))
+            .budget(candle_dp::PrivacyBudget { epsilon: 8.0, delta: 1e-5 })
+    });
+    let err = audited.opt.distribute(SingleProcess).unwrap_err();
+    assert!(matches!(err, Error::Incompatible { with: "audit canaries", .. }), "{err}");
+
+    let twice = Run::new(DType::F64, 0.4, 0.3).opt.distribute(SingleProcess).unwrap();
+    let err = twice.distribute(SingleProcess).unwrap_err();
+    assert!(matches!(err, Error::Incompatible { with: "an optimizer distributed already", .. }), "{err}");
+}
+
+/// Only rank 0 writes a release; every rank records it and returns the
+/// same statement.
+#[test]
+fn only_rank_zero_writes_the_release() {
+    let root = std::env::temp_dir().join(format!("candle-dp-distributed-release-{}", std::process::id()));
+    let releases = on_ranks(2, |rank| {
+        let me = rank.rank();
+        let mut run = Run::new(DType::F64, 0.4, 0.3).distribute(rank);
+        run.step_failing(false, false).unwrap();
+        let dir = root.join(format!("rank{me}"));
+        let release = run.opt.release(&dir, &run.varmap, Some(1e-5)).unwrap();
+        (dir.exists(), release.weights_sha256, release.ledger.to_json(), run.opt.ledger().unwrap().to_json())
+    });
+    assert!(releases[0].0, "rank 0 wrote nothing");
+    assert!(!releases[1].0, "rank 1 wrote files");
+    assert_eq!(releases[0].1, releases[1].1);
+    assert_eq!(releases[0].2, releases[1].2);
+    assert_eq!(releases[0].3, releases[1].3);
+    let on_disk = std::fs::read_to_string(root.join("rank0/ledger.json")).unwrap();
+    assert_eq!(on_disk, releases[0].2);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// A checkpoint written by rank 0 of 2 resumes on 3 ranks (and on one
+/// process), and the run ends where an uninterrupted one does.
+#[test]
+fn a_checkpoint_of_two_ranks_resumes_on_three() {
+    let uninterrupted = Run::new(DType::F64, 0.4, 0.3).train(STEPS);
+    let dir = std::env::temp_dir().join(format!("candle-dp-distributed-ckpt-{}", std::process::id()));
+    on_ranks(2, |rank| {
+        let mut run = Run::new(DType::F64, 0.4, 0.3).distribute(rank);
+        for _ in 0..3 {
+            run.step_failing(false, false).unwrap();
+        }
+        run.opt.save_checkpoint(&dir, &run.varmap).unwrap();
+    });
+    let ranks = on_ranks(3, |rank| Run::resumed(&dir).distribute(rank).train(STEPS - 3));
+    let alone = Run::resumed(&dir).train(STEPS - 3);
+    for outcome in ranks.iter().chain([&alone]) {
+        let d = max_rel_diff(&outcome.weights, &uninterrupted.weights);
+        assert!(d < 1e-12, "resumed: {d:e} from an uninterrupted run");
+    }
+    for outcome in &ranks {
+        assert_eq!(outcome.weights, ranks[0].weights, "the resumed ranks differ");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
