@@ -5,7 +5,8 @@
 //! ```json
 //! { "format": "dp-accountant-ledger", "version": 1,
 //!   "header": { "created_by": "...", "dataset_size": 1797, "target": {"epsilon": 3.0, "delta": 1e-5},
-//!               "data": {"name": "digits.csv", "sha256": "<hex>", "bytes": 123456, "rows": 1797} },
+//!               "data": {"name": "digits.csv", "sha256": "<hex>", "bytes": 123456, "rows": 1797},
+//!               "distributed": {"world_size": 8, "noise": "once_per_coordinate"} },
 //!   "entries": [ { "index": 0, "prev_hash": "<hex>", "record": { "mechanism": { ... } }, "hash": "<hex>" },
 //!                { "index": 1, "prev_hash": "<hex>", "record": { "release": { ... } }, "hash": "<hex>" } ],
 //!   "head": "<hex>",
@@ -341,6 +342,49 @@ impl DataProvenance {
     }
 }
 
+/// The most processes a [`Distribution`] may name: 2^24.
+pub const MAX_WORLD_SIZE: u64 = 1 << 24;
+
+/// How a run's steps were spread over processes (data parallel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Distribution {
+    /// The processes (ranks) that trained together, 1 to [`MAX_WORLD_SIZE`].
+    pub world_size: u64,
+    /// How each step's noise was made across them.
+    pub noise: DistributedNoise,
+}
+
+/// How the noise of a data-parallel step was made across its processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DistributedNoise {
+    /// One Gaussian noise vector per step over all `n` coordinates: rank `r`
+    /// of `W` drew only its slice `[r n / W, (r + 1) n / W)` of it, and the
+    /// slices were summed with the clipped gradients in one all-reduce, so
+    /// each coordinate received the noise exactly once in total (standard
+    /// deviation `sigma C`), as in a one-process run.
+    OncePerCoordinate,
+}
+
+impl Distribution {
+    /// Checks the fields: `world_size` from 1 to [`MAX_WORLD_SIZE`].
+    ///
+    /// # Errors
+    /// [`LedgerError::InvalidHeader`] naming the field.
+    pub fn check(&self) -> Result<(), LedgerError> {
+        if !(1..=MAX_WORLD_SIZE).contains(&self.world_size) {
+            return Err(LedgerError::InvalidHeader {
+                message: format!(
+                    "distributed.world_size = {}: must be an integer from 1 to {MAX_WORLD_SIZE} (2^24)",
+                    self.world_size
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Facts about the run as a whole, hashed into the chain's first link.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -360,15 +404,20 @@ pub struct LedgerHeader {
     /// that theirs, and their hashes, are unchanged).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<DataProvenance>,
+    /// How the run was spread over processes, if it was (absent from
+    /// one-process ledgers, so that theirs, and their hashes, are unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distributed: Option<Distribution>,
 }
 
 impl LedgerHeader {
-    /// Checks the header's values (today: its data provenance, if any).
+    /// Checks the header's values: its data provenance and its distribution, if any.
     ///
     /// # Errors
     /// [`LedgerError::InvalidHeader`] naming the field.
     pub fn check(&self) -> Result<(), LedgerError> {
-        self.data.as_ref().map_or(Ok(()), DataProvenance::check)
+        self.data.as_ref().map_or(Ok(()), DataProvenance::check)?;
+        self.distributed.as_ref().map_or(Ok(()), Distribution::check)
     }
 }
 

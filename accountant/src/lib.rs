@@ -20,7 +20,8 @@
 //! * [`Ledger`]: an append-only, SHA-256-chained JSON record of every
 //!   mechanism applied, of the models released and of the run's empirical
 //!   audits ([`AuditRecord`]), with the data trained on named by hash
-//!   ([`DataProvenance`]); verified on every load.
+//!   ([`DataProvenance`]) and a data-parallel run's processes
+//!   ([`Distribution`]); verified on every load.
 //! * [`SecretKey`] and [`PublicKey`]: an optional Ed25519 signature over a
 //!   ledger's head, so a statement can be checked with a public key alone.
 //! * [`PrivacyReport`]: the privacy statement a reviewer signs off, in text,
@@ -92,8 +93,9 @@ pub use error::{Error, LedgerError, Result, Valid};
 pub use event::{Adjacency, DpEvent};
 pub use kind::AccountantKind;
 pub use ledger::{
-    AuditMethod, AuditRecord, DataProvenance, HeadSignature, Ledger, LedgerEntry, LedgerHeader, MechanismRecord,
-    ModelRelease, NoiseGenerator, NoiseSource, PrivacyTarget, Record, SamplerKind, Seeding, SignatureAlgorithm,
+    AuditMethod, AuditRecord, DataProvenance, DistributedNoise, Distribution, HeadSignature, Ledger, LedgerEntry,
+    LedgerHeader, MechanismRecord, ModelRelease, NoiseGenerator, NoiseSource, PrivacyTarget, Record, SamplerKind,
+    Seeding, SignatureAlgorithm,
 };
 pub use pld::{PldAccountant, PldDelta, PldEpsilon, DEFAULT_EPSILON_ERROR, MAX_WORK};
 pub use rdp::{default_orders, rdp_poisson_subsampled_gaussian, RdpAccountant};

@@ -17,7 +17,9 @@ use crate::conversion::EpsilonBound;
 use crate::error::{ensure, LedgerError, Result, Valid};
 use crate::event::{Adjacency, DpEvent};
 use crate::kind::AccountantKind;
-use crate::ledger::{DataProvenance, Ledger, ModelRelease, NoiseSource, PrivacyTarget, SamplerKind, Seeding};
+use crate::ledger::{
+    DataProvenance, DistributedNoise, Ledger, ModelRelease, NoiseSource, PrivacyTarget, SamplerKind, Seeding,
+};
 use crate::pld::{PldAccountant, PldEpsilon};
 use crate::rdp::RdpAccountant;
 
@@ -127,6 +129,12 @@ pub struct PrivacyReport {
     pub epochs: f64,
     /// The data trained on, by hash, if the run recorded it.
     pub data: Option<DataProvenance>,
+    /// The processes that trained together in data parallel, if the run was
+    /// distributed ([`crate::Distribution::world_size`]); `null` otherwise.
+    pub world_size: Option<u64>,
+    /// How a distributed run's noise was made across its processes
+    /// ([`crate::Distribution::noise`]); `null` for a one-process run.
+    pub noise_placement: Option<DistributedNoise>,
     /// The unit of privacy.
     pub adjacency: Adjacency,
     /// The unit of privacy in words, with what it is not (one person).
@@ -225,6 +233,7 @@ impl PrivacyReport {
         let mechanisms = summarize(ledger);
         let audits = scope::audit_summaries(ledger, accountant, &*accounted.statement)?;
         let mut caveats = record_caveats(ledger, &mechanisms);
+        caveats.extend(distribution_caveat(ledger, &mechanisms));
         caveats.extend(delta_caveats(delta, delta_source, header.dataset_size));
         caveats.extend(accounting_caveats(&accounted, header.target, epsilon_at_target_delta, within_target));
         caveats.extend(audits.iter().filter(|a| a.failed()).map(audit_caveat));
@@ -247,6 +256,8 @@ impl PrivacyReport {
             expected_batch_size,
             epochs,
             data: header.data.clone(),
+            world_size: header.distributed.map(|d| d.world_size),
+            noise_placement: header.distributed.map(|d| d.noise),
             adjacency: ledger.adjacency(),
             protected_unit: scope::protected_unit_sentence(ledger.adjacency()),
             user_level: None,
@@ -442,6 +453,22 @@ fn record_caveats(ledger: &Ledger, mechanisms: &[MechanismSummary]) -> Vec<Strin
         );
     }
     caveats
+}
+
+/// What a distributed run's records qualify: steps whose batches were not
+/// Poisson samples, which the processes' independent sampling of their shards
+/// does not describe.
+fn distribution_caveat(ledger: &Ledger, mechanisms: &[MechanismSummary]) -> Option<String> {
+    let world_size = ledger.header().distributed?.world_size;
+    let other = mechanisms.iter().find(|m| m.sampler != SamplerKind::Poisson)?;
+    Some(format!(
+        "The run was distributed over {world_size} {}, but some steps record {}, not Poisson samples: a \
+         data-parallel run's processes sample their shards independently, which is Poisson sampling, and the \
+         ledger does not say how those steps' batches were drawn across the processes, so whether their \
+         accounting applies is not shown.",
+        text::processes(world_size),
+        sampler_words(other.sampler)
+    ))
 }
 
 /// What the delta qualifies: a default one, or one too large for the dataset.

@@ -53,6 +53,9 @@ impl PrivacyReport {
         row("Expected batch", esc(&self.batch_sentence()));
         row("Epochs", esc(&self.epochs_sentence()));
         row("Total steps", self.total_steps.to_string());
+        if let Some(d) = self.distribution_sentence() {
+            row("Distributed", esc(&d));
+        }
         row("Noise sampler", esc(&self.noise_sampler));
         row("Data", esc(&self.data_sentence()));
         row("Covers", esc(self.coverage));

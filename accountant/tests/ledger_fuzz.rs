@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use common::{poisson_record, sample_ledger, Rng};
 use dp_accountant::audit::{audit_one_run, CanaryScores, Guesses, OneRunAudit};
+use dp_accountant::ledger::DataProvenance;
 use dp_accountant::{
-    Adjacency, DpEvent, Ledger, MechanismRecord, NoiseGenerator, NoiseSource, PrivacyReport, SamplerKind, SecretKey,
-    Seeding,
+    Adjacency, DistributedNoise, Distribution, DpEvent, Ledger, LedgerHeader, MechanismRecord, NoiseGenerator,
+    NoiseSource, PrivacyReport, SamplerKind, SecretKey, Seeding,
 };
 
 fn bases() -> Vec<Ledger> {
@@ -46,7 +47,15 @@ fn bases() -> Vec<Ledger> {
         sampler_seed: Seeding::Fixed,
     })
     .unwrap();
-    vec![sample_ledger(), released, signed, odd, audited]
+    // A data-parallel run that names its data: the header's optional fields.
+    let mut spread = Ledger::new(LedgerHeader {
+        data: Some(DataProvenance::of_bytes("shards.bin", b"0,1,2\n", 1437).unwrap()),
+        distributed: Some(Distribution { world_size: 8, noise: DistributedNoise::OncePerCoordinate }),
+        ..sample_ledger().header().clone()
+    });
+    spread.append(poisson_record(0.0445, 1.9, 300)).unwrap();
+    spread.append_release("model.safetensors", &"7c".repeat(32)).unwrap();
+    vec![sample_ledger(), released, signed, odd, audited, spread]
 }
 
 /// One mutation of `text`, of a kind chosen by the generator.

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::event::Adjacency;
-use crate::ledger::{NoiseGenerator, NoiseSource, PrivacyTarget, SamplerKind, Seeding};
+use crate::ledger::{DistributedNoise, NoiseGenerator, NoiseSource, PrivacyTarget, SamplerKind, Seeding};
 
 use super::scope::{AuditSummary, AuditVerdict};
 use super::{DeltaSource, MechanismSummary, PrivacyReport};
@@ -49,6 +49,9 @@ impl PrivacyReport {
         ];
         for m in &self.mechanisms {
             l.push(("Mechanism", describe(m)));
+        }
+        if let Some(d) = self.distribution_sentence() {
+            l.push(("Distributed", d));
         }
         l.push(("Noise sampler", self.noise_sampler.clone()));
         l.push(("Data", self.data_sentence()));
@@ -233,6 +236,39 @@ impl PrivacyReport {
         }
     }
 
+    /// How a distributed run spread its steps over processes, in words; none
+    /// for a one-process run (whose statement says nothing about it).
+    pub(crate) fn distribution_sentence(&self) -> Option<String> {
+        let (w, noise) = (self.world_size?, self.noise_placement?);
+        let mut rates: Vec<f64> = self.mechanisms.iter().filter_map(|m| m.sample_rate).collect();
+        rates.sort_by(f64::total_cmp);
+        rates.dedup();
+        let sampling = if self.mechanisms.iter().any(|m| m.sampler != SamplerKind::Poisson) {
+            "each holding a disjoint shard of the data; some steps' batches are not Poisson samples (see the \
+             caveats)"
+                .to_string()
+        } else {
+            let rate = match rates.as_slice() {
+                [q] => format!("q = {}", fmt_num(*q)),
+                _ => "q (each step's, as recorded)".to_string(),
+            };
+            format!(
+                "each holding a disjoint shard of the data and sampling its own examples independently at the \
+                 same rate {rate}, so that the global batch is the Poisson batch of the whole dataset that the \
+                 accounting assumes"
+            )
+        };
+        let noise = match noise {
+            DistributedNoise::OncePerCoordinate => {
+                "the noise was added once per coordinate: each process drew a disjoint slice of one Gaussian \
+                 noise vector, summed with the clipped gradients, so every coordinate received noise of standard \
+                 deviation sigma C (the recorded noise multiplier times the clipping norm) exactly once. The \
+                 guarantee is the same as a one-process run's"
+            }
+        };
+        Some(format!("training ran on {w} {} in data parallel, {sampling}; {noise}", processes(w)))
+    }
+
     pub(crate) fn target_sentence(&self, t: PrivacyTarget) -> String {
         target_sentence(t, self.within_target, self.epsilon_at_target_delta)
     }
@@ -369,6 +405,15 @@ pub(crate) fn describe(m: &MechanismSummary) -> String {
         noise_words(m.noise),
         sampler_seed_words(m.sampler, m.sampler_seed)
     )
+}
+
+/// "process" or "processes", for `n` of them.
+pub(crate) fn processes(n: u64) -> &'static str {
+    if n == 1 {
+        "process"
+    } else {
+        "processes"
+    }
 }
 
 /// The sampler in words.
