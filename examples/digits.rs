@@ -17,6 +17,14 @@
 //! cargo run --release --example digits -- --resume runs/a            # continues from the last checkpoint
 //! ```
 //!
+//! Data parallel over MPI (`--distributed`: each rank trains on its shard,
+//! rank 0 writes the run folder; see the README for running as root):
+//!
+//! ```sh
+//! cargo build --release --features mpi --example digits
+//! mpirun -n 2 target/release/examples/digits --distributed --seed 2 --json
+//! ```
+//!
 //! A run folder keeps its flags in `run.json`: `--resume` takes them from
 //! there, and a flag given again must agree. A finished run is never
 //! retrained and its released model never overwritten.
@@ -27,6 +35,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_dp::accountant::{AccountantKind, DataProvenance};
+use candle_dp::distributed::Collective;
 use candle_dp::optim::AdamW;
 use candle_dp::{loss, DpOptimizer, PoissonSampler, PrivacyBudget, StatefulOptimizer};
 use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
@@ -104,6 +113,14 @@ struct Args {
     /// Print summary.json as the last line of stdout.
     #[arg(long)]
     json: bool,
+    /// Train as one rank of an MPI job started by `mpirun -n W` (data
+    /// parallel: each rank samples and clips its shard of the data, the
+    /// noise is drawn once in slices; a build with `--features mpi`). Rank 0
+    /// writes the run folder, which `--resume` needs every rank to see. A
+    /// run may be resumed on another number of ranks, or without.
+    #[arg(long)]
+    #[serde(default)]
+    distributed: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum, Serialize, Deserialize)]
@@ -137,7 +154,7 @@ fn main() {
 type AnyError = Box<dyn std::error::Error>;
 
 /// The flags that `run.json` does not fix: where to read and write, how to print.
-const PER_INVOCATION: [&str; 3] = ["resume", "out", "json"];
+const PER_INVOCATION: [&str; 4] = ["resume", "out", "json", "distributed"];
 
 /// With `--resume RUN`, the run's own flags from `RUN/run.json`, and an
 /// error naming every flag given on the command line that disagrees.
@@ -158,7 +175,7 @@ fn resolve(args: Args, given: impl Fn(&str) -> bool) -> Result<Args, AnyError> {
     if !conflicts.is_empty() {
         return Err(format!("flags that conflict with {}: {}", path.display(), conflicts.join(", ")).into());
     }
-    Ok(Args { resume: args.resume, out: args.out, json: args.json, ..saved })
+    Ok(Args { resume: args.resume, out: args.out, json: args.json, distributed: args.distributed, ..saved })
 }
 
 /// Every numeric flag in its range, named as on the command line.
@@ -178,6 +195,12 @@ fn check_flags(args: &Args) -> Result<(), AnyError> {
     }
     if args.audit > 0 && args.non_private {
         return Err("--audit audits a DP run; it cannot be combined with --non-private".into());
+    }
+    if args.distributed && args.non_private {
+        return Err("--distributed trains DP-SGD in data parallel; it cannot be combined with --non-private".into());
+    }
+    if args.distributed && args.audit > 0 {
+        return Err("--audit: the canary audit runs in one process; it cannot be combined with --distributed".into());
     }
     if args.audit > 0 && args.resume.is_some() {
         return Err("--audit: an audited run writes no checkpoints, so there is nothing to --resume".into());
@@ -200,13 +223,15 @@ fn check_flags(args: &Args) -> Result<(), AnyError> {
 /// Runs in the run folder; a folder this run created and left empty (it
 /// failed before writing anything) is removed.
 fn run_in_folder(args: &Args) -> Result<(), AnyError> {
+    let world = common::join_world(args.distributed)?;
     let out = args
         .out
         .clone()
         .or_else(|| args.resume.clone())
         .unwrap_or_else(|| PathBuf::from(format!("runs/digits-{}", common::utc_stamp())));
-    let created = !out.exists();
-    let result = run(args, &out);
+    // Rank 0's folder: the others never write, nor clean up.
+    let created = !out.exists() && world.rank() == 0;
+    let result = run(args, &out, world);
     // A run that failed before its first checkpoint cannot be resumed: its
     // flags go, and so does the folder if this run made it and left it empty.
     if result.is_err() && created && !out.join("checkpoint").exists() {
@@ -279,7 +304,7 @@ fn data_file() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/digits.csv.gz")
 }
 
-fn run(args: &Args, out: &std::path::Path) -> Result<(), AnyError> {
+fn run(args: &Args, out: &std::path::Path, world: Box<dyn Collective>) -> Result<(), AnyError> {
     let data = common::load_digits_csv(&data_file())?;
     let (train, test) = common::stratified_split(&data.labels, 0.2, 0);
     let n = train.len();
@@ -288,15 +313,16 @@ fn run(args: &Args, out: &std::path::Path) -> Result<(), AnyError> {
     }
     let steps_per_epoch = n.div_ceil(args.batch_size) as u64;
     let steps = args.epochs as u64 * steps_per_epoch;
-    if prepare_folder(args, out)? == Folder::Released {
+    if !common::agree_on_folder(world.as_ref(), || Ok(prepare_folder(args, out)? == Folder::Ready))? {
         return Ok(());
     }
+    let (rank, world_size) = (world.rank(), world.world_size());
     let varmap = VarMap::new();
     let model = Mlp::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), args)?;
     if let Some(seed) = args.seed {
         common::init_seeded(&varmap, seed)?;
     }
-    let bar = common::progress_bar(steps, args.json)?;
+    let bar = common::progress_bar(steps, args.json || rank != 0)?;
     let started = std::time::Instant::now();
     let ctx = Ctx {
         args,
@@ -312,10 +338,14 @@ fn run(args: &Args, out: &std::path::Path) -> Result<(), AnyError> {
     let private = match (args.non_private, args.optimizer) {
         (true, Opt::Sgd) => train_non_private::<SGD>(&ctx, args.lr).map(|()| None),
         (true, Opt::Adam) => train_non_private::<AdamW>(&ctx, adam(args.lr)).map(|()| None),
-        (false, Opt::Sgd) => train_dp::<SGD>(&ctx, args.lr).map(Some),
-        (false, Opt::Adam) => train_dp::<AdamW>(&ctx, adam(args.lr)).map(Some),
+        (false, Opt::Sgd) => train_dp::<SGD>(&ctx, args.lr, world).map(Some),
+        (false, Opt::Adam) => train_dp::<AdamW>(&ctx, adam(args.lr), world).map(Some),
     }?;
     bar.finish_and_clear();
+    if rank != 0 {
+        // Rank 0 evaluates and reports the model every rank holds.
+        return Ok(());
+    }
 
     let (x_test, y_test) = data.tensors(&test, &Device::Cpu)?;
     let pred = model.forward(&x_test)?.argmax(1)?;
@@ -339,6 +369,7 @@ fn run(args: &Args, out: &std::path::Path) -> Result<(), AnyError> {
         "lr": args.lr,
         "seed": args.seed,
         "non_private": args.non_private,
+        "world_size": world_size,
         "train_examples": n,
         "test_examples": test.len(),
         "wall_seconds": started.elapsed().as_secs_f64(),
@@ -464,12 +495,16 @@ fn train_non_private<O: Optimizer>(ctx: &Ctx, config: O::Config) -> Result<(), A
 
 /// DP-SGD around the optimizer `O`, from a checkpoint with `--resume`,
 /// checkpointed at every epoch's end and after the last step.
-fn train_dp<O: StatefulOptimizer>(ctx: &Ctx, config: O::Config) -> Result<Private, AnyError> {
+fn train_dp<O: StatefulOptimizer>(
+    ctx: &Ctx,
+    config: O::Config,
+    world: Box<dyn Collective>,
+) -> Result<Private, AnyError> {
     let (args, checkpoint) = (ctx.args, ctx.out.join("checkpoint"));
     // Name order: the noise is drawn in the variables' order, so a seeded
     // run needs a fixed one (`VarMap::all_vars` has none).
     let vars = candle_dp::vars_by_name(ctx.varmap);
-    let mut opt = match &args.resume {
+    let opt = match &args.resume {
         // Weights, ledger (the spent budget), noise, sampler and optimizer
         // state as they were.
         Some(_) => DpOptimizer::<O>::resume(&checkpoint, ctx.varmap, vars, config)?,
@@ -495,6 +530,8 @@ fn train_dp<O: StatefulOptimizer>(ctx: &Ctx, config: O::Config) -> Result<Privat
             .build(config)?
         }
     };
+    // One rank of a data-parallel run.
+    let mut opt = if args.distributed { opt.distribute(world)? } else { opt };
     let trained_on = opt.config().sampler().dataset_size() - args.audit;
     if trained_on != ctx.train.len() {
         return Err(format!(

@@ -9,132 +9,13 @@
 
 mod common;
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_dp::distributed::{shard, Collective, SingleProcess};
-use candle_dp::{loss, DpLinear, DpOptimizer, Error, GaussianNoise, PerSampleLoss, PoissonSampler, StepSummary};
+use candle_core::DType;
+use candle_dp::distributed::{Collective, SingleProcess};
+use candle_dp::{DpOptimizer, Error, GaussianNoise};
 use candle_nn::{VarMap, SGD};
+use common::dp_run::{max_rel_diff, Builder, Run, N, STEPS};
 use common::world::on_ranks;
-use common::{mlp_pair, set_deterministic, take, tensor, vars_by_name, Mlp};
-
-const N: usize = 25;
-
-/// What a run on one rank ends with.
-#[derive(Debug, Clone, PartialEq)]
-struct Outcome {
-    weights: Vec<f64>,
-    ledger: String,
-    /// The examples this rank saw at each step.
-    batches: Vec<Vec<usize>>,
-    summaries: Vec<StepSummary>,
-}
-
-type Builder = candle_dp::DpOptimizerBuilder<SGD>;
-
-struct Run {
-    varmap: VarMap,
-    model: Mlp<DpLinear>,
-    opt: DpOptimizer<SGD>,
-    x: Tensor,
-    y: Tensor,
-}
-
-impl Run {
-    /// The same MLP, data and seeds on every rank.
-    fn new(dtype: DType, sample_rate: f64, max_grad_norm: f64) -> Self {
-        Run::with(dtype, sample_rate, |b| b.max_grad_norm(max_grad_norm))
-    }
-
-    /// As [`Run::new`], with `tweak` applied to the builder.
-    fn with(dtype: DType, sample_rate: f64, tweak: impl FnOnce(Builder) -> Builder) -> Self {
-        Run::build(dtype, |varmap| {
-            let sampler = PoissonSampler::seeded(N, sample_rate, 3).unwrap();
-            let builder = DpOptimizer::<SGD>::builder(vars_by_name(varmap), sampler)
-                .noise_multiplier(0.8)
-                .max_grad_norm(0.3)
-                .max_physical_batch_size(4)
-                .noise(GaussianNoise::from_seed(9));
-            tweak(builder).build(0.2).unwrap()
-        })
-    }
-
-    /// The model and data, resumed from the checkpoint in `dir`.
-    fn resumed(dir: &std::path::Path) -> Self {
-        Run::build(DType::F64, |varmap| DpOptimizer::resume(dir, varmap, vars_by_name(varmap), 0.2).unwrap())
-    }
-
-    fn build(dtype: DType, optimizer: impl FnOnce(&VarMap) -> DpOptimizer<SGD>) -> Self {
-        let varmap = VarMap::new();
-        let (model, _) = mlp_pair(&varmap, &[5, 7, 3], dtype).unwrap();
-        set_deterministic(&varmap, 4).unwrap();
-        let opt = optimizer(&varmap);
-        let x = tensor(&[N, 5], 12, 1.5, dtype).unwrap();
-        let y = Tensor::from_vec((0..N as u32).map(|i| i % 3).collect(), N, &Device::Cpu).unwrap();
-        Run { varmap, model, opt, x, y }
-    }
-
-    /// One train step whose closure fails on this rank if `fail` (after
-    /// computing the losses), or returns a NaN loss if `nan`.
-    fn step_failing(&mut self, fail: bool, nan: bool) -> candle_dp::Result<StepSummary> {
-        let (model, x, y) = (&self.model, &self.x, &self.y);
-        self.opt.train_step(|idx| {
-            let losses = loss::cross_entropy(&model.forward(&take(x, idx))?, &take(y, idx))?;
-            if fail {
-                return Err(Error::InvalidConfig { field: "test data", value: 0.0, valid: "readable" });
-            }
-            if nan {
-                let t = losses.tensor();
-                return PerSampleLoss::new((t * f64::NAN)?);
-            }
-            Ok(losses)
-        })
-    }
-
-    fn weights(&self) -> Vec<f64> {
-        vars_by_name(&self.varmap)
-            .iter()
-            .flat_map(|v| v.as_tensor().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap())
-            .collect()
-    }
-
-    /// `steps` train steps; returns what each saw.
-    fn train(mut self, steps: usize) -> Outcome {
-        let (rank, world) = self.opt.rank();
-        let mut batches = Vec::new();
-        let mut summaries = Vec::new();
-        for _ in 0..steps {
-            let mut seen = Vec::new();
-            let (model, x, y) = (&self.model, &self.x, &self.y);
-            let summary = self
-                .opt
-                .train_step(|idx| {
-                    seen.extend_from_slice(idx);
-                    loss::cross_entropy(&model.forward(&take(x, idx))?, &take(y, idx))
-                })
-                .unwrap();
-            assert!(seen.iter().all(|i| shard(N, rank, world).contains(i)), "rank {rank} saw {seen:?}");
-            batches.push(seen);
-            summaries.push(summary);
-        }
-        self.outcome(batches, summaries)
-    }
-
-    fn outcome(&self, batches: Vec<Vec<usize>>, summaries: Vec<StepSummary>) -> Outcome {
-        Outcome { weights: self.weights(), ledger: self.opt.ledger().unwrap().to_json(), batches, summaries }
-    }
-
-    fn distribute(mut self, collective: impl Collective + 'static) -> Self {
-        self.opt = self.opt.distribute(collective).unwrap();
-        self
-    }
-}
-
-fn max_rel_diff(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale
-}
-
-const STEPS: usize = 6;
+use common::{mlp_pair, set_deterministic, vars_by_name};
 
 /// 2 and 3 ranks end where one process does (f64, 1e-12 relative: only
 /// the order of the sums differs), every rank with the same bits; each
@@ -165,6 +46,22 @@ fn two_and_three_ranks_equal_one_process() {
             assert_eq!(global, one.batches[step], "{world} ranks, step {step}: the global batch");
         }
     }
+}
+
+/// The ranks' copies of the model start as rank 0's, however each was
+/// initialized: a rank whose weights differ ends where the others do.
+#[test]
+fn ranks_start_from_rank_zeros_weights() {
+    let one = Run::new(DType::F64, 0.4, 0.3).train(STEPS);
+    let ranks = on_ranks(2, |rank| {
+        let run = Run::new(DType::F64, 0.4, 0.3);
+        if rank.rank() == 1 {
+            set_deterministic(&run.varmap, 77).unwrap();
+        }
+        run.distribute(rank).train(STEPS)
+    });
+    assert_eq!(ranks[0].weights, ranks[1].weights);
+    assert!(max_rel_diff(&ranks[1].weights, &one.weights) < 1e-12);
 }
 
 /// At world size 1 a distributed run is the plain run, bit for bit, in

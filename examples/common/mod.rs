@@ -306,3 +306,58 @@ pub fn finish(
     println!("{done}; run folder {}", out.display());
     Ok(())
 }
+
+/// The job this process trains in: with `--distributed`, one rank of the
+/// MPI job `mpirun` started (the examples built with `--features mpi`);
+/// otherwise, or outside `mpirun`, a world of one.
+///
+/// # Errors
+/// `--distributed` in a build without the `mpi` feature; MPI's errors.
+pub fn join_world(
+    distributed: bool,
+) -> Result<Box<dyn candle_dp::distributed::Collective>, Box<dyn std::error::Error>> {
+    if !distributed {
+        return Ok(Box::new(candle_dp::distributed::SingleProcess));
+    }
+    #[cfg(feature = "mpi")]
+    {
+        Ok(Box::new(candle_dp::distributed::Mpi::init()?))
+    }
+    #[cfg(not(feature = "mpi"))]
+    {
+        Err("--distributed runs under MPI: build with `cargo build --release --features mpi --example <name>` \
+             (needs an MPI library and libclang; on Debian libopenmpi-dev and libclang-dev), then start it with \
+             `mpirun -n <ranks> target/release/examples/<name> --distributed ...`"
+            .into())
+    }
+}
+
+/// What rank 0 decided about the run folder, told to every rank (the
+/// others never write): `Ok(true)` to train, `Ok(false)` for nothing to do.
+///
+/// # Errors
+/// Rank 0's error, there; on the other ranks, that rank 0 failed.
+pub fn agree_on_folder(
+    world: &dyn candle_dp::distributed::Collective,
+    decide: impl FnOnce() -> Result<bool, Box<dyn std::error::Error>>,
+) -> Result<bool, Box<dyn std::error::Error>> {
+    let mut verdict = [0u8];
+    let decided = if world.rank() == 0 {
+        let d = decide();
+        verdict[0] = match &d {
+            Ok(true) => 1,
+            Ok(false) => 2,
+            Err(_) => 0,
+        };
+        Some(d)
+    } else {
+        None
+    };
+    world.broadcast(&mut verdict, 0)?;
+    match (decided, verdict[0]) {
+        (Some(d), _) => d,
+        (None, 1) => Ok(true),
+        (None, 2) => Ok(false),
+        (None, _) => Err("rank 0 could not prepare the run folder (its error says why)".into()),
+    }
+}

@@ -49,6 +49,29 @@ pub trait Collective: std::fmt::Debug + Send {
     fn broadcast(&self, buf: &mut [u8], root: usize) -> Result<()>;
 }
 
+/// A boxed engine is an engine (for code that picks one at run time).
+impl<C: Collective + ?Sized> Collective for Box<C> {
+    fn rank(&self) -> usize {
+        (**self).rank()
+    }
+
+    fn world_size(&self) -> usize {
+        (**self).world_size()
+    }
+
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
+        (**self).all_reduce_sum_f64(buf)
+    }
+
+    fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<()> {
+        (**self).all_reduce_sum_f32(buf)
+    }
+
+    fn broadcast(&self, buf: &mut [u8], root: usize) -> Result<()> {
+        (**self).broadcast(buf, root)
+    }
+}
+
 /// The world of one process: rank 0 of 1, every collective the identity.
 /// A distributed run at world size 1 behaves exactly as a plain one.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -47,8 +47,11 @@ impl<O: Optimizer> DpOptimizer<O> {
     ///
     /// Rank 0's sampler key and noise generator replace the others' (so
     /// the run's keys are rank 0's: from its operating system unless
-    /// seeded), and every rank checks that its settings, variables and
-    /// ledger are rank 0's.
+    /// seeded), its trained variables' values replace theirs (so the copies
+    /// of the model start equal, however each was initialized), and every
+    /// rank checks that its settings, variables' shapes and ledger are rank
+    /// 0's. Weights the optimizer does not train (a frozen base) must be
+    /// equal on every rank already: load them from the same file.
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] for a rank outside `0..world_size`;
@@ -107,6 +110,7 @@ impl<O: Optimizer> DpOptimizer<O> {
         let root_noise = bytes(40..72);
         let root_stream = word_at(72);
         let root_word = u128::from_le_bytes(message[80..96].try_into().unwrap_or([0; 16]));
+        self.adopt_root_weights(&collective)?;
         if let Sampler::Poisson(s) = &mut self.sampler {
             s.adopt(root_key, root_step);
         }
@@ -115,6 +119,25 @@ impl<O: Optimizer> DpOptimizer<O> {
         let shard = shard(self.config.sampler.dataset_size(), rank, world_size);
         self.distributed = Some(Distributed { collective: Box::new(collective), shard });
         Ok(self)
+    }
+
+    /// Sets the trained variables to rank 0's values, bit for bit (through
+    /// `f64`, which holds every value of the narrower float dtypes exactly).
+    fn adopt_root_weights(&self, collective: &impl Collective) -> Result<()> {
+        let mut bytes = Vec::new();
+        for var in &self.vars {
+            for v in var.as_tensor().flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()? {
+                bytes.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        collective.broadcast(&mut bytes, 0)?;
+        let mut words = bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
+        for var in &self.vars {
+            let values: Vec<f64> = words.by_ref().take(var.elem_count()).collect();
+            let root = Tensor::from_vec(values, var.shape(), var.device())?.to_dtype(var.dtype())?;
+            var.set(&root)?;
+        }
+        Ok(())
     }
 
     /// This rank and the number of ranks: `(0, 1)` unless distributed.

@@ -39,6 +39,7 @@ pub fn set_deterministic(varmap: &VarMap, seed: u64) -> Result<()> {
 
 pub use candle_dp::vars_by_name;
 
+pub mod dp_run;
 pub mod world;
 
 /// The same MLP twice: `(dp, plain)` over the same variables.

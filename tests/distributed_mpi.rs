@@ -1,0 +1,225 @@
+//! Data-parallel DP-SGD under a real MPI (feature `mpi`; `.ci/run` installs
+//! OpenMPI and runs this): 1, 2 and 3 ranks started by `mpirun` equal the
+//! one-process run after K steps (f64, 1e-12 relative) with the same
+//! ledger; one rank's failure stops every rank and changes nothing; the
+//! digits example under `mpirun -n 2 ... --distributed` states what a
+//! one-process run does. Without `mpirun` on the PATH these tests fail,
+//! saying what to install: they never skip.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::DType;
+use candle_dp::distributed::{Collective, Mpi};
+use common::dp_run::{max_rel_diff, Run, STEPS};
+use serde_json::{json, Value};
+
+/// Where a rank started by [`mpirun`] writes what it ended with.
+const OUT_ENV: &str = "CANDLE_DP_MPI_OUT";
+/// The rank whose closure fails at step 2, if any.
+const FAIL_ENV: &str = "CANDLE_DP_MPI_FAIL_RANK";
+/// The most seconds an MPI job may take before mpirun kills it (a hang is a failure).
+const TIMEOUT_S: &str = "300";
+
+/// One rank of the MPI job the tests below start (it is not a test by itself).
+#[test]
+#[ignore = "one rank of an MPI job: the other tests start it under mpirun"]
+fn mpi_rank() {
+    let out = PathBuf::from(std::env::var(OUT_ENV).expect("started by the tests under mpirun, with CANDLE_DP_MPI_OUT"));
+    let fail: Option<usize> = std::env::var(FAIL_ENV).ok().map(|r| r.parse().unwrap());
+    let mpi = Mpi::init().unwrap();
+    let (rank, world_size) = (mpi.rank(), mpi.world_size());
+    let mut run = Run::new(DType::F64, 0.4, 0.3).distribute(mpi);
+    let mut errors = Vec::new();
+    while run.opt.steps() < STEPS as u64 {
+        let failing = fail == Some(rank) && errors.len() == 2;
+        errors.push(run.step_failing(failing, false).err().map(|e| e.to_string()));
+    }
+    let weights: Vec<u64> = run.weights().iter().map(|w| w.to_bits()).collect();
+    let ledger = run.opt.ledger().unwrap().to_json();
+    let report =
+        json!({ "rank": rank, "world_size": world_size, "weights": weights, "ledger": ledger, "errors": errors });
+    std::fs::write(out.join(format!("rank{rank}.json")), report.to_string()).unwrap();
+}
+
+/// `mpirun` with what OpenMPI needs to run as root (CI runs as root) and
+/// more ranks than cores.
+fn mpirun(ranks: usize) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["--oversubscribe", "--timeout", TIMEOUT_S, "-n", &ranks.to_string()])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    c
+}
+
+fn run_checked(mut c: Command, what: &str) -> std::process::Output {
+    let out = c.output().unwrap_or_else(|e| {
+        panic!(
+            "{what}: cannot start mpirun ({e}): these tests need an MPI (Debian: apt-get install openmpi-bin \
+             libopenmpi-dev libclang-dev; .ci/run installs them)"
+        )
+    });
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("candle-dp-mpi-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs [`mpi_rank`] on `ranks` ranks; what each rank ended with.
+fn job(ranks: usize, fail: Option<usize>) -> Vec<Value> {
+    let dir = scratch(&format!("job{ranks}"));
+    let mut c = mpirun(ranks);
+    c.arg(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "mpi_rank", "--test-threads=1", "--quiet"])
+        .env(OUT_ENV, &dir);
+    if let Some(r) = fail {
+        c.env(FAIL_ENV, r.to_string());
+    }
+    run_checked(c, &format!("mpirun -n {ranks} mpi_rank"));
+    let outcomes =
+        (0..ranks).map(|r| serde_json::from_str(&std::fs::read_to_string(dir.join(format!("rank{r}.json"))).unwrap()));
+    let outcomes: Vec<Value> = outcomes.collect::<Result<_, _>>().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    outcomes
+}
+
+fn weights(v: &Value) -> Vec<f64> {
+    v["weights"].as_array().unwrap().iter().map(|b| f64::from_bits(b.as_u64().unwrap())).collect()
+}
+
+/// A ledger's records, without the hashes and each record's `distributed`
+/// (how many processes ran the steps): what a run on any number of ranks
+/// must share with the one-process run.
+fn records(ledger_json: &str) -> Vec<Value> {
+    let ledger: Value = serde_json::from_str(ledger_json).unwrap();
+    ledger["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let mut record = e["record"].clone();
+            strip(&mut record, "distributed");
+            record
+        })
+        .collect()
+}
+
+fn strip(v: &mut Value, key: &str) {
+    match v {
+        Value::Object(m) => {
+            m.remove(key);
+            m.values_mut().for_each(|x| strip(x, key));
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| strip(x, key)),
+        _ => {}
+    }
+}
+
+/// 1, 2 and 3 MPI ranks end where one process does (f64, 1e-12 relative),
+/// every rank with the same bits, and account the same steps.
+#[test]
+fn mpi_ranks_equal_one_process() {
+    let one = Run::new(DType::F64, 0.4, 0.3).train(STEPS);
+    for ranks in [1, 2, 3] {
+        let outcomes = job(ranks, None);
+        for (r, o) in outcomes.iter().enumerate() {
+            assert_eq!(o["world_size"], ranks);
+            assert_eq!(o["errors"], json!(vec![Value::Null; STEPS]), "rank {r} of {ranks}");
+            assert_eq!(o["weights"], outcomes[0]["weights"], "rank {r} of {ranks} drifted from rank 0");
+            let d = max_rel_diff(&weights(o), &one.weights);
+            assert!(d < 1e-12, "{ranks} MPI ranks vs one process: relative difference {d:e}");
+            let ledger = o["ledger"].as_str().unwrap();
+            assert_eq!(records(ledger), records(&one.ledger), "rank {r} of {ranks}: the ledger");
+        }
+    }
+}
+
+/// Rank 1's failure at step 2 makes every rank refuse that step (its own
+/// error there, `PeerFailed` elsewhere), and the run that goes on ends where
+/// an uninterrupted one does: the refused step changed nothing anywhere.
+#[test]
+fn mpi_one_ranks_failure_stops_every_rank() {
+    let one = Run::new(DType::F64, 0.4, 0.3).train(STEPS);
+    let outcomes = job(3, Some(1));
+    for (r, o) in outcomes.iter().enumerate() {
+        let errors = o["errors"].as_array().unwrap();
+        assert_eq!(errors.len(), STEPS + 1, "rank {r}: one refused step, then {STEPS} taken");
+        for (k, e) in errors.iter().enumerate() {
+            match (k, r) {
+                (2, 1) => assert!(e.as_str().unwrap().starts_with("test data = 0"), "rank 1: {e}"),
+                (2, _) => assert_eq!(
+                    e.as_str().unwrap(),
+                    "1 of 3 ranks failed this step (see their errors): no rank took it and nothing was recorded"
+                ),
+                _ => assert!(e.is_null(), "rank {r}, step {k}: {e}"),
+            }
+        }
+        let d = max_rel_diff(&weights(o), &one.weights);
+        assert!(d < 1e-12, "rank {r}: {d:e} from an uninterrupted run");
+    }
+}
+
+/// The digits example built with `--features mpi`, beside this test.
+fn digits_exe() -> PathBuf {
+    let deps = std::env::current_exe().unwrap();
+    deps.parent().unwrap().parent().unwrap().join("examples").join(format!("digits{}", std::env::consts::EXE_SUFFIX))
+}
+
+fn summary(stdout: &[u8]) -> Value {
+    let text = String::from_utf8_lossy(stdout);
+    serde_json::from_str(text.lines().last().expect("a summary line")).unwrap()
+}
+
+/// `mpirun -n 2 digits --distributed --json` prints the one-process
+/// summary line (plus `world_size`), and its ledger accounts the same
+/// steps; the models differ by the f32 summation order only, so the test
+/// accuracy may move by a borderline example or two (of 359).
+#[test]
+fn digits_under_mpirun_states_what_one_process_does() {
+    let dir = scratch("digits");
+    let flags = |out: &Path| {
+        ["--seed", "3", "--epochs", "2", "--json", "--out"]
+            .map(String::from)
+            .into_iter()
+            .chain([out.display().to_string()])
+    };
+    let mut alone = Command::new(digits_exe());
+    alone.args(flags(&dir.join("one")));
+    let alone = summary(&run_checked(alone, "digits").stdout);
+    let mut two = mpirun(2);
+    two.arg(digits_exe()).arg("--distributed").args(flags(&dir.join("two")));
+    let two = summary(&run_checked(two, "mpirun -n 2 digits --distributed").stdout);
+    assert_eq!(alone["world_size"], 1);
+    assert_eq!(two["world_size"], 2);
+    let accuracy = |s: &Value| s["test_accuracy"].as_f64().unwrap();
+    assert!((accuracy(&alone) - accuracy(&two)).abs() <= 2.0 / 359.0 + 1e-12, "{alone} vs {two}");
+    let without = |s: &Value| {
+        let mut s = s.clone();
+        for k in ["wall_seconds", "world_size", "test_accuracy"] {
+            s.as_object_mut().unwrap().remove(k);
+        }
+        s
+    };
+    assert_eq!(without(&alone), without(&two));
+    let ledger = |run: &str| {
+        let mut r = records(&std::fs::read_to_string(dir.join(run).join("ledger.json")).unwrap());
+        // The released weights differ in their last bits, hence their hash.
+        r.iter_mut().for_each(|x| strip(x, "weights_sha256"));
+        r
+    };
+    assert_eq!(ledger("one"), ledger("two"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
