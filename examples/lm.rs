@@ -17,6 +17,13 @@
 //! cargo run --release --example lm -- --mode pretrain     # remake the base model
 //! ```
 //!
+//! Data parallel over MPI (`--distributed`, as `digits`; see the README):
+//!
+//! ```sh
+//! cargo build --release --features mpi --example lm
+//! mpirun -n 2 target/release/examples/lm --distributed --seed 1 --json
+//! ```
+//!
 //! # The privacy unit
 //! One example is one window of 65 consecutive bytes of the private text
 //! (64 inputs and their next bytes), with a per-window loss. The guarantee
@@ -112,6 +119,10 @@ struct Args {
     /// Print summary.json as the last line of stdout.
     #[arg(long)]
     json: bool,
+    /// Fine-tune as one rank of an MPI job started by `mpirun -n W` (data
+    /// parallel, a build with `--features mpi`); rank 0 writes the run folder.
+    #[arg(long)]
+    distributed: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
@@ -146,6 +157,11 @@ fn check_flags(args: &Args) -> Result<(), AnyError> {
         ("--lora-rank", args.lora_rank as f64, "an integer in [1, 128]", (1..=128).contains(&args.lora_rank)),
         ("--limit", args.limit.unwrap_or(10) as f64, "an integer >= 10", args.limit.unwrap_or(10) >= 10),
     ])?;
+    if args.distributed && (args.non_private || args.mode == Mode::Pretrain || args.audit > 0) {
+        return Err("--distributed fine-tunes with DP-SGD in data parallel; it cannot be combined with \
+                    --non-private, --mode pretrain or --audit"
+            .into());
+    }
     if args.audit > 0 && (args.non_private || args.mode == Mode::Pretrain) {
         return Err(
             "--audit audits a DP fine-tuning; it cannot be combined with --non-private or --mode pretrain".into()
@@ -325,12 +341,15 @@ fn finetune(args: &Args) -> Result<(), AnyError> {
     }
     let steps = (args.epochs * n.div_ceil(args.batch_size)) as u64;
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/lm-{}", common::utc_stamp())));
-    common::refuse_released(&out)?;
+    let world = common::join_world(args.distributed)?;
+    let (rank, world_size) = (world.rank(), world.world_size());
+    // Rank 0's folder: it checks it and tells the others.
+    common::agree_on_folder(world.as_ref(), || common::refuse_released(&out).map(|()| true))?;
     let tuned = build(args, &base)?;
     let base_bpb = held_out.bits_per_byte(&tuned.model)?;
     let lr = args.lr.unwrap_or(if args.full { 5e-4 } else { 2e-3 });
     let started = std::time::Instant::now();
-    let bar = common::progress_bar(steps, args.json)?;
+    let bar = common::progress_bar(steps, args.json || rank != 0)?;
     let sampler = PoissonSampler::with_expected_batch_size(n, args.batch_size, args.seed)?;
     let vars = candle_dp::vars_by_name(&tuned.trained);
     let losses = |idx: &[usize]| -> candle_dp::Result<candle_dp::PerSampleLoss> {
@@ -364,11 +383,12 @@ fn finetune(args: &Args) -> Result<(), AnyError> {
                 args.epochs,
                 args.batch_size
             ));
-        let mut opt = match common::canaries(args.audit, args.seed) {
+        let opt = match common::canaries(args.audit, args.seed) {
             Some(c) => builder.audit(c),
             None => builder,
         }
         .build(adam(lr))?;
+        let mut opt = if args.distributed { opt.distribute(world)? } else { opt };
         for _ in 0..steps {
             let s = opt.train_step(losses)?;
             bar.inc(1);
@@ -380,6 +400,10 @@ fn finetune(args: &Args) -> Result<(), AnyError> {
         Some((opt.release(&out, &tuned.trained, Some(args.delta))?, opt.noise_multiplier()))
     };
     bar.finish_and_clear();
+    if rank != 0 {
+        // Rank 0 evaluates and reports the model every rank holds.
+        return Ok(());
+    }
     let bpb = held_out.bits_per_byte(&tuned.model)?;
     let samples = sample_lines(&tuned.model, args.seed, 3)?;
     let mut summary = serde_json::json!({
@@ -391,6 +415,7 @@ fn finetune(args: &Args) -> Result<(), AnyError> {
         "bits_per_byte": bpb,
         "fine_tuning": if args.full { "full" } else { "lora" },
         "non_private": args.non_private,
+        "world_size": world_size,
         "train_windows": n,
         "held_out_windows": held_out.len(),
         "batch_size": args.batch_size,

@@ -2,13 +2,13 @@
 //! OpenMPI and runs this): 1, 2 and 3 ranks started by `mpirun` equal the
 //! one-process run after K steps (f64, 1e-12 relative) with the same
 //! ledger; one rank's failure stops every rank and changes nothing; the
-//! digits example under `mpirun -n 2 ... --distributed` states what a
-//! one-process run does. Without `mpirun` on the PATH these tests fail,
+//! digits and lm examples under `mpirun -n 2 ... --distributed` state what
+//! a one-process run does. Without `mpirun` on the PATH these tests fail,
 //! saying what to install: they never skip.
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use candle_core::DType;
@@ -172,10 +172,10 @@ fn mpi_one_ranks_failure_stops_every_rank() {
     }
 }
 
-/// The digits example built with `--features mpi`, beside this test.
-fn digits_exe() -> PathBuf {
+/// An example built with `--features mpi`, beside this test.
+fn example_exe(name: &str) -> PathBuf {
     let deps = std::env::current_exe().unwrap();
-    deps.parent().unwrap().parent().unwrap().join("examples").join(format!("digits{}", std::env::consts::EXE_SUFFIX))
+    deps.parent().unwrap().parent().unwrap().join("examples").join(format!("{name}{}", std::env::consts::EXE_SUFFIX))
 }
 
 fn summary(stdout: &[u8]) -> Value {
@@ -183,43 +183,62 @@ fn summary(stdout: &[u8]) -> Value {
     serde_json::from_str(text.lines().last().expect("a summary line")).unwrap()
 }
 
-/// `mpirun -n 2 digits --distributed --json` prints the one-process
-/// summary line (plus `world_size`), and its ledger accounts the same
-/// steps; the models differ by the f32 summation order only, so the test
-/// accuracy may move by a borderline example or two (of 359).
-#[test]
-fn digits_under_mpirun_states_what_one_process_does() {
-    let dir = scratch("digits");
-    let flags = |out: &Path| {
-        ["--seed", "3", "--epochs", "2", "--json", "--out"]
-            .map(String::from)
-            .into_iter()
-            .chain([out.display().to_string()])
+/// Runs example `name` with `flags` in one process and under `mpirun -n 2
+/// ... --distributed`; returns both summaries, after checking what must be
+/// equal: every field but `approximate` ones, the time and the world size,
+/// and the ledgers' records but the released weights' hash (the models
+/// differ in their last bits: the f32 sums are summed in another order).
+fn one_and_two_ranks(name: &str, flags: &[&str], approximate: &[&str]) -> (Value, Value) {
+    let dir = scratch(name);
+    let with_out = |out: &str| {
+        let mut f: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+        f.extend(["--json".into(), "--out".into(), dir.join(out).display().to_string()]);
+        f
     };
-    let mut alone = Command::new(digits_exe());
-    alone.args(flags(&dir.join("one")));
-    let alone = summary(&run_checked(alone, "digits").stdout);
+    let mut alone = Command::new(example_exe(name));
+    alone.args(with_out("one"));
+    let alone = summary(&run_checked(alone, name).stdout);
     let mut two = mpirun(2);
-    two.arg(digits_exe()).arg("--distributed").args(flags(&dir.join("two")));
-    let two = summary(&run_checked(two, "mpirun -n 2 digits --distributed").stdout);
+    two.arg(example_exe(name)).arg("--distributed").args(with_out("two"));
+    let two = summary(&run_checked(two, &format!("mpirun -n 2 {name} --distributed")).stdout);
     assert_eq!(alone["world_size"], 1);
     assert_eq!(two["world_size"], 2);
-    let accuracy = |s: &Value| s["test_accuracy"].as_f64().unwrap();
-    assert!((accuracy(&alone) - accuracy(&two)).abs() <= 2.0 / 359.0 + 1e-12, "{alone} vs {two}");
     let without = |s: &Value| {
         let mut s = s.clone();
-        for k in ["wall_seconds", "world_size", "test_accuracy"] {
-            s.as_object_mut().unwrap().remove(k);
+        for k in approximate.iter().chain(&["wall_seconds", "world_size"]) {
+            s.as_object_mut().unwrap().remove(*k);
         }
         s
     };
     assert_eq!(without(&alone), without(&two));
     let ledger = |run: &str| {
         let mut r = records(&std::fs::read_to_string(dir.join(run).join("ledger.json")).unwrap());
-        // The released weights differ in their last bits, hence their hash.
         r.iter_mut().for_each(|x| strip(x, "weights_sha256"));
         r
     };
     assert_eq!(ledger("one"), ledger("two"));
     std::fs::remove_dir_all(&dir).unwrap();
+    (alone, two)
+}
+
+/// `mpirun -n 2 digits --distributed --json` prints the one-process
+/// summary line (plus `world_size`) and accounts the same steps; the test
+/// accuracy may move by a borderline example or two (of 359).
+#[test]
+fn digits_under_mpirun_states_what_one_process_does() {
+    let (one, two) = one_and_two_ranks("digits", &["--seed", "3", "--epochs", "2"], &["test_accuracy"]);
+    let accuracy = |s: &Value| s["test_accuracy"].as_f64().unwrap();
+    assert!((accuracy(&one) - accuracy(&two)).abs() <= 2.0 / 359.0 + 1e-12, "{one} vs {two}");
+}
+
+/// The lm example's DP LoRA fine-tuning, likewise: the held-out bits per
+/// byte agree to 1e-6 relative (f32 sums in another order), and the
+/// sampled lines are left out (a sampler reading nearly equal
+/// probabilities may pick another byte).
+#[test]
+fn lm_under_mpirun_states_what_one_process_does() {
+    let flags = ["--seed", "1", "--limit", "160", "--batch-size", "40", "--epochs", "1"];
+    let (one, two) = one_and_two_ranks("lm", &flags, &["bits_per_byte", "samples"]);
+    let bpb = |s: &Value| s["bits_per_byte"].as_f64().unwrap();
+    assert!((bpb(&one) - bpb(&two)).abs() <= 1e-6 * bpb(&one), "{} vs {}", bpb(&one), bpb(&two));
 }
