@@ -214,7 +214,7 @@ impl<O: Optimizer> DpOptimizer<O> {
         };
         buf[n + 1] = summary.loss_sum;
         buf[n + 2] = summary.examples as f64;
-        let reduced = self.collective()?.all_reduce_sum_f64(&mut buf);
+        let reduced = self.engine()?.all_reduce_sum_f64(&mut buf);
         let failed = buf[n];
         if reduced.is_err() || failed > 0.0 {
             self.cancel_batch();
@@ -268,7 +268,7 @@ impl<O: Optimizer> DpOptimizer<O> {
         } else {
             None
         };
-        self.collective()?.broadcast(&mut outcome, 0)?;
+        self.engine()?.broadcast(&mut outcome, 0)?;
         match written {
             Some(written) => written.map(|(value, _)| value),
             None if outcome[0] == 1 => follow(self, outcome[1..].try_into().unwrap_or([0; 64])),
@@ -277,8 +277,16 @@ impl<O: Optimizer> DpOptimizer<O> {
     }
 
     /// The engine of a distributed optimizer.
-    pub(super) fn collective(&self) -> Result<&dyn Collective> {
-        self.distributed.as_ref().map(|d| d.collective.as_ref()).ok_or_else(not_distributed)
+    fn engine(&self) -> Result<&dyn Collective> {
+        self.collective().ok_or_else(not_distributed)
+    }
+
+    /// The engine this optimizer was distributed over, for collectives of
+    /// your own (an evaluation's sums, a barrier); `None` unless
+    /// distributed. Make the same calls in the same order on every rank,
+    /// between steps.
+    pub fn collective(&self) -> Option<&dyn Collective> {
+        self.distributed.as_ref().map(|d| d.collective.as_ref())
     }
 }
 
