@@ -28,12 +28,15 @@ use std::time::{Duration, Instant};
 
 const GPT: GptConfig = GptConfig { vocab_size: 256, context: 128, d_model: 256, n_layers: 4, n_heads: 4 };
 
+/// The per-example losses of a batch of examples.
+type Losses = Box<dyn Fn(&[usize]) -> candle_dp::Result<PerSampleLoss>>;
+
 /// A model, its examples, and its per-example losses of a batch of them.
 struct Workload {
     name: &'static str,
     vars: Vec<Var>,
     batch: usize,
-    losses: Box<dyn Fn(&[usize]) -> candle_dp::Result<PerSampleLoss>>,
+    losses: Losses,
     _varmap: VarMap,
 }
 
