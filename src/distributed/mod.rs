@@ -1,6 +1,7 @@
 //! Data-parallel DP-SGD over several processes (ranks), on a real
 //! communication engine behind the small [`Collective`] trait: MPI (`Mpi`,
-//! feature `mpi`), or [`SingleProcess`].
+//! feature `mpi`), NCCL on CUDA devices (`Nccl`, feature `nccl`), or
+//! [`SingleProcess`].
 //!
 //! # One step across `W` ranks
 //! [`crate::DpOptimizerBuilder::distributed`] makes every rank's optimizer
@@ -52,10 +53,14 @@
 mod collective;
 #[cfg(feature = "mpi")]
 mod mpi;
+#[cfg(feature = "nccl")]
+mod nccl;
 
 pub use collective::{Collective, SingleProcess};
 #[cfg(feature = "mpi")]
 pub use mpi::Mpi;
+#[cfg(feature = "nccl")]
+pub use nccl::Nccl;
 
 use std::ops::Range;
 
