@@ -85,7 +85,9 @@ impl Nccl {
             self.comm.reduce(&d, Some(&mut out), &ReduceOp::Sum, 0).map_err(nccl)?;
             d = out;
         } else {
-            self.comm.reduce::<_, candle_core::cuda_backend::cudarc::driver::CudaSlice<T>, T>(&d, None, &ReduceOp::Sum, 0).map_err(nccl)?;
+            self.comm
+                .reduce::<_, candle_core::cuda_backend::cudarc::driver::CudaSlice<T>, T>(&d, None, &ReduceOp::Sum, 0)
+                .map_err(nccl)?;
         }
         self.comm.broadcast_in_place(&mut d, 0).map_err(nccl)?;
         self.stream.memcpy_dtoh(&d, buf).map_err(driver)?;
