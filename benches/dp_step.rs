@@ -21,6 +21,9 @@
 //!   under frozen `DpLinear`s in both, so neither computes the base's weight
 //!   gradients), with `noise_only` for the trained parameters of each.
 //!
+//! * `mixed_precision`: the MLP's DP step with bf16 and f16 weights and
+//!   activations (f32 norms, sums, noise and master weights) beside f32.
+//!
 //! Threads: one (`RAYON_NUM_THREADS=1` unless set), since on a loaded
 //! 2-core machine Candle's default threading is slower and noisier
 //! (../shared/CANDLE.md). Allocator: the system's (glibc malloc, default
@@ -235,6 +238,33 @@ fn transformer_parts(c: &mut Criterion) {
     group.finish();
 }
 
+/// Mixed precision: the DP ghost step of the MLP (784-512-10, batch 256)
+/// with bf16 and f16 weights and activations (norms, clip factors, sums and
+/// noise in f32, f32 master weights) against the same step in f32, one
+/// group, one run. `mixed_precision/<dtype>` over `mixed_precision/f32`.
+fn mixed_precision(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let mut group = c.benchmark_group("mixed_precision");
+    group.sample_size(20);
+    let b = 256;
+    let x32 = Tensor::randn(0f32, 1.0, (b, 784), &dev).unwrap();
+    let y = Tensor::from_vec((0..b as u32).map(|i| i % 10).collect(), b, &dev).unwrap();
+    for (name, dtype) in [("f32", DType::F32), ("bf16", DType::BF16), ("f16", DType::F16)] {
+        let varmap = VarMap::new();
+        let (dp, _) = build(false, VarBuilder::from_varmap(&varmap, dtype, &dev)).unwrap();
+        let x = x32.to_dtype(dtype).unwrap();
+        let mut opt =
+            dp_sgd(candle_dp::vars_by_name(&varmap), PoissonSampler::seeded(b, 1.0, 0).unwrap(), Engine::Ghost);
+        group.bench_function(BenchmarkId::new("mlp_784_512_10_b256", name), |bench| {
+            bench.iter(|| {
+                let s = opt.train_step(|_| loss::cross_entropy(&dp.forward(&x)?, &y)).unwrap();
+                assert_eq!(s.examples, b, "q = 1 draws every example");
+            })
+        });
+    }
+    group.finish();
+}
+
 fn main() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         // Before any thread pool exists: pins Candle's CPU kernels to one thread.
@@ -248,5 +278,6 @@ fn main() {
     dp_step(&mut c);
     transformer_step(&mut c);
     transformer_parts(&mut c);
+    mixed_precision(&mut c);
     c.final_summary();
 }

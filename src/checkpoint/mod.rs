@@ -245,7 +245,11 @@ impl<O: StatefulOptimizer> DpOptimizer<O> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let (name, sha256) = write_weights(writer, dir, varmap, content_name("model", "safetensors"))?;
         let weights = FileRef { name, sha256 };
-        let state = self.inner().save_state()?;
+        let mut state = self.inner().save_state()?;
+        // Mixed precision: the f32 masters hold what the bf16/f16 weights round away.
+        for (index, master) in self.master_weights() {
+            state.tensors.insert(format!("{MASTER}{index}"), master);
+        }
         let optimizer = if state.tensors.is_empty() {
             None
         } else {
@@ -329,16 +333,40 @@ impl<O: StatefulOptimizer> DpOptimizer<O> {
         let device = vars.first().map_or(Device::Cpu, |v| v.device().clone());
         let mut opt = Self::assemble(vars, sampler, noise, m.config, config, ledger.clone())?;
         check_against_ledger(&opt, &ledger, &ledger_path)?;
-        let tensors: BTreeMap<String, Tensor> = match &optimizer {
+        let (masters, tensors): (BTreeMap<String, Tensor>, BTreeMap<String, Tensor>) = match &optimizer {
             Some((_, bytes)) => candle_core::safetensors::load_buffer(bytes, &device)?.into_iter().collect(),
             None => BTreeMap::new(),
-        };
+        }
+        .into_iter()
+        .partition(|(k, _)| k.starts_with(MASTER));
+        let masters = masters_by_index(&masters, opt.vars(), &manifest_path)?;
         opt.inner_mut().load_state(&OptimizerState { counters: m.optimizer_counters, tensors })?;
         opt.set_learning_rate(m.learning_rate);
         // Only now, with every check passed: a refused checkpoint changes nothing.
         load_weights(varmap, &weights, &weights_path)?;
+        opt.restore_masters(&masters)?;
         Ok(opt)
     }
+}
+
+/// The prefix of the f32 master weights' names in the optimizer file.
+const MASTER: &str = "master.";
+
+/// The saved masters by variable index, each checked to be `f32` of its
+/// variable's shape (a checkpoint edited otherwise is refused).
+fn masters_by_index(saved: &BTreeMap<String, Tensor>, vars: &[Var], path: &Path) -> Result<BTreeMap<usize, Tensor>> {
+    let bad = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
+    saved
+        .iter()
+        .map(|(name, t)| {
+            let index: usize = name[MASTER.len()..].parse().map_err(|_| bad(format!("unknown tensor {name}")))?;
+            let var = vars.get(index).ok_or_else(|| bad(format!("{name}: no variable {index}")))?;
+            if t.dims() != var.dims() || t.dtype() != candle_core::DType::F32 {
+                return Err(bad(format!("{name}: {:?} {:?}, the variable is {:?}", t.dtype(), t.dims(), var.dims())));
+            }
+            Ok((index, t.clone()))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -125,19 +125,20 @@ impl<O: Optimizer> DpOptimizer<O> {
     /// `f64`, which holds every value of the narrower float dtypes exactly).
     fn adopt_root_weights(&self, collective: &impl Collective) -> Result<()> {
         let mut bytes = Vec::new();
-        for var in &self.vars {
+        // The masters of half-precision variables hold their full values.
+        for var in self.stepped_vars() {
             for v in var.as_tensor().flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()? {
                 bytes.extend_from_slice(&v.to_le_bytes());
             }
         }
         collective.broadcast(&mut bytes, 0)?;
         let mut words = bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
-        for var in &self.vars {
+        for var in self.stepped_vars() {
             let values: Vec<f64> = words.by_ref().take(var.elem_count()).collect();
             let root = Tensor::from_vec(values, var.shape(), var.device())?.to_dtype(var.dtype())?;
             var.set(&root)?;
         }
-        Ok(())
+        self.masters.as_ref().map_or(Ok(()), |m| m.round_into(&self.vars))
     }
 
     /// This rank and the number of ranks: `(0, 1)` unless distributed.
@@ -226,7 +227,7 @@ impl<O: Optimizer> DpOptimizer<O> {
         }
         let mut released = Vec::with_capacity(self.vars.len());
         let mut at = 0;
-        for (var, len) in self.vars.iter().zip(&lens) {
+        for (var, len) in self.stepped_vars().iter().zip(&lens) {
             let values: Vec<f64> = buf[at..at + len].iter().map(|v| v * scale).collect();
             let mean = Tensor::from_vec(values, var.shape(), var.device())?;
             match finite_as(&mean, var.dtype(), std * scale) {

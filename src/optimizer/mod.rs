@@ -23,12 +23,24 @@
 //!    the result, and the accounting.
 //!    [`DpOptimizer::cancel_batch`] instead puts the batch back.
 //!
+//! # Mixed precision
+//! A model whose variables are `bf16` or `f16` (Candle's dtypes) trains
+//! with its per-example norms (upper bounds, half precision widened), clip
+//! factors, clipped sums, noise and division in `f32` or wider, and the
+//! inner optimizer steps an `f32` master copy of each half-precision
+//! variable, which the model holds rounded once after each step (so updates
+//! below half an ulp accumulate instead of rounding away). The masters are
+//! taken from the variables when the optimizer is built (set the weights
+//! first) and saved in checkpoints. `tests/mixed_precision.rs` states the
+//! agreement with `f32` and the clip bound.
+//!
 //! The inner optimizer and the sampler are built into the optimizer, so it
 //! can neither be stepped around with unclipped gradients nor accounted for
 //! a sampling other than the one it draws.
 
 mod builder;
 mod distributed;
+mod master;
 mod replay;
 mod step;
 
@@ -66,6 +78,9 @@ struct OpenBatch {
 pub struct DpOptimizer<O: Optimizer> {
     inner: O,
     vars: Vec<Var>,
+    /// `f32` copies of the half-precision variables, which the inner
+    /// optimizer steps (`None` without half-precision variables).
+    masters: Option<master::Masters>,
     config: DpConfig,
     sampler: Sampler,
     noise: GaussianNoise,
@@ -126,10 +141,12 @@ impl<O: Optimizer> DpOptimizer<O> {
         };
         let max_steps = dp.budget.map(|b| max_steps_within(&dp, b)).transpose()?;
         let steps = ledger.total_steps();
-        let inner = O::new(vars.clone(), config)?;
+        let masters = master::Masters::of(&vars)?;
+        let inner = O::new(masters.as_ref().map_or_else(|| vars.clone(), |m| m.vars().to_vec()), config)?;
         Ok(Self {
             inner,
             vars,
+            masters,
             config: dp,
             sampler,
             noise,
@@ -341,6 +358,25 @@ impl<O: Optimizer> DpOptimizer<O> {
     /// The inner optimizer, to restore its state.
     pub(crate) fn inner_mut(&mut self) -> &mut O {
         &mut self.inner
+    }
+
+    /// The f32 masters of the half-precision variables, by index (none
+    /// without half-precision variables), for checkpoints.
+    pub(crate) fn master_weights(&self) -> Vec<(usize, Tensor)> {
+        self.masters.as_ref().map_or_else(Vec::new, |m| m.saved(&self.vars))
+    }
+
+    /// Sets the masters: from `saved` where given, from the variables'
+    /// values otherwise (a checkpoint saved without them).
+    ///
+    /// # Errors
+    /// Candle's.
+    pub(crate) fn restore_masters(&mut self, saved: &std::collections::BTreeMap<usize, Tensor>) -> Result<()> {
+        let Some(masters) = &self.masters else { return Ok(()) };
+        for (index, var) in self.vars.iter().enumerate() {
+            masters.restore(&self.vars, index, saved.get(&index).unwrap_or(var.as_tensor()))?;
+        }
+        Ok(())
     }
 
     /// The noise generator, for its state.

@@ -263,7 +263,16 @@ impl<O: Optimizer> DpOptimizer<O> {
         }
         Ok(match &open.sums {
             Some(s) => s.clone(),
-            None => self.vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?,
+            // In the dtype the engines sum in: f32 for half precision, never
+            // rounded to it before the noise.
+            None => self
+                .vars
+                .iter()
+                .map(|v| match v.dtype() {
+                    DType::BF16 | DType::F16 => v.zeros_like()?.to_dtype(DType::F32),
+                    _ => v.zeros_like(),
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?,
         })
     }
 
@@ -293,7 +302,13 @@ impl<O: Optimizer> DpOptimizer<O> {
     /// variables' order.
     pub(super) fn privatize(&self, sums: &[Tensor], noise: &mut GaussianNoise) -> Result<Vec<Tensor>> {
         let (std, scale) = self.noise_and_scale();
-        self.vars.iter().zip(sums).map(|(var, sum)| noisy_mean(sum, noise, std, scale, var.dtype())).collect()
+        self.stepped_vars().iter().zip(sums).map(|(var, sum)| noisy_mean(sum, noise, std, scale, var.dtype())).collect()
+    }
+
+    /// The variables the inner optimizer steps: the `f32` masters of
+    /// half-precision variables, the variables themselves otherwise.
+    pub(super) fn stepped_vars(&self) -> &[candle_core::Var] {
+        self.masters.as_ref().map_or(&self.vars, |m| m.vars())
     }
 
     /// The audit block's privatized sum (not divided: the model never reads
@@ -319,10 +334,14 @@ impl<O: Optimizer> DpOptimizer<O> {
         canaries: Option<Vec<f32>>,
     ) -> Result<()> {
         let mut grads = GradStore::default();
-        for (var, g) in self.vars.iter().zip(released) {
+        for (var, g) in self.stepped_vars().iter().zip(released) {
             grads.insert(var.as_tensor(), g);
         }
-        let stepped = self.inner.step(&grads);
+        let stepped = self.inner.step(&grads).map_err(Error::from);
+        // The model's half-precision variables are their masters, rounded
+        // once (after a failed inner step too: the model is what was applied).
+        let rounded = self.masters.as_ref().map_or(Ok(()), |m| m.round_into(&self.vars));
+        let stepped = stepped.and(rounded);
         // Committed even when the inner step failed: it may have applied part
         // of the noisy update, which is then released. It is accounted, and
         // its noise is spent (a retry with the same noise would release the
@@ -337,7 +356,7 @@ impl<O: Optimizer> DpOptimizer<O> {
         self.pending_steps += 1;
         self.steps += 1;
         self.batch = None;
-        Ok(stepped?)
+        stepped
     }
 }
 

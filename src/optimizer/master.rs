@@ -1,0 +1,89 @@
+//! `f32` master weights for half-precision variables (mixed precision).
+//!
+//! A bf16 weight has 8 significant bits: an update below half its ulp
+//! (`2^-9` of the weight) rounds away, and DP-SGD's averaged noisy updates
+//! are mostly that small. So the inner optimizer steps an `f32` copy of
+//! each `bf16` / `f16` variable (its moments are `f32` too), and the model's
+//! variable is that copy rounded once after every step (Micikevicius et al.
+//! 2018, "Mixed precision training").
+
+use candle_core::{DType, Var};
+
+use crate::error::Result;
+
+/// The inner optimizer's variables of a model with half-precision ones:
+/// an `f32` master per half-precision variable, the variable itself for
+/// the others.
+#[derive(Debug, Clone)]
+pub(crate) struct Masters {
+    stepped: Vec<Var>,
+}
+
+fn is_half(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16)
+}
+
+impl Masters {
+    /// Masters of `vars`' half-precision variables, from their values;
+    /// `None` if there are none.
+    ///
+    /// # Errors
+    /// Candle's.
+    pub(crate) fn of(vars: &[Var]) -> Result<Option<Self>> {
+        if !vars.iter().any(|v| is_half(v.dtype())) {
+            return Ok(None);
+        }
+        let stepped = vars
+            .iter()
+            .map(|v| {
+                if is_half(v.dtype()) {
+                    Var::from_tensor(&v.as_tensor().to_dtype(DType::F32)?)
+                } else {
+                    Ok(v.clone())
+                }
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Some(Self { stepped }))
+    }
+
+    /// The variables the inner optimizer steps.
+    pub(crate) fn vars(&self) -> &[Var] {
+        &self.stepped
+    }
+
+    /// Sets each half-precision variable of `vars` to its master, rounded.
+    ///
+    /// # Errors
+    /// Candle's.
+    pub(crate) fn round_into(&self, vars: &[Var]) -> Result<()> {
+        for (var, master) in vars.iter().zip(&self.stepped) {
+            if is_half(var.dtype()) {
+                var.set(&master.as_tensor().to_dtype(var.dtype())?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The masters of the half-precision variables, by index, for checkpoints.
+    pub(crate) fn saved(&self, vars: &[Var]) -> Vec<(usize, candle_core::Tensor)> {
+        vars.iter()
+            .zip(&self.stepped)
+            .enumerate()
+            .filter(|(_, (v, _))| is_half(v.dtype()))
+            .map(|(i, (_, m))| (i, m.as_tensor().clone()))
+            .collect()
+    }
+
+    /// Sets the master of `vars[index]`, if it is half precision, to `value`.
+    ///
+    /// # Errors
+    /// Candle's (a tensor of another shape).
+    pub(crate) fn restore(&self, vars: &[Var], index: usize, value: &candle_core::Tensor) -> Result<()> {
+        if let (Some(var), Some(master)) = (vars.get(index), self.stepped.get(index)) {
+            if is_half(var.dtype()) {
+                master.set(&value.to_dtype(DType::F32)?)?;
+            }
+        }
+        Ok(())
+    }
+}
