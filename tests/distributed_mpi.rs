@@ -31,6 +31,7 @@ fn mpi_rank() {
     let fail: Option<usize> = std::env::var(FAIL_ENV).ok().map(|r| r.parse().unwrap());
     let mpi = Mpi::init().unwrap();
     let (rank, world_size) = (mpi.rank(), mpi.world_size());
+    let collectives = collectives_are_right(&mpi);
     let mut run = Run::new(DType::F64, 0.4, 0.3).distribute(mpi);
     let mut errors = Vec::new();
     while run.opt.steps() < STEPS as u64 {
@@ -39,9 +40,40 @@ fn mpi_rank() {
     }
     let weights: Vec<u64> = run.weights().iter().map(|w| w.to_bits()).collect();
     let ledger = run.opt.ledger().unwrap().to_json();
-    let report =
-        json!({ "rank": rank, "world_size": world_size, "weights": weights, "ledger": ledger, "errors": errors });
+    let report = json!({
+        "rank": rank, "world_size": world_size, "weights": weights, "ledger": ledger, "errors": errors,
+        "collectives": collectives,
+    });
     std::fs::write(out.join(format!("rank{rank}.json")), report.to_string()).unwrap();
+}
+
+/// The engine's sums (of lengths that do not divide by the world size, so
+/// the padding is exercised) and broadcasts from the last rank, on exact
+/// integers: what each rank got, as a list of failures (empty: right).
+fn collectives_are_right(mpi: &Mpi) -> Vec<String> {
+    let (r, w) = (mpi.rank(), mpi.world_size());
+    let mut failures = Vec::new();
+    for len in [1, 7, 1000, 4099] {
+        let mut a: Vec<f64> = (0..len).map(|i| ((r + 1) * i) as f64).collect();
+        mpi.all_reduce_sum_f64(&mut a).unwrap();
+        if a.iter().enumerate().any(|(i, v)| *v != (i * w * (w + 1) / 2) as f64) {
+            failures.push(format!("f64 sum of length {len}"));
+        }
+        let mut b: Vec<f32> = (0..len).map(|i| ((r + 1) * (i % 100)) as f32).collect();
+        mpi.all_reduce_sum_f32(&mut b).unwrap();
+        if b.iter().enumerate().any(|(i, v)| *v != ((i % 100) * w * (w + 1) / 2) as f32) {
+            failures.push(format!("f32 sum of length {len}"));
+        }
+        let mut c: Vec<u8> = (0..len).map(|i| (i + r) as u8).collect();
+        mpi.broadcast(&mut c, w - 1).unwrap();
+        if c.iter().enumerate().any(|(i, v)| *v != (i + w - 1) as u8) {
+            failures.push(format!("broadcast of length {len}"));
+        }
+    }
+    if mpi.broadcast(&mut [0u8], w).is_ok() {
+        failures.push("a broadcast from a rank outside the world was accepted".into());
+    }
+    failures
 }
 
 /// `mpirun` with what OpenMPI needs to run as root (CI runs as root) and
@@ -137,6 +169,7 @@ fn mpi_ranks_equal_one_process() {
         let outcomes = job(ranks, None);
         for (r, o) in outcomes.iter().enumerate() {
             assert_eq!(o["world_size"], ranks);
+            assert_eq!(o["collectives"], json!([]), "rank {r} of {ranks}: the engine's collectives");
             assert_eq!(o["errors"], json!(vec![Value::Null; STEPS]), "rank {r} of {ranks}");
             assert_eq!(o["weights"], outcomes[0]["weights"], "rank {r} of {ranks} drifted from rank 0");
             let d = max_rel_diff(&weights(o), &one.weights);

@@ -26,9 +26,9 @@ pub trait Collective: std::fmt::Debug + Send {
     /// **Every rank must receive the same bits**: the ranks apply the result
     /// to their copies of the model, which must stay identical. Floating-point
     /// sums depend on their order, and an all-reduce that sums in a different
-    /// order on different ranks would let the copies drift apart; reduce to
-    /// one rank and broadcast its result where the engine does not promise
-    /// identical results.
+    /// order on different ranks would let the copies drift apart. Where the
+    /// engine does not promise identical results, have each part summed by
+    /// one rank and sent to all (a reduce-scatter, then an all-gather).
     ///
     /// # Errors
     /// The engine's.

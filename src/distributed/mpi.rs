@@ -23,7 +23,10 @@ const PIECE: usize = 1 << 28;
 ///
 /// Sums are reduced to rank 0 and broadcast from it, rather than
 /// all-reduced: the MPI standard does not require an all-reduce to give every
-/// rank the same bits, and every rank must apply the same update.
+/// rank the same bits, and every rank must apply the same update. (A
+/// reduce-scatter and an all-gather would too; with OpenMPI 4.1 on two
+/// processes of this project's machines they were no faster: 5.7 ms
+/// against 4.3-5.3 ms for 3.3 MB, `benches/data_parallel.rs`.)
 pub struct Mpi {
     universe: Universe,
     rank: usize,

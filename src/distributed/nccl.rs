@@ -16,9 +16,9 @@ use crate::error::{Error, Result};
 /// of Candle's device (so collectives are ordered with the device's work).
 ///
 /// Host buffers are copied to the device, reduced there, and copied back.
-/// Sums are reduced to rank 0 and broadcast from it, so every rank gets the
-/// same bits (an all-reduce's summation order is not promised to be the
-/// same on every rank).
+/// Sums are reduce-scattered, then all-gathered: each block is summed by
+/// one rank and every rank gets that rank's bits (an all-reduce's summation
+/// order is not promised to be the same on every rank).
 ///
 /// A job of several processes needs one NCCL id, made by rank 0
 /// ([`Nccl::unique_id`]) and sent to the others out of band (over MPI,
@@ -75,23 +75,25 @@ impl Nccl {
         Self::from_rank(device, 0, 1, Self::unique_id()?)
     }
 
-    fn sum<T: NcclType + DeviceRepr>(&self, buf: &mut [T]) -> Result<()> {
-        if buf.is_empty() {
+    /// Sums `buf` over the ranks: padded with zeros to `W` equal blocks,
+    /// block `r` summed by rank `r` (a reduce-scatter), then gathered by
+    /// all, so every rank holds the same bits.
+    fn sum<T: NcclType + DeviceRepr + Default + Copy>(&self, buf: &mut [T]) -> Result<()> {
+        let w = self.comm.world_size();
+        if buf.is_empty() || w == 1 {
             return Ok(());
         }
-        let mut d = self.stream.clone_htod(buf).map_err(driver)?;
-        if self.comm.rank() == 0 {
-            let mut out = self.stream.clone_htod(buf).map_err(driver)?;
-            self.comm.reduce(&d, Some(&mut out), &ReduceOp::Sum, 0).map_err(nccl)?;
-            d = out;
-        } else {
-            self.comm
-                .reduce::<_, candle_core::cuda_backend::cudarc::driver::CudaSlice<T>, T>(&d, None, &ReduceOp::Sum, 0)
-                .map_err(nccl)?;
-        }
-        self.comm.broadcast_in_place(&mut d, 0).map_err(nccl)?;
-        self.stream.memcpy_dtoh(&d, buf).map_err(driver)?;
-        self.stream.synchronize().map_err(driver)
+        let block = buf.len().div_ceil(w);
+        let mut padded = vec![T::default(); block * w];
+        padded[..buf.len()].copy_from_slice(buf);
+        let mut all = self.stream.clone_htod(&padded).map_err(driver)?;
+        let mut mine = self.stream.clone_htod(&padded[..block]).map_err(driver)?;
+        self.comm.reduce_scatter(&all, &mut mine, &ReduceOp::Sum).map_err(nccl)?;
+        self.comm.all_gather(&mine, &mut all).map_err(nccl)?;
+        self.stream.memcpy_dtoh(&all, &mut padded).map_err(driver)?;
+        self.stream.synchronize().map_err(driver)?;
+        buf.copy_from_slice(&padded[..buf.len()]);
+        Ok(())
     }
 }
 
