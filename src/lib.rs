@@ -18,6 +18,11 @@
 //! * [`audit`]: what a run really leaked: canaries in training
 //!   ([`DpOptimizerBuilder::audit`], epsilon-hat in the ledger beside
 //!   epsilon) and the replay check on neighbouring datasets.
+//! * [`distributed`]: data-parallel DP-SGD over MPI or NCCL
+//!   ([`DpOptimizer::distribute`]): each rank samples and clips its shard,
+//!   the noise is drawn once per coordinate in slices.
+//! * Mixed precision: bf16 and f16 models train with f32 norms, sums and
+//!   noise and f32 master weights (see [`optimizer`]).
 //!
 //! # What a step guarantees
 //! Each example's gradient (over all trained variables, every use of a tied

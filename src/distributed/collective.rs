@@ -4,7 +4,7 @@
 use crate::error::Result;
 
 /// The collective operations of one process (a *rank*) among `world_size`
-/// that train together: what [`crate::DpOptimizerBuilder::distributed`]
+/// that train together: what [`crate::DpOptimizer::distribute`]
 /// needs from an engine. Implemented over MPI (`Mpi`, feature `mpi`) and
 /// for one process ([`SingleProcess`]); implement it for another engine
 /// the same way.

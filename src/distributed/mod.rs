@@ -4,7 +4,7 @@
 //! [`SingleProcess`].
 //!
 //! # One step across `W` ranks
-//! [`crate::DpOptimizerBuilder::distributed`] makes every rank's optimizer
+//! [`crate::DpOptimizer::distribute`] makes every rank's optimizer
 //! one part of a single DP-SGD run:
 //! * **Sampling.** Example `i` of the global dataset belongs to the shard of
 //!   exactly one rank ([`shard`]: `[r N / W, (r + 1) N / W)`), and each rank

@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 ///
 /// A job of several processes needs one NCCL id, made by rank 0
 /// ([`Nccl::unique_id`]) and sent to the others out of band (over MPI,
-/// say: [`super::Mpi`]'s broadcast); [`Nccl::single`] is the world of one GPU.
+/// say: `Mpi`'s broadcast); [`Nccl::single`] is the world of one GPU.
 pub struct Nccl {
     comm: Comm,
     stream: Arc<CudaStream>,
