@@ -141,3 +141,23 @@ fn audited_runs_refuse_checkpoints_and_planted_bugs_say_so() {
     let text = bugged.ledger().unwrap().header().description.clone().unwrap();
     assert!(text.starts_with("PLANTED BUG (clipping disabled): NOT PRIVATE."), "{text}");
 }
+
+/// Which canaries are in is the auditor's secret: no Debug output shows the
+/// inclusion seed, the inclusion bits, or which canaries a batch drew.
+#[test]
+fn debug_output_hides_the_canaries_secret() {
+    let m = model();
+    let seed = 918_273_645_u64;
+    let canaries = Canaries::new(M).seeded(seed);
+    let shown = format!("{canaries:?}");
+    assert!(shown.contains("seeded: true") && !shown.contains(&seed.to_string()), "{shown}");
+    let mut opt = builder(&m, 0.5).audit(canaries).build(0.1).unwrap();
+    step(&mut opt, &m);
+    let idx = opt.next_batch().unwrap();
+    let shown = format!("{opt:?}");
+    assert!(!shown.contains(&seed.to_string()), "the seed is shown: {shown}");
+    assert!(!shown.contains("included") && !shown.contains("true, false"), "inclusion bits are shown: {shown}");
+    assert!(shown.contains(&format!("canaries: {M}")) && shown.contains("canaries_drawn"), "{shown}");
+    drop(idx);
+    opt.cancel_batch();
+}

@@ -37,7 +37,7 @@ use crate::noise::os_rng;
 /// clipping) shows epsilon-hat above epsilon when the leak exceeds what `m`
 /// canaries can resolve (with `m` canaries epsilon-hat can reach about
 /// `ln(m / (2 ln(7 / alpha)))` at most).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct Canaries {
     count: usize,
     gradient_norm: f64,
@@ -45,6 +45,20 @@ pub struct Canaries {
     delta: Option<f64>,
     guesses: Guesses,
     seed: Option<u64>,
+}
+
+impl std::fmt::Debug for Canaries {
+    /// Everything but the seed (which would reveal every canary's inclusion).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Canaries")
+            .field("count", &self.count)
+            .field("gradient_norm", &self.gradient_norm)
+            .field("alpha", &self.alpha)
+            .field("delta", &self.delta)
+            .field("guesses", &self.guesses)
+            .field("seeded", &self.seed.is_some())
+            .finish()
+    }
 }
 
 impl Canaries {
@@ -119,7 +133,7 @@ impl Canaries {
 }
 
 /// The canaries of a run: who is in, and the scores so far.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct CanaryState {
     settings: Canaries,
     delta: f64,
@@ -128,6 +142,19 @@ pub(crate) struct CanaryState {
     included: Vec<bool>,
     scores: Vec<f64>,
     seeding: Seeding,
+}
+
+impl std::fmt::Debug for CanaryState {
+    /// Counts, not the inclusion bits (the auditor's secret) or the scores.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CanaryState")
+            .field("settings", &self.settings)
+            .field("delta", &self.delta)
+            .field("first_slot", &self.first_slot)
+            .field("canaries", &self.included.len())
+            .field("seeding", &self.seeding)
+            .finish_non_exhaustive()
+    }
 }
 
 impl CanaryState {

@@ -59,7 +59,6 @@ use crate::noise::GaussianNoise;
 use crate::sampler::Sampler;
 
 /// The logical batch of the step in progress.
-#[derive(Debug)]
 struct OpenBatch {
     /// The examples drawn.
     size: usize,
@@ -71,6 +70,18 @@ struct OpenBatch {
     canaries: Vec<usize>,
     /// The sampler as it was before the draw, for [`DpOptimizer::cancel_batch`].
     sampler_before: Sampler,
+}
+
+impl std::fmt::Debug for OpenBatch {
+    /// The canaries drawn by count only: which were drawn is the audit's secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenBatch")
+            .field("size", &self.size)
+            .field("accumulated", &self.accumulated)
+            .field("canaries_drawn", &self.canaries.len())
+            .field("sampler_before", &self.sampler_before)
+            .finish_non_exhaustive()
+    }
 }
 
 /// DP-SGD around the Candle optimizer `O` (SGD, AdamW, or any implementation).
