@@ -1,6 +1,7 @@
 //! Data-parallel DP-SGD (issue 17) on an in-process world of threads:
 //! W ranks equal one process after K steps up to summation order (f64,
-//! 1e-12 relative), with the same global batches and the same ledger; the
+//! 1e-12 relative), with the same global batches and the same ledger
+//! records (each stating its world size); the
 //! noise slices cover every coordinate exactly once; one rank's failure
 //! stops every rank with nothing changed; ranks built otherwise refuse
 //! together; only rank 0 writes files. The same properties under MPI are
@@ -13,7 +14,7 @@ use candle_core::DType;
 use candle_dp::distributed::{Collective, SingleProcess};
 use candle_dp::{DpOptimizer, Error, GaussianNoise};
 use candle_nn::{VarMap, SGD};
-use common::dp_run::{max_rel_diff, Builder, Run, N, STEPS};
+use common::dp_run::{max_rel_diff, records, world_sizes, Builder, Run, N, STEPS};
 use common::world::on_ranks;
 use common::{mlp_pair, set_deterministic, vars_by_name};
 
@@ -30,7 +31,8 @@ fn two_and_three_ranks_equal_one_process() {
         let ranks = on_ranks(world, |rank| Run::new(DType::F64, 0.4, 0.3).distribute(rank).train(STEPS));
         for (r, outcome) in ranks.iter().enumerate() {
             assert_eq!(outcome.weights, ranks[0].weights, "rank {r} of {world} drifted from rank 0");
-            assert_eq!(outcome.ledger, one.ledger, "rank {r} of {world}: ledger");
+            assert_eq!(records(&outcome.ledger), records(&one.ledger), "rank {r} of {world}: ledger");
+            assert_eq!(world_sizes(&outcome.ledger), vec![Some(world as u64)], "rank {r} of {world}: world size");
             let d = max_rel_diff(&outcome.weights, &one.weights);
             assert!(d < 1e-12, "{world} ranks vs one process: relative difference {d:e}");
             assert_ne!(outcome.weights, Run::new(DType::F64, 0.4, 0.3).weights(), "nothing was trained");
@@ -70,7 +72,12 @@ fn ranks_start_from_rank_zeros_weights() {
 fn single_process_world_is_the_plain_run_bit_for_bit() {
     let plain = Run::new(DType::F32, 0.4, 0.3).train(STEPS);
     let single = Run::new(DType::F32, 0.4, 0.3).distribute(SingleProcess).train(STEPS);
-    assert_eq!(single, plain);
+    assert_eq!(
+        (&single.weights, &single.batches, &single.summaries),
+        (&plain.weights, &plain.batches, &plain.summaries)
+    );
+    assert_eq!(records(&single.ledger), records(&plain.ledger));
+    assert_eq!((world_sizes(&single.ledger), world_sizes(&plain.ledger)), (vec![Some(1)], vec![None]));
 }
 
 /// With no example in any batch (q tiny), each step releases noise only:
@@ -123,7 +130,7 @@ fn one_ranks_failure_stops_every_rank_and_changes_nothing() {
             }
             let d = max_rel_diff(&rest.weights, &uninterrupted.weights);
             assert!(d < 1e-12, "rank {me}: after the refused step, {d:e} from an uninterrupted run");
-            assert_eq!(rest.ledger, uninterrupted.ledger);
+            assert_eq!(records(&rest.ledger), records(&uninterrupted.ledger));
         }
     }
 }
@@ -263,6 +270,10 @@ fn a_checkpoint_of_two_ranks_resumes_on_three() {
         let d = max_rel_diff(&outcome.weights, &uninterrupted.weights);
         assert!(d < 1e-12, "resumed: {d:e} from an uninterrupted run");
     }
+    // The ledger says which steps ran on how many processes.
+    assert_eq!(world_sizes(&ranks[0].ledger), vec![Some(2), Some(3)]);
+    assert_eq!(world_sizes(&alone.ledger), vec![Some(2), None]);
+    assert_eq!(records(&ranks[0].ledger)[0], records(&alone.ledger)[0]);
     for outcome in &ranks {
         assert_eq!(outcome.weights, ranks[0].weights, "the resumed ranks differ");
     }

@@ -13,7 +13,7 @@ use std::process::Command;
 
 use candle_core::DType;
 use candle_dp::distributed::{Collective, Mpi};
-use common::dp_run::{max_rel_diff, Run, STEPS};
+use common::dp_run::{max_rel_diff, records, strip, world_sizes, Run, STEPS};
 use serde_json::{json, Value};
 
 /// Where a rank started by [`mpirun`] writes what it ended with.
@@ -132,34 +132,6 @@ fn weights(v: &Value) -> Vec<f64> {
     v["weights"].as_array().unwrap().iter().map(|b| f64::from_bits(b.as_u64().unwrap())).collect()
 }
 
-/// A ledger's records, without the hashes and each record's `distributed`
-/// (how many processes ran the steps): what a run on any number of ranks
-/// must share with the one-process run.
-fn records(ledger_json: &str) -> Vec<Value> {
-    let ledger: Value = serde_json::from_str(ledger_json).unwrap();
-    ledger["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            let mut record = e["record"].clone();
-            strip(&mut record, "distributed");
-            record
-        })
-        .collect()
-}
-
-fn strip(v: &mut Value, key: &str) {
-    match v {
-        Value::Object(m) => {
-            m.remove(key);
-            m.values_mut().for_each(|x| strip(x, key));
-        }
-        Value::Array(a) => a.iter_mut().for_each(|x| strip(x, key)),
-        _ => {}
-    }
-}
-
 /// 1, 2 and 3 MPI ranks end where one process does (f64, 1e-12 relative),
 /// every rank with the same bits, and account the same steps.
 #[test]
@@ -176,6 +148,7 @@ fn mpi_ranks_equal_one_process() {
             assert!(d < 1e-12, "{ranks} MPI ranks vs one process: relative difference {d:e}");
             let ledger = o["ledger"].as_str().unwrap();
             assert_eq!(records(ledger), records(&one.ledger), "rank {r} of {ranks}: the ledger");
+            assert_eq!(world_sizes(ledger), vec![Some(ranks as u64)], "rank {r} of {ranks}: the world size recorded");
         }
     }
 }

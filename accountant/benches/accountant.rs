@@ -96,6 +96,7 @@ fn report_2000_distinct_steps(c: &mut Criterion) {
             sampler: SamplerKind::Poisson,
             noise: NoiseSource { generator: NoiseGenerator::Chacha20, seed: Seeding::OsEntropy },
             sampler_seed: Seeding::OsEntropy,
+            distributed: None,
         })
         .unwrap();
     let mut group = c.benchmark_group("report");

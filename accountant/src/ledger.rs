@@ -5,9 +5,9 @@
 //! ```json
 //! { "format": "dp-accountant-ledger", "version": 1,
 //!   "header": { "created_by": "...", "dataset_size": 1797, "target": {"epsilon": 3.0, "delta": 1e-5},
-//!               "data": {"name": "digits.csv", "sha256": "<hex>", "bytes": 123456, "rows": 1797},
-//!               "distributed": {"world_size": 8, "noise": "once_per_coordinate"} },
-//!   "entries": [ { "index": 0, "prev_hash": "<hex>", "record": { "mechanism": { ... } }, "hash": "<hex>" },
+//!               "data": {"name": "digits.csv", "sha256": "<hex>", "bytes": 123456, "rows": 1797} },
+//!   "entries": [ { "index": 0, "prev_hash": "<hex>", "record": { "mechanism": { ...,
+//!                  "distributed": {"world_size": 8, "noise": "once_per_coordinate"} } }, "hash": "<hex>" },
 //!                { "index": 1, "prev_hash": "<hex>", "record": { "release": { ... } }, "hash": "<hex>" } ],
 //!   "head": "<hex>",
 //!   "signature": { "algorithm": "ed25519", "public_key": "<hex>", "signature": "<hex>" } }
@@ -151,6 +151,12 @@ pub struct MechanismRecord {
     /// How the sampler's generator was seeded. Amplification by sampling
     /// assumes the batches are secret: a fixed seed makes them predictable.
     pub sampler_seed: Seeding,
+    /// How these steps were spread over processes, if they ran data
+    /// parallel (absent for one-process steps, so that their records, and
+    /// the hashes of ledgers without distributed steps, are unchanged). Per
+    /// record: a run checkpointed on some processes may resume on others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distributed: Option<Distribution>,
 }
 
 /// A model saved from the run: names the weights a privacy statement covers.
@@ -371,15 +377,14 @@ impl Distribution {
     /// Checks the fields: `world_size` from 1 to [`MAX_WORLD_SIZE`].
     ///
     /// # Errors
-    /// [`LedgerError::InvalidHeader`] naming the field.
-    pub fn check(&self) -> Result<(), LedgerError> {
+    /// What is wrong, naming the field and its range (the ledger reports it
+    /// as [`LedgerError::InvalidEntry`] of the record).
+    pub fn check(&self) -> Result<(), String> {
         if !(1..=MAX_WORLD_SIZE).contains(&self.world_size) {
-            return Err(LedgerError::InvalidHeader {
-                message: format!(
-                    "distributed.world_size = {}: must be an integer from 1 to {MAX_WORLD_SIZE} (2^24)",
-                    self.world_size
-                ),
-            });
+            return Err(format!(
+                "distributed.world_size = {}: must be an integer from 1 to {MAX_WORLD_SIZE} (2^24)",
+                self.world_size
+            ));
         }
         Ok(())
     }
@@ -404,20 +409,15 @@ pub struct LedgerHeader {
     /// that theirs, and their hashes, are unchanged).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<DataProvenance>,
-    /// How the run was spread over processes, if it was (absent from
-    /// one-process ledgers, so that theirs, and their hashes, are unchanged).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub distributed: Option<Distribution>,
 }
 
 impl LedgerHeader {
-    /// Checks the header's values: its data provenance and its distribution, if any.
+    /// Checks the header's values (today: its data provenance, if any).
     ///
     /// # Errors
     /// [`LedgerError::InvalidHeader`] naming the field.
     pub fn check(&self) -> Result<(), LedgerError> {
-        self.data.as_ref().map_or(Ok(()), DataProvenance::check)?;
-        self.distributed.as_ref().map_or(Ok(()), Distribution::check)
+        self.data.as_ref().map_or(Ok(()), DataProvenance::check)
     }
 }
 
@@ -892,6 +892,7 @@ fn check_audit(a: &AuditRecord, steps_before: u64, index: usize) -> Result<()> {
 fn check_record(record: &MechanismRecord, ledger_adjacency: Option<Adjacency>, index: usize) -> Result<()> {
     let invalid = |message: String| Error::Ledger(LedgerError::InvalidEntry { entry: index, message });
     ensure("clipping_norm", record.clipping_norm, Valid::Positive).map_err(|e| invalid(e.to_string()))?;
+    record.distributed.as_ref().map_or(Ok(()), Distribution::check).map_err(invalid)?;
     RdpAccountant::new(record.adjacency).check(&record.event).map_err(|e| invalid(e.to_string()))?;
     if let Some(adjacency) = ledger_adjacency {
         if adjacency != record.adjacency {

@@ -54,6 +54,7 @@
 //!     sampler: SamplerKind::Poisson,
 //!     noise: NoiseSource { generator: NoiseGenerator::Chacha20, seed: Seeding::OsEntropy },
 //!     sampler_seed: Seeding::OsEntropy,
+//!     distributed: None,
 //! })?;
 //!
 //! // What a reviewer runs: parse (which verifies the chain), then report.
@@ -100,6 +101,7 @@ pub use ledger::{
 pub use pld::{PldAccountant, PldDelta, PldEpsilon, DEFAULT_EPSILON_ERROR, MAX_WORK};
 pub use rdp::{default_orders, rdp_poisson_subsampled_gaussian, RdpAccountant};
 pub use report::{
-    AuditSummary, AuditVerdict, DeltaSource, MechanismSummary, PrivacyReport, SignatureSummary, UserLevelBound,
+    AuditSummary, AuditVerdict, DeltaSource, DistributedSteps, MechanismSummary, PrivacyReport, SignatureSummary,
+    UserLevelBound,
 };
 pub use signing::{generate_key_files, PublicKey, SecretKey};

@@ -94,6 +94,44 @@ pub struct MechanismSummary {
     pub epochs: f64,
 }
 
+/// Consecutive steps that ran data parallel the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct DistributedSteps {
+    /// The first of these steps, from 1.
+    pub first_step: u64,
+    /// The last of them.
+    pub last_step: u64,
+    /// The processes that ran them ([`crate::Distribution::world_size`]).
+    pub world_size: u64,
+    /// How their noise was made ([`crate::Distribution::noise`]).
+    pub noise_placement: DistributedNoise,
+}
+
+/// The distributed steps of `ledger`, grouped (see [`PrivacyReport::distributed`]).
+fn distributed_steps(ledger: &Ledger) -> Vec<DistributedSteps> {
+    let mut spans: Vec<DistributedSteps> = Vec::new();
+    let mut done = 0u64;
+    for m in ledger.mechanisms() {
+        let steps = m.event.steps();
+        if let (Some(d), true) = (m.distributed, steps > 0) {
+            let (first, last) = (done + 1, done.saturating_add(steps));
+            match spans.last_mut() {
+                Some(s) if s.last_step == done && s.world_size == d.world_size && s.noise_placement == d.noise => {
+                    s.last_step = last;
+                }
+                _ => spans.push(DistributedSteps {
+                    first_step: first,
+                    last_step: last,
+                    world_size: d.world_size,
+                    noise_placement: d.noise,
+                }),
+            }
+        }
+        done = done.saturating_add(steps);
+    }
+    spans
+}
+
 /// Who signed the ledger's head (see [`crate::signing`]).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SignatureSummary {
@@ -129,12 +167,10 @@ pub struct PrivacyReport {
     pub epochs: f64,
     /// The data trained on, by hash, if the run recorded it.
     pub data: Option<DataProvenance>,
-    /// The processes that trained together in data parallel, if the run was
-    /// distributed ([`crate::Distribution::world_size`]); `null` otherwise.
-    pub world_size: Option<u64>,
-    /// How a distributed run's noise was made across its processes
-    /// ([`crate::Distribution::noise`]); `null` for a one-process run.
-    pub noise_placement: Option<DistributedNoise>,
+    /// The steps that ran data parallel, in runs of consecutive records
+    /// with the same distribution (a run resumed on another number of
+    /// processes has several); empty for a one-process run.
+    pub distributed: Vec<DistributedSteps>,
     /// The unit of privacy.
     pub adjacency: Adjacency,
     /// The unit of privacy in words, with what it is not (one person).
@@ -256,8 +292,7 @@ impl PrivacyReport {
             expected_batch_size,
             epochs,
             data: header.data.clone(),
-            world_size: header.distributed.map(|d| d.world_size),
-            noise_placement: header.distributed.map(|d| d.noise),
+            distributed: distributed_steps(ledger),
             adjacency: ledger.adjacency(),
             protected_unit: scope::protected_unit_sentence(ledger.adjacency()),
             user_level: None,
@@ -459,10 +494,10 @@ fn record_caveats(ledger: &Ledger, mechanisms: &[MechanismSummary]) -> Vec<Strin
 /// Poisson samples, which the processes' independent sampling of their shards
 /// does not describe.
 fn distribution_caveat(ledger: &Ledger, mechanisms: &[MechanismSummary]) -> Option<String> {
-    let world_size = ledger.header().distributed?.world_size;
+    let world_size = ledger.mechanisms().filter_map(|m| m.distributed).map(|d| d.world_size).max()?;
     let other = mechanisms.iter().find(|m| m.sampler != SamplerKind::Poisson)?;
     Some(format!(
-        "The run was distributed over {world_size} {}, but some steps record {}, not Poisson samples: a \
+        "The run was distributed (over up to {world_size} {}), but some steps record {}, not Poisson samples: a \
          data-parallel run's processes sample their shards independently, which is Poisson sampling, and the \
          ledger does not say how those steps' batches were drawn across the processes, so whether their \
          accounting applies is not shown.",

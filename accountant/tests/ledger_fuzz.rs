@@ -36,6 +36,7 @@ fn bases() -> Vec<Ledger> {
         sampler: SamplerKind::ShuffledFixedSize,
         noise: NoiseSource { generator: NoiseGenerator::Chacha20, seed: Seeding::Fixed },
         sampler_seed: Seeding::Fixed,
+        distributed: None,
     })
     .unwrap_err(); // a full-batch Gaussian under a shuffled sampler is refused at append
     odd.append(MechanismRecord {
@@ -45,15 +46,17 @@ fn bases() -> Vec<Ledger> {
         sampler: SamplerKind::ShuffledFixedSize,
         noise: NoiseSource { generator: NoiseGenerator::Chacha20, seed: Seeding::Fixed },
         sampler_seed: Seeding::Fixed,
+        distributed: None,
     })
     .unwrap();
-    // A data-parallel run that names its data: the header's optional fields.
+    // A data-parallel run that names its data: the header's and the
+    // record's optional fields.
     let mut spread = Ledger::new(LedgerHeader {
         data: Some(DataProvenance::of_bytes("shards.bin", b"0,1,2\n", 1437).unwrap()),
-        distributed: Some(Distribution { world_size: 8, noise: DistributedNoise::OncePerCoordinate }),
         ..sample_ledger().header().clone()
     });
-    spread.append(poisson_record(0.0445, 1.9, 300)).unwrap();
+    let on_8 = Some(Distribution { world_size: 8, noise: DistributedNoise::OncePerCoordinate });
+    spread.append(MechanismRecord { distributed: on_8, ..poisson_record(0.0445, 1.9, 300) }).unwrap();
     spread.append_release("model.safetensors", &"7c".repeat(32)).unwrap();
     vec![sample_ledger(), released, signed, odd, audited, spread]
 }

@@ -202,6 +202,7 @@ fn shuffled_fixed_size_batches_are_recorded_and_accounted_without_amplification(
                 seed: Seeding::Fixed,
             },
             sampler_seed: Seeding::OsEntropy,
+            distributed: None,
         })
         .unwrap();
     let ledger = Ledger::from_json(&ledger.to_json()).unwrap();

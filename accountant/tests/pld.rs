@@ -193,6 +193,7 @@ fn report_shows_both_accountants_and_says_which_one_it_states() {
             sampler: SamplerKind::Poisson,
             noise: NoiseSource { generator: NoiseGenerator::Chacha20, seed: Seeding::OsEntropy },
             sampler_seed: Seeding::OsEntropy,
+            distributed: None,
         })
         .unwrap();
     let by_pld = PrivacyReport::from_ledger_with(&ledger, Some(1e-5), AccountantKind::Pld).unwrap();

@@ -92,7 +92,10 @@ fn check_against_ledger<O: candle_nn::Optimizer>(opt: &DpOptimizer<O>, ledger: &
     let bad = |reason: String| Error::Checkpoint { path: path.to_path_buf(), reason };
     let config = opt.config();
     for (k, m) in ledger.mechanisms().enumerate() {
-        if *m != opt.record(m.event.steps()) {
+        // The processes that ran a step are the run's to change (a checkpoint
+        // resumes on any number); the mechanism is not.
+        let expected = dp_accountant::MechanismRecord { distributed: m.distributed, ..opt.record(m.event.steps()) };
+        if *m != expected {
             return Err(bad(format!(
                 "mechanism {k} of the ledger differs from the checkpoint's configuration (noise multiplier {}, \
                  clipping norm {}, sampler {:?}): the manifest does not describe this run",

@@ -252,7 +252,6 @@ impl<O: Optimizer> DpOptimizerBuilder<O> {
             dataset_size: Some(description.dataset_size() as u64),
             target: self.budget.map(|b| PrivacyTarget { epsilon: b.epsilon, delta: b.delta }),
             data: self.data,
-            distributed: None,
         });
         let mut optimizer = DpOptimizer::assemble(self.vars, self.sampler, noise, dp, config, ledger)?;
         optimizer.audit = audit;

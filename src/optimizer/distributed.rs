@@ -87,6 +87,8 @@ impl<O: Optimizer> DpOptimizer<O> {
             ));
         };
         let (key, step) = sampler.state();
+        // Steps taken before are one process's: recorded as such.
+        self.flush_ledger()?;
         let (noise_key, stream, word) = self.noise.state();
         let fingerprint = self.fingerprint(world_size)?;
         let mut message = Vec::with_capacity(AGREEMENT);
@@ -139,6 +141,15 @@ impl<O: Optimizer> DpOptimizer<O> {
             var.set(&root)?;
         }
         self.masters.as_ref().map_or(Ok(()), |m| m.round_into(&self.vars))
+    }
+
+    /// What the ledger records of this optimizer's steps: the world size and
+    /// the noise drawn once per coordinate; `None` unless distributed.
+    pub(crate) fn distribution(&self) -> Option<dp_accountant::Distribution> {
+        self.distributed.as_ref().map(|d| dp_accountant::Distribution {
+            world_size: d.collective.world_size() as u64,
+            noise: dp_accountant::DistributedNoise::OncePerCoordinate,
+        })
     }
 
     /// This rank and the number of ranks: `(0, 1)` unless distributed.

@@ -299,6 +299,7 @@ impl<O: Optimizer> DpOptimizer<O> {
             sampler: sampler.kind(),
             noise: NoiseSource { generator: NoiseGenerator::Chacha20, seed: self.noise.seeding() },
             sampler_seed: sampler.seeding(),
+            distributed: self.distribution(),
         }
     }
 

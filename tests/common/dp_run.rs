@@ -128,3 +128,38 @@ pub fn max_rel_diff(a: &[f64], b: &[f64]) -> f64 {
     let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
     a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale
 }
+
+/// A ledger's records, without the hashes and each record's `distributed`
+/// (how many processes ran the steps): what a run on any number of ranks
+/// must share with the one-process run.
+pub fn records(ledger_json: &str) -> Vec<serde_json::Value> {
+    let ledger: serde_json::Value = serde_json::from_str(ledger_json).unwrap();
+    ledger["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let mut record = e["record"].clone();
+            strip(&mut record, "distributed");
+            record
+        })
+        .collect()
+}
+
+/// `v` without `key` at any depth.
+pub fn strip(v: &mut serde_json::Value, key: &str) {
+    match v {
+        serde_json::Value::Object(m) => {
+            m.remove(key);
+            m.values_mut().for_each(|x| strip(x, key));
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(|x| strip(x, key)),
+        _ => {}
+    }
+}
+
+/// The world size each mechanism record of a ledger states (`None`: one process).
+pub fn world_sizes(ledger_json: &str) -> Vec<Option<u64>> {
+    let ledger = candle_dp::accountant::Ledger::from_json(ledger_json).unwrap();
+    ledger.mechanisms().map(|m| m.distributed.map(|d| d.world_size)).collect()
+}

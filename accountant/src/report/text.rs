@@ -239,7 +239,8 @@ impl PrivacyReport {
     /// How a distributed run spread its steps over processes, in words; none
     /// for a one-process run (whose statement says nothing about it).
     pub(crate) fn distribution_sentence(&self) -> Option<String> {
-        let (w, noise) = (self.world_size?, self.noise_placement?);
+        let first = self.distributed.first()?;
+        let noise = first.noise_placement;
         let mut rates: Vec<f64> = self.mechanisms.iter().filter_map(|m| m.sample_rate).collect();
         rates.sort_by(f64::total_cmp);
         rates.dedup();
@@ -266,7 +267,31 @@ impl PrivacyReport {
                  guarantee is the same as a one-process run's"
             }
         };
-        Some(format!("training ran on {w} {} in data parallel, {sampling}; {noise}", processes(w)))
+        let total: u64 = self.mechanisms.iter().map(|m| m.steps).sum();
+        let spans = &self.distributed;
+        let when = match spans.as_slice() {
+            [only] if only.first_step == 1 && only.last_step == total => {
+                format!("training ran on {} {}", only.world_size, processes(only.world_size))
+            }
+            _ => {
+                let parts: Vec<String> = spans
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "steps {}-{} on {} {}",
+                            s.first_step,
+                            s.last_step,
+                            s.world_size,
+                            processes(s.world_size)
+                        )
+                    })
+                    .collect();
+                let in_spans: u64 = spans.iter().map(|s| s.last_step - s.first_step + 1).sum();
+                let rest = if in_spans < total { " (the other steps in one process)" } else { "" };
+                format!("training ran {}{rest}", parts.join(", "))
+            }
+        };
+        Some(format!("{when} in data parallel, {sampling}; {noise}"))
     }
 
     pub(crate) fn target_sentence(&self, t: PrivacyTarget) -> String {

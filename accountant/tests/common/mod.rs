@@ -119,7 +119,6 @@ pub fn sample_ledger() -> dp_accountant::Ledger {
         dataset_size: Some(1437),
         target: Some(PrivacyTarget { epsilon: 3.0, delta: 1e-5 }),
         data: None,
-        distributed: None,
     });
     for (q, s, n) in [(0.0445, 1.9, 200u64), (0.0445, 1.9, 250), (0.0445, 2.1, 224)] {
         ledger.append(poisson_record(q, s, n)).unwrap();
@@ -137,6 +136,7 @@ pub fn poisson_record(q: f64, sigma: f64, n: u64) -> dp_accountant::MechanismRec
         sampler: SamplerKind::Poisson,
         noise: NoiseSource { generator: NoiseGenerator::Chacha20, seed: Seeding::OsEntropy },
         sampler_seed: Seeding::OsEntropy,
+        distributed: None,
     }
 }
 
