@@ -279,3 +279,49 @@ fn a_checkpoint_of_two_ranks_resumes_on_three() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A rank that cannot be distributed (here: audit canaries) still takes
+/// part in the agreement: it returns its own refusal, every other rank
+/// `PeerFailed`, and none waits forever.
+#[test]
+fn a_rank_that_refuses_makes_every_rank_fail_not_hang() {
+    let errors = on_ranks(3, |rank| {
+        let me = rank.rank();
+        let run = if me == 1 {
+            Run::with(DType::F64, 0.4, |b| {
+                b.audit(candle_dp::audit::Canaries::new(10).seeded(1))
+                    .budget(candle_dp::PrivacyBudget { epsilon: 8.0, delta: 1e-5 })
+            })
+        } else {
+            Run::new(DType::F64, 0.4, 0.3)
+        };
+        run.opt.distribute(rank).map(|_| ()).unwrap_err()
+    });
+    for (me, err) in errors.iter().enumerate() {
+        match me {
+            1 => assert!(matches!(err, Error::Incompatible { with: "audit canaries", .. }), "{err}"),
+            _ => assert!(matches!(err, Error::PeerFailed { failed: 1, world_size: 3 }), "rank {me}: {err}"),
+        }
+    }
+}
+
+/// Every rank adopts rank 0's noise generator: a rank seeded otherwise (the
+/// seeding, fixed, is the same kind) ends where the one-process run with
+/// rank 0's seed does.
+#[test]
+fn every_rank_adopts_rank_zeros_noise_keys() {
+    let one = Run::new(DType::F64, 0.4, 0.3).train(STEPS);
+    let ranks = on_ranks(2, |rank| {
+        let run = if rank.rank() == 1 {
+            Run::with(DType::F64, 0.4, |b| b.noise(GaussianNoise::from_seed(77)))
+        } else {
+            Run::new(DType::F64, 0.4, 0.3)
+        };
+        run.distribute(rank).train(STEPS)
+    });
+    for o in &ranks {
+        assert!(max_rel_diff(&o.weights, &one.weights) < 1e-12);
+    }
+    let other = Run::with(DType::F64, 0.4, |b| b.noise(GaussianNoise::from_seed(77))).train(STEPS);
+    assert!(max_rel_diff(&other.weights, &one.weights) > 1e-6, "the seeds must matter for this test");
+}

@@ -12,7 +12,10 @@
 //!   Poisson sampler ([`crate::PoissonSampler`]): inclusion is a function of
 //!   the sampler's key, the step and `i`, so the global batch is the Poisson
 //!   batch the accountant assumes, and the same for every world size. Ranks
-//!   never see each other's examples.
+//!   never load each other's examples, but they are one trusted curator:
+//!   every rank holds the sampler key and the noise keys (it could remove
+//!   the noise from an update, as rank 0 could in any scheme), so all
+//!   ranks must be as trusted as the training data.
 //! * **Clipping** is local; each rank sums its clipped gradients.
 //! * **Noise, once per coordinate.** The `n` coordinates of all trained
 //!   variables, in the optimizer's order, form one noise vector per step,
@@ -37,7 +40,7 @@
 //! noise.
 //!
 //! # Agreement
-//! When the optimizer is built, rank 0's sampler key and noise generator
+//! When the optimizer is distributed, rank 0's sampler key and noise generator
 //! state are broadcast (so the keys are rank 0's, from its operating
 //! system unless seeded: never a fixed default), and every rank checks that
 //! its settings, variables and ledger hash to rank 0's: a rank built
@@ -74,7 +77,7 @@ use std::ops::Range;
 pub fn shard(len: usize, rank: usize, world_size: usize) -> Range<usize> {
     let w = world_size.max(1) as u128;
     let at = |r: usize| ((r.min(world_size) as u128 * len as u128) / w) as usize;
-    at(rank)..at(rank + 1)
+    at(rank)..at(rank.saturating_add(1))
 }
 
 #[cfg(test)]

@@ -63,6 +63,53 @@ impl<O: Optimizer> DpOptimizer<O> {
         let (rank, world_size) = (collective.rank(), collective.world_size());
         ensure("world_size", world_size as f64, "an integer >= 1", world_size >= 1)?;
         ensure("rank", rank as f64, "an integer in [0, world_size)", rank < world_size)?;
+        // A rank that cannot be distributed still takes part in the agreement
+        // (its message is zeros): every rank then fails, none waits forever.
+        let local = self.local_agreement(world_size);
+        let mut message = vec![0u8; AGREEMENT];
+        if let Ok((m, _)) = &local {
+            message.copy_from_slice(m);
+        }
+        collective.broadcast(&mut message, 0)?;
+        let this_rank = matches!(&local, Ok((_, fingerprint)) if message[AGREEMENT - 32..] != fingerprint[..]);
+        let mut flags = [f64::from(u8::from(local.is_err())), f64::from(u8::from(this_rank))];
+        collective.all_reduce_sum_f64(&mut flags)?;
+        local?;
+        if flags[0] > 0.0 {
+            return Err(Error::PeerFailed { failed: flags[0] as usize, world_size });
+        }
+        if flags[1] > 0.0 {
+            return Err(Error::RanksDisagree { disagreeing: flags[1] as usize, world_size, this_rank });
+        }
+        let bytes = |range: Range<usize>| -> [u8; 32] {
+            let mut b = [0u8; 32];
+            b.copy_from_slice(&message[range]);
+            b
+        };
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&message[32..40]);
+        let root_step = u64::from_le_bytes(word);
+        word.copy_from_slice(&message[72..80]);
+        let root_stream = u64::from_le_bytes(word);
+        let mut wide = [0u8; 16];
+        wide.copy_from_slice(&message[80..96]);
+        let root_word = u128::from_le_bytes(wide);
+        let (root_key, root_noise) = (bytes(0..32), bytes(40..72));
+        self.adopt_root_weights(&collective)?;
+        if let Sampler::Poisson(s) = &mut self.sampler {
+            s.adopt(root_key, root_step);
+        }
+        // The seedings are in the fingerprint, hence rank 0's.
+        self.noise.adopt((root_noise, root_stream, root_word));
+        let shard = shard(self.config.sampler.dataset_size(), rank, world_size);
+        self.distributed = Some(Distributed { collective: Box::new(collective), shard });
+        Ok(self)
+    }
+
+    /// This rank's part of the agreement (its sampler key and step, noise
+    /// position and fingerprint), or why it cannot be distributed. Flushes
+    /// the steps taken so far: they are one process's.
+    fn local_agreement(&mut self, world_size: usize) -> Result<([u8; AGREEMENT], [u8; 32])> {
         if self.batch.is_some() {
             return Err(Error::OutOfOrder {
                 call: "distribute",
@@ -87,40 +134,18 @@ impl<O: Optimizer> DpOptimizer<O> {
             ));
         };
         let (key, step) = sampler.state();
-        // Steps taken before are one process's: recorded as such.
         self.flush_ledger()?;
         let (noise_key, stream, word) = self.noise.state();
         let fingerprint = self.fingerprint(world_size)?;
-        let mut message = Vec::with_capacity(AGREEMENT);
-        message.extend_from_slice(&key);
-        message.extend_from_slice(&step.to_le_bytes());
-        message.extend_from_slice(&noise_key);
-        message.extend_from_slice(&stream.to_le_bytes());
-        message.extend_from_slice(&word.to_le_bytes());
-        message.extend_from_slice(&fingerprint);
-        collective.broadcast(&mut message, 0)?;
-        let this_rank = message[AGREEMENT - 32..] != fingerprint;
-        let mut disagreeing = [f64::from(u8::from(this_rank))];
-        collective.all_reduce_sum_f64(&mut disagreeing)?;
-        if disagreeing[0] > 0.0 {
-            return Err(Error::RanksDisagree { disagreeing: disagreeing[0] as usize, world_size, this_rank });
+        let mut message = [0u8; AGREEMENT];
+        let parts: [&[u8]; 6] =
+            [&key, &step.to_le_bytes(), &noise_key, &stream.to_le_bytes(), &word.to_le_bytes(), &fingerprint];
+        let mut at = 0;
+        for part in parts {
+            message[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
         }
-        let bytes = |range: Range<usize>| -> [u8; 32] { message[range].try_into().unwrap_or([0; 32]) };
-        let word_at = |at: usize| u64::from_le_bytes(message[at..at + 8].try_into().unwrap_or([0; 8]));
-        let root_key = bytes(0..32);
-        let root_step = word_at(32);
-        let root_noise = bytes(40..72);
-        let root_stream = word_at(72);
-        let root_word = u128::from_le_bytes(message[80..96].try_into().unwrap_or([0; 16]));
-        self.adopt_root_weights(&collective)?;
-        if let Sampler::Poisson(s) = &mut self.sampler {
-            s.adopt(root_key, root_step);
-        }
-        // The seedings are in the fingerprint, hence rank 0's.
-        self.noise.adopt((root_noise, root_stream, root_word));
-        let shard = shard(self.config.sampler.dataset_size(), rank, world_size);
-        self.distributed = Some(Distributed { collective: Box::new(collective), shard });
-        Ok(self)
+        Ok((message, fingerprint))
     }
 
     /// Sets the trained variables to rank 0's values, bit for bit (through
@@ -175,6 +200,9 @@ impl<O: Optimizer> DpOptimizer<O> {
             h.update(format!("{:?} {:?};", var.dims(), var.dtype()).as_bytes());
         }
         h.update(format!("{:?} {:?} {} {}", self.noise.seeding(), self.bug, self.steps, self.pending_steps).as_bytes());
+        // The inner step must be the same too (its settings beyond the
+        // learning rate are not visible through `Optimizer`).
+        h.update(format!("{} {:e}", std::any::type_name::<O>(), self.inner.learning_rate()).as_bytes());
         h.update(self.ledger.to_json().as_bytes());
         h.update(world_size.to_le_bytes());
         Ok(h.finalize().into())
@@ -240,6 +268,11 @@ impl<O: Optimizer> DpOptimizer<O> {
         let mut at = 0;
         for (var, len) in self.stepped_vars().iter().zip(&lens) {
             let values: Vec<f64> = buf[at..at + len].iter().map(|v| v * scale).collect();
+            if !values.iter().all(|v| v.is_finite()) {
+                // Every rank has the same bits, so every rank refuses.
+                self.cancel_batch();
+                return Err(super::step::overflow(std * scale));
+            }
             let mean = Tensor::from_vec(values, var.shape(), var.device())?;
             match finite_as(&mean, var.dtype(), std * scale) {
                 Ok(t) => released.push(t),

@@ -372,7 +372,7 @@ pub(super) fn finite_as(t: &Tensor, dtype: DType, noise_scale: f64) -> Result<Te
     }
 }
 
-fn overflow(noise_scale: f64) -> Error {
+pub(super) fn overflow(noise_scale: f64) -> Error {
     Error::InvalidConfig {
         field: "noise_multiplier * max_grad_norm / expected_batch_size",
         value: noise_scale,
