@@ -264,28 +264,39 @@ impl<O: Optimizer> DpOptimizer<O> {
                 _ => Error::PeerFailed { failed: failed as usize, world_size },
             });
         }
-        let mut released = Vec::with_capacity(self.vars.len());
-        let mut at = 0;
-        for (var, len) in self.stepped_vars().iter().zip(&lens) {
-            let values: Vec<f64> = buf[at..at + len].iter().map(|v| v * scale).collect();
-            if !values.iter().all(|v| v.is_finite()) {
-                // Every rank has the same bits, so every rank refuses.
+        // Every rank has the same bits, so every rank refuses alike.
+        let released = match self.noisy_means(&buf[..n], &lens, std, scale) {
+            Ok(released) => released,
+            Err(e) => {
                 self.cancel_batch();
+                return Err(e);
+            }
+        };
+        self.commit(released, noise, None)?;
+        Ok(StepSummary { examples: buf[n + 2] as usize, chunks: summary.chunks, loss_sum: buf[n + 1] })
+    }
+}
+
+impl<O: Optimizer> DpOptimizer<O> {
+    /// The released means of the reduced noisy sums `reduced` (the
+    /// variables' coordinates in order, `lens` each): times `scale`, in
+    /// `f64`, then rounded once to each stepped variable's dtype.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a value not finite there (NaN included).
+    fn noisy_means(&self, reduced: &[f64], lens: &[usize], std: f64, scale: f64) -> Result<Vec<Tensor>> {
+        let mut at = 0;
+        let mut released = Vec::with_capacity(lens.len());
+        for (var, len) in self.stepped_vars().iter().zip(lens) {
+            let values: Vec<f64> = reduced[at..at + len].iter().map(|v| v * scale).collect();
+            if !values.iter().all(|v| v.is_finite()) {
                 return Err(super::step::overflow(std * scale));
             }
             let mean = Tensor::from_vec(values, var.shape(), var.device())?;
-            match finite_as(&mean, var.dtype(), std * scale) {
-                Ok(t) => released.push(t),
-                // Every rank has the same bits, so every rank refuses.
-                Err(e) => {
-                    self.cancel_batch();
-                    return Err(e);
-                }
-            }
+            released.push(finite_as(&mean, var.dtype(), std * scale)?);
             at += len;
         }
-        self.commit(released, noise, None)?;
-        Ok(StepSummary { examples: buf[n + 2] as usize, chunks: summary.chunks, loss_sum: buf[n + 1] })
+        Ok(released)
     }
 }
 

@@ -11,6 +11,7 @@ use crate::config::Engine;
 use crate::error::{Error, Result};
 use crate::grad_sample::ghost::ClippedBatch;
 use crate::grad_sample::microbatch::clip_microbatch;
+use crate::grad_sample::per_example::work_dtype;
 use crate::loss::PerSampleLoss;
 use crate::noise::GaussianNoise;
 
@@ -268,10 +269,7 @@ impl<O: Optimizer> DpOptimizer<O> {
             None => self
                 .vars
                 .iter()
-                .map(|v| match v.dtype() {
-                    DType::BF16 | DType::F16 => v.zeros_like()?.to_dtype(DType::F32),
-                    _ => v.zeros_like(),
-                })
+                .map(|v| v.zeros_like()?.to_dtype(work_dtype(v.dtype())))
                 .collect::<candle_core::Result<Vec<_>>>()?,
         })
     }
