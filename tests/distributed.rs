@@ -135,6 +135,65 @@ fn one_ranks_failure_stops_every_rank_and_changes_nothing() {
     }
 }
 
+/// A batch left open on one rank only (`next_batch` without a step): its
+/// `train_step` is refused before it draws, and the other ranks, already in
+/// the step's all-reduce, fail with it instead of waiting for it forever.
+#[test]
+fn a_batch_left_open_on_one_rank_fails_the_step_on_every_rank() {
+    let uninterrupted = Run::new(DType::F64, 0.4, 0.3).train(STEPS);
+    let ranks = on_ranks(3, |rank| {
+        let me = rank.rank();
+        let mut run = Run::new(DType::F64, 0.4, 0.3).distribute(rank);
+        run.step_failing(false, false).unwrap();
+        if me == 2 {
+            run.opt.next_batch().unwrap();
+        }
+        let err = run.step_failing(false, false).unwrap_err();
+        // Rank 2's stray batch is still its own to close.
+        run.opt.cancel_batch();
+        (me, err, run.train(STEPS - 1))
+    });
+    for (me, err, rest) in ranks {
+        match (me, &err) {
+            (2, Error::OutOfOrder { call: "next_batch()", .. }) => {}
+            (0 | 1, Error::PeerFailed { failed: 1, world_size: 3 }) => {}
+            _ => panic!("rank {me}: unexpected error {err}"),
+        }
+        let d = max_rel_diff(&rest.weights, &uninterrupted.weights);
+        assert!(d < 1e-12, "rank {me}: after the refused step, {d:e} from an uninterrupted run");
+        assert_eq!(records(&rest.ledger), records(&uninterrupted.ledger));
+    }
+}
+
+/// The test world itself: a rank that ends early (returns, or panics) makes
+/// the others' collectives fail instead of waiting forever, so a test whose
+/// ranks disagree fails rather than hangs.
+#[test]
+fn the_thread_world_fails_a_collective_a_rank_left() {
+    let results = on_ranks(3, |rank| {
+        let mut buf = [1.0f64; 4];
+        rank.all_reduce_sum_f64(&mut buf).unwrap();
+        assert_eq!(buf, [3.0; 4]);
+        if rank.rank() == 1 {
+            return Ok(());
+        }
+        rank.all_reduce_sum_f64(&mut buf)
+    });
+    assert!(results[1].is_ok());
+    for me in [0, 2] {
+        assert!(matches!(&results[me], Err(Error::Collective { .. })), "rank {me}: {:?}", results[me]);
+    }
+    let panicked = std::panic::catch_unwind(|| {
+        on_ranks(2, |rank| {
+            if rank.rank() == 0 {
+                panic!("rank 0 fails");
+            }
+            rank.broadcast(&mut [0u8; 8], 0)
+        })
+    });
+    assert!(panicked.is_err(), "rank 0's panic reaches the test");
+}
+
 /// A rank built with another clipping norm, noise seeding or model makes
 /// every rank refuse to distribute, each saying whether it is the odd one.
 #[test]

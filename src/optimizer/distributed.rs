@@ -278,6 +278,20 @@ impl<O: Optimizer> DpOptimizer<O> {
 }
 
 impl<O: Optimizer> DpOptimizer<O> {
+    /// Takes part in the step's all-reduce as a rank that failed before it
+    /// drew a batch (`own` says why), so that every rank fails the step and
+    /// none waits; this rank's state is left as it is. Returns `own`.
+    pub(super) fn fail_distributed_step(&mut self, own: Error) -> Error {
+        let n: usize = self.vars.iter().map(|v| v.elem_count()).sum();
+        let mut buf = vec![0.0f64; n + TRAILER];
+        buf[n] = 1.0;
+        if let Ok(engine) = self.engine() {
+            // This rank fails with its own error whatever the engine says.
+            let _ = engine.all_reduce_sum_f64(&mut buf);
+        }
+        own
+    }
+
     /// The released means of the reduced noisy sums `reduced` (the
     /// variables' coordinates in order, `lens` each): times `scale`, in
     /// `f64`, then rounded once to each stepped variable's dtype.

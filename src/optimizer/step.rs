@@ -48,9 +48,17 @@ impl<O: Optimizer> DpOptimizer<O> {
     /// [`DpOptimizer::step`]. On any error nothing is changed, the sampler
     /// included: the same batch is drawn again next time, so a failing
     /// example is never skipped silently (a data-dependent skip would change
-    /// the sampling the accountant assumes).
+    /// the sampling the accountant assumes). On a distributed optimizer a
+    /// step that fails on one rank fails on every rank (the others return
+    /// [`Error::PeerFailed`]), and none waits for another.
     pub fn train_step(&mut self, mut losses_of: impl FnMut(&[usize]) -> Result<PerSampleLoss>) -> Result<StepSummary> {
-        let batch = self.next_batch()?;
+        let batch = match self.next_batch() {
+            Ok(batch) => batch,
+            // A batch left open on this rank only: the others are in the
+            // step's all-reduce already, so this rank joins it to fail it.
+            Err(own) if self.distributed.is_some() => return Err(self.fail_distributed_step(own)),
+            Err(own) => return Err(own),
+        };
         let local = self.accumulate_batch(&batch, &mut losses_of);
         // A distributed rank steps even when its own part failed: the step's
         // all-reduce tells every rank, and all refuse together.

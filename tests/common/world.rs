@@ -1,46 +1,117 @@
 //! An in-process world of `W` ranks on threads, for tests of the
 //! distributed optimizer without MPI: each collective waits for every rank
 //! and sums in rank order, so every rank gets the same bits.
+//!
+//! A rank whose thread ends (it returned, or panicked) while others wait in
+//! a collective, or before they call one, makes those collectives fail with
+//! [`Error::Collective`]: a test whose ranks disagree on the calls they make
+//! fails instead of hanging.
 
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use candle_dp::distributed::Collective;
+use candle_dp::Error;
+
+#[derive(Debug, Default)]
+struct Rendezvous {
+    arrived: usize,
+    /// Completed rendezvous so far.
+    generation: u64,
+    /// Ranks whose threads have ended.
+    gone: usize,
+}
 
 #[derive(Debug)]
 struct Hub {
-    barrier: Barrier,
+    world_size: usize,
+    rendezvous: Mutex<Rendezvous>,
+    woken: Condvar,
     f64s: Mutex<Vec<Vec<f64>>>,
     f32s: Mutex<Vec<Vec<f32>>>,
     bytes: Mutex<Vec<Vec<u8>>>,
 }
 
-/// One rank of a [`ThreadWorld`].
+/// Locks `m`, also after a rank panicked holding it (the data is then
+/// still what the other ranks posted).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Hub {
+    /// Waits until every rank has arrived; fails if a rank's thread ended.
+    fn wait(&self) -> candle_dp::Result<()> {
+        let mut state = lock(&self.rendezvous);
+        let generation = state.generation;
+        if state.gone == 0 {
+            state.arrived += 1;
+            if state.arrived == self.world_size {
+                state.arrived = 0;
+                state.generation += 1;
+                self.woken.notify_all();
+                return Ok(());
+            }
+        }
+        while state.generation == generation && state.gone == 0 {
+            state = self.woken.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        if state.generation != generation {
+            return Ok(());
+        }
+        Err(Error::Collective {
+            engine: "thread world",
+            reason: format!("{} of {} ranks ended before this collective", state.gone, self.world_size),
+        })
+    }
+
+    fn leave(&self) {
+        lock(&self.rendezvous).gone += 1;
+        self.woken.notify_all();
+    }
+}
+
+/// One rank of a [`thread_world`].
 #[derive(Debug, Clone)]
 pub struct ThreadRank {
     rank: usize,
-    world_size: usize,
     hub: Arc<Hub>,
 }
 
 /// The ranks of a world of `world_size` threads.
 pub fn thread_world(world_size: usize) -> Vec<ThreadRank> {
     let hub = Arc::new(Hub {
-        barrier: Barrier::new(world_size),
+        world_size,
+        rendezvous: Mutex::new(Rendezvous::default()),
+        woken: Condvar::new(),
         f64s: Mutex::new(vec![Vec::new(); world_size]),
         f32s: Mutex::new(vec![Vec::new(); world_size]),
         bytes: Mutex::new(vec![Vec::new(); world_size]),
     });
-    (0..world_size).map(|rank| ThreadRank { rank, world_size, hub: hub.clone() }).collect()
+    (0..world_size).map(|rank| ThreadRank { rank, hub: hub.clone() }).collect()
 }
 
 impl ThreadRank {
     /// Posts `buf`, waits for every rank, combines, waits again (so no rank
     /// posts the next call's buffer before all have read this one's).
-    fn exchange<T: Clone>(&self, slots: &Mutex<Vec<Vec<T>>>, buf: &mut [T], combine: impl Fn(&[Vec<T>], &mut [T])) {
-        slots.lock().unwrap()[self.rank] = buf.to_vec();
-        self.hub.barrier.wait();
-        combine(&slots.lock().unwrap(), buf);
-        self.hub.barrier.wait();
+    fn exchange<T: Clone>(
+        &self,
+        slots: &Mutex<Vec<Vec<T>>>,
+        buf: &mut [T],
+        combine: impl Fn(&[Vec<T>], &mut [T]),
+    ) -> candle_dp::Result<()> {
+        lock(slots)[self.rank] = buf.to_vec();
+        self.hub.wait()?;
+        let all = lock(slots);
+        if all.iter().any(|posted| posted.len() != buf.len()) {
+            drop(all);
+            self.hub.wait()?;
+            return Err(Error::Collective {
+                engine: "thread world",
+                reason: "the ranks posted buffers of different lengths".into(),
+            });
+        }
+        combine(&all, buf);
+        drop(all);
+        self.hub.wait()
     }
 }
 
@@ -60,31 +131,48 @@ impl Collective for ThreadRank {
     }
 
     fn world_size(&self) -> usize {
-        self.world_size
+        self.hub.world_size
     }
 
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> candle_dp::Result<()> {
-        self.exchange(&self.hub.f64s, buf, sum_in_rank_order);
-        Ok(())
+        self.exchange(&self.hub.f64s, buf, sum_in_rank_order)
     }
 
     fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> candle_dp::Result<()> {
-        self.exchange(&self.hub.f32s, buf, sum_in_rank_order);
-        Ok(())
+        self.exchange(&self.hub.f32s, buf, sum_in_rank_order)
     }
 
     fn broadcast(&self, buf: &mut [u8], root: usize) -> candle_dp::Result<()> {
-        self.exchange(&self.hub.bytes, buf, |all, out| out.copy_from_slice(&all[root]));
-        Ok(())
+        self.exchange(&self.hub.bytes, buf, |all, out| out.copy_from_slice(&all[root]))
+    }
+}
+
+/// Marks its rank gone when its thread ends, by return or by panic.
+struct Leaves(Arc<Hub>);
+
+impl Drop for Leaves {
+    fn drop(&mut self) {
+        self.0.leave();
     }
 }
 
 /// Runs `f(rank)` on every rank of a world of `world_size` threads and
-/// returns the results in rank order.
+/// returns the results in rank order. A rank's panic is re-raised here once
+/// every rank has ended (the others' collectives fail rather than wait).
 pub fn on_ranks<T: Send>(world_size: usize, f: impl Fn(ThreadRank) -> T + Sync) -> Vec<T> {
     let ranks = thread_world(world_size);
     std::thread::scope(|s| {
-        let handles: Vec<_> = ranks.into_iter().map(|r| s.spawn(|| f(r))).collect();
-        handles.into_iter().map(|h| h.join().expect("a rank panicked")).collect()
+        let f = &f;
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .map(|r| {
+                s.spawn(move || {
+                    let _leaves = Leaves(r.hub.clone());
+                    f(r)
+                })
+            })
+            .collect();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
+        results.into_iter().map(|r| r.unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
     })
 }
