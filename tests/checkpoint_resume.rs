@@ -367,6 +367,56 @@ fn a_checkpoint_is_refused_while_a_batch_is_open() {
     assert!(!d.exists());
 }
 
+/// An inner optimizer whose state names a tensor `master.0`, the prefix
+/// the checkpoint keeps for mixed precision's master weights.
+#[derive(Debug)]
+struct ClaimsMasterNames(SGD);
+
+impl candle_nn::Optimizer for ClaimsMasterNames {
+    type Config = f64;
+
+    fn new(vars: Vec<candle_core::Var>, lr: f64) -> candle_core::Result<Self> {
+        SGD::new(vars, lr).map(Self)
+    }
+
+    fn step(&mut self, grads: &candle_core::backprop::GradStore) -> candle_core::Result<()> {
+        self.0.step(grads)
+    }
+
+    fn learning_rate(&self) -> f64 {
+        self.0.learning_rate()
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.0.set_learning_rate(lr)
+    }
+}
+
+impl StatefulOptimizer for ClaimsMasterNames {
+    fn save_state(&self) -> candle_dp::Result<candle_dp::OptimizerState> {
+        let mut state = candle_dp::OptimizerState::default();
+        state.tensors.insert("master.0".into(), Tensor::zeros(6, DType::F32, &Device::Cpu)?);
+        Ok(state)
+    }
+
+    fn load_state(&mut self, _: &candle_dp::OptimizerState) -> candle_dp::Result<()> {
+        Ok(())
+    }
+}
+
+/// Names the checkpoint reserves for the master weights are refused in an
+/// inner optimizer's state (they would be taken for, or overwritten by,
+/// masters), before anything is written.
+#[test]
+fn an_inner_state_using_the_master_prefix_is_refused() {
+    let (map, _model) = model(7);
+    let mut opt = builder::<ClaimsMasterNames>(&map, poisson()).build(0.2).unwrap();
+    let d = dir("master-names");
+    let err = opt.save_checkpoint(&d, &map).unwrap_err();
+    assert!(matches!(&err, Error::OptimizerState { reason } if reason.contains("\"master.0\"")), "{err}");
+    assert!(!d.exists());
+}
+
 /// Seeded, bounded fuzz of the manifest a user resumes from: 600 mutations
 /// (byte flips, deletions, duplicated spans, digit changes, truncation)
 /// never panic, and a mutated manifest is accepted only if it still means

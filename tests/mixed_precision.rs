@@ -22,8 +22,10 @@ mod common;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_dp::grad_sample::ghost::GhostEngine;
 use candle_dp::models::{Flavor, Gpt, GptConfig};
+use candle_dp::optim::AdamW;
 use candle_dp::{loss, ClipMode, DpOptimizer, GaussianNoise, PerSampleLoss, PoissonSampler};
-use candle_nn::{VarBuilder, VarMap, SGD};
+use candle_dp::{DpLinear, StatefulOptimizer};
+use candle_nn::{ParamsAdamW, VarBuilder, VarMap, SGD};
 use common::{norm, rel_diff, tensor, values, vars_by_name};
 
 /// Unit roundoff of the half formats.
@@ -175,9 +177,9 @@ fn no_example_exceeds_c_in_half_precision() {
 /// each step releases noise alone, in f32 for every dtype. SGD at a rate
 /// that makes the updates about 1e-4, below half a bf16 ulp of every
 /// weight with |w| >= 1/16 (2.4e-4 and up).
-struct NoiseRun {
+struct NoiseRun<O: StatefulOptimizer = SGD> {
     varmap: VarMap,
-    opt: DpOptimizer<SGD>,
+    opt: DpOptimizer<O>,
 }
 
 const N: usize = 25;
@@ -185,23 +187,49 @@ const N: usize = 25;
 /// Updates of about 1e-4 (the noise of the mean, 4e10, times the rate).
 const LR: f64 = 2.5e-15;
 
+/// The two linear layers of a [`NoiseRun`], `l1` in `dtypes[0]` and `l2`
+/// in `dtypes[1]`, with the same initial weights for every dtype (exactly
+/// representable in bf16). The layers own the variables: keep them while
+/// the optimizer is built.
+fn noise_model(dtypes: [DType; 2]) -> (VarMap, [DpLinear; 2]) {
+    let varmap = VarMap::new();
+    let vb = |dtype| VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
+    let l1 = candle_dp::linear(6, 8, vb(dtypes[0]).pp("l1")).unwrap();
+    let l2 = candle_dp::linear(8, 3, vb(dtypes[1]).pp("l2")).unwrap();
+    set_rounded(&varmap, DType::BF16);
+    (varmap, [l1, l2])
+}
+
 impl NoiseRun {
     fn new(dtype: DType) -> Self {
-        let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
-        let _l1 = candle_dp::linear(6, 8, vb.pp("l1")).unwrap();
-        let _l2 = candle_dp::linear(8, 3, vb.pp("l2")).unwrap();
-        // The same initial weights for every dtype: exactly representable in bf16.
-        set_rounded(&varmap, DType::BF16);
-        let opt = Self::builder(&varmap).build(LR).unwrap();
+        NoiseRun::with([dtype; 2], LR)
+    }
+}
+
+impl<O: StatefulOptimizer> NoiseRun<O> {
+    fn with(dtypes: [DType; 2], config: O::Config) -> Self {
+        let (varmap, _layers) = noise_model(dtypes);
+        let opt = Self::builder(&varmap).build(config).unwrap();
         NoiseRun { varmap, opt }
     }
 
-    fn builder(varmap: &VarMap) -> candle_dp::DpOptimizerBuilder<SGD> {
-        DpOptimizer::<SGD>::builder(vars_by_name(varmap), PoissonSampler::seeded(N, 1e-12, 5).unwrap())
+    fn builder(varmap: &VarMap) -> candle_dp::DpOptimizerBuilder<O> {
+        DpOptimizer::<O>::builder(vars_by_name(varmap), PoissonSampler::seeded(N, 1e-12, 5).unwrap())
             .noise_multiplier(1.0)
             .max_grad_norm(1.0)
             .noise(GaussianNoise::from_seed(8))
+    }
+
+    /// A checkpoint of this run, resumed on a new model of `dtypes`.
+    fn checkpointed(self, dtypes: [DType; 2], config: O::Config, name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("candle-dp-masters-{name}-{}", std::process::id()));
+        let mut run = self;
+        run.opt.save_checkpoint(&dir, &run.varmap).unwrap();
+        drop(run);
+        let (varmap, _layers) = noise_model(dtypes);
+        let opt = DpOptimizer::<O>::resume(&dir, &varmap, vars_by_name(&varmap), config).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        NoiseRun { varmap, opt }
     }
 
     fn steps(&mut self, k: usize) {
@@ -249,24 +277,79 @@ fn master_weights_keep_what_half_precision_rounds_away() {
     }
 }
 
+/// Weights set from outside after the optimizer was built (loaded, say)
+/// are what the next step updates: the masters take them, so the bf16 run
+/// goes on as the f32 run given the same weights does, bit for bit, instead
+/// of returning to its stale masters.
+#[test]
+fn weights_set_after_build_become_the_masters() {
+    let mut f32_run = NoiseRun::new(DType::F32);
+    let mut half = NoiseRun::new(DType::BF16);
+    f32_run.steps(3);
+    half.steps(3);
+    // New weights, exact in bf16 and far from the trained ones.
+    for run in [&f32_run, &half] {
+        for var in vars_by_name(&run.varmap) {
+            let t = var.as_tensor();
+            let set = ((t.to_dtype(DType::BF16).unwrap() * 2.0).unwrap() + 0.5).unwrap();
+            var.set(&set.to_dtype(t.dtype()).unwrap()).unwrap();
+        }
+    }
+    assert_eq!(half.weights(DType::F64), f32_run.weights(DType::F64), "the same weights set");
+    half.steps(5);
+    f32_run.steps(5);
+    assert_eq!(half.weights(DType::F64), f32_run.weights(DType::BF16), "the f32 run's weights, rounded");
+}
+
 /// A checkpoint of a bf16 run keeps its masters: resumed, it ends where
 /// the uninterrupted run does, bit for bit.
 #[test]
 fn a_checkpoint_keeps_the_master_weights() {
     let mut whole = NoiseRun::new(DType::BF16);
     whole.steps(20);
-    let dir = std::env::temp_dir().join(format!("candle-dp-masters-{}", std::process::id()));
     let mut first = NoiseRun::new(DType::BF16);
     first.steps(7);
-    first.opt.save_checkpoint(&dir, &first.varmap).unwrap();
-    drop(first);
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::BF16, &Device::Cpu);
-    let _l1 = candle_dp::linear(6, 8, vb.pp("l1")).unwrap();
-    let _l2 = candle_dp::linear(8, 3, vb.pp("l2")).unwrap();
-    let opt = DpOptimizer::<SGD>::resume(&dir, &varmap, vars_by_name(&varmap), LR).unwrap();
-    let mut resumed = NoiseRun { varmap, opt };
+    let mut resumed = first.checkpointed([DType::BF16; 2], LR, "sgd");
     resumed.steps(13);
     assert_eq!(resumed.weights(DType::F64), whole.weights(DType::F64));
-    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A model with f32 and bf16 layers under AdamW: the masters (of the bf16
+/// layer only) and the moments (over the masters and the f32 weights) are
+/// both in the checkpoint, and line up by variable: resumed, the run ends
+/// where the uninterrupted one does, bit for bit, and where the f32 run
+/// does (the bf16 layer rounded, the f32 layer exactly).
+#[test]
+fn a_mixed_model_under_adamw_resumes_bit_for_bit() {
+    let adam = || ParamsAdamW { lr: 1e-3, weight_decay: 0.0, ..Default::default() };
+    let mixed = [DType::BF16, DType::F32];
+    let mut f32_run = NoiseRun::<AdamW>::with([DType::F32; 2], adam());
+    f32_run.steps(20);
+    let mut whole = NoiseRun::<AdamW>::with(mixed, adam());
+    whole.steps(20);
+    let mut first = NoiseRun::<AdamW>::with(mixed, adam());
+    first.steps(7);
+    let mut resumed = first.checkpointed(mixed, adam(), "adamw");
+    resumed.steps(13);
+    assert_eq!(resumed.weights(DType::F64), whole.weights(DType::F64), "resumed = uninterrupted");
+    let layer = |run: &NoiseRun<AdamW>, name: &str, dtype: DType| -> Vec<f64> {
+        let vars = run.varmap.data().lock().unwrap();
+        let mut names: Vec<_> = vars.keys().filter(|k| k.starts_with(name)).cloned().collect();
+        names.sort();
+        names
+            .iter()
+            .flat_map(|k| {
+                let rounded = vars[k].as_tensor().to_dtype(dtype).unwrap().to_dtype(DType::F64).unwrap();
+                rounded.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(
+        layer(&whole, "l1", DType::F64),
+        layer(&f32_run, "l1", DType::BF16),
+        "bf16 layer: the f32 run's, rounded"
+    );
+    assert_eq!(layer(&whole, "l2", DType::F64), layer(&f32_run, "l2", DType::F64), "f32 layer: the f32 run's");
+    let moved = layer(&whole, "l1", DType::F64) != layer(&NoiseRun::<AdamW>::with(mixed, adam()), "l1", DType::F64);
+    assert!(moved, "the bf16 layer moved");
 }

@@ -244,15 +244,23 @@ impl<O: StatefulOptimizer> DpOptimizer<O> {
             });
         }
         let variables = self.variable_names(varmap)?;
+        let mut state = self.inner().save_state()?;
+        if let Some(name) = state.tensors.keys().find(|k| k.starts_with(MASTER)) {
+            return Err(Error::OptimizerState {
+                reason: format!(
+                    "the inner optimizer's state has a tensor named {name:?}: names beginning {MASTER:?} are \
+                     reserved for the master weights of mixed precision"
+                ),
+            });
+        }
+        // Mixed precision: the f32 masters hold what the bf16/f16 weights round away.
+        for (index, master) in self.master_weights()? {
+            state.tensors.insert(format!("{MASTER}{index}"), master);
+        }
         let ledger = self.flush_ledger()?.clone();
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let (name, sha256) = write_weights(writer, dir, varmap, content_name("model", "safetensors"))?;
         let weights = FileRef { name, sha256 };
-        let mut state = self.inner().save_state()?;
-        // Mixed precision: the f32 masters hold what the bf16/f16 weights round away.
-        for (index, master) in self.master_weights() {
-            state.tensors.insert(format!("{MASTER}{index}"), master);
-        }
         let optimizer = if state.tensors.is_empty() {
             None
         } else {

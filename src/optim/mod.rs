@@ -26,6 +26,8 @@ pub struct OptimizerState {
     /// Integer counters (AdamW: `"step"`), stored in the checkpoint's manifest.
     pub counters: BTreeMap<String, u64>,
     /// Named tensors (AdamW: `"m.{i}"` and `"v.{i}"`), stored as safetensors.
+    /// Names beginning `master.` are reserved for the mixed-precision master
+    /// weights a checkpoint stores beside them (a checkpoint refuses them).
     pub tensors: BTreeMap<String, Tensor>,
 }
 

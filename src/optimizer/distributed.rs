@@ -152,6 +152,7 @@ impl<O: Optimizer> DpOptimizer<O> {
     /// `f64`, which holds every value of the narrower float dtypes exactly).
     fn adopt_root_weights(&self, collective: &impl Collective) -> Result<()> {
         let mut bytes = Vec::new();
+        self.follow_masters()?;
         // The masters of half-precision variables hold their full values.
         for var in self.stepped_vars() {
             for v in var.as_tensor().flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()? {
@@ -225,6 +226,7 @@ impl<O: Optimizer> DpOptimizer<O> {
         let prepared = local.and_then(|summary| {
             let sums = self.checked_sums()?;
             self.check_budget()?;
+            self.follow_masters()?;
             let mut at = 0;
             for (sum, len) in sums.iter().zip(&lens) {
                 let values = sum.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;

@@ -5,7 +5,9 @@
 //! are mostly that small. So the inner optimizer steps an `f32` copy of
 //! each `bf16` / `f16` variable (its moments are `f32` too), and the model's
 //! variable is that copy rounded once after every step (Micikevicius et al.
-//! 2018, "Mixed precision training").
+//! 2018, "Mixed precision training"). A variable set from outside (weights
+//! loaded after the optimizer was built) is taken as its new master before
+//! the next step, the next checkpoint or a distribution.
 
 use candle_core::{DType, Var};
 
@@ -49,6 +51,27 @@ impl Masters {
     /// The variables the inner optimizer steps.
     pub(crate) fn vars(&self) -> &[Var] {
         &self.stepped
+    }
+
+    /// Takes the value of each half-precision variable of `vars` that is not
+    /// its master rounded (set from outside the optimizer: weights loaded
+    /// after it was built) as its new master, so that the next step updates
+    /// what the model holds rather than the stale master.
+    ///
+    /// # Errors
+    /// Candle's.
+    pub(crate) fn follow(&self, vars: &[Var]) -> Result<()> {
+        for (var, master) in vars.iter().zip(&self.stepped) {
+            if !is_half(var.dtype()) {
+                continue;
+            }
+            let rounded = master.as_tensor().to_dtype(var.dtype())?;
+            let changed = rounded.ne(var.as_tensor())?.max_all()?.to_scalar::<u8>()? != 0;
+            if changed {
+                master.set(&var.as_tensor().to_dtype(DType::F32)?)?;
+            }
+        }
+        Ok(())
     }
 
     /// Sets each half-precision variable of `vars` to its master, rounded.

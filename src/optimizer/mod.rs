@@ -30,8 +30,9 @@
 //! inner optimizer steps an `f32` master copy of each half-precision
 //! variable, which the model holds rounded once after each step (so updates
 //! below half an ulp accumulate instead of rounding away). The masters are
-//! taken from the variables when the optimizer is built (set the weights
-//! first) and saved in checkpoints. `tests/mixed_precision.rs` states the
+//! taken from the variables when the optimizer is built, taken again from
+//! any variable set from outside since (weights loaded later), and saved in
+//! checkpoints. `tests/mixed_precision.rs` states the
 //! agreement with `f32` and the clip bound.
 //!
 //! The inner optimizer and the sampler are built into the optimizer, so it
@@ -374,8 +375,21 @@ impl<O: Optimizer> DpOptimizer<O> {
 
     /// The f32 masters of the half-precision variables, by index (none
     /// without half-precision variables), for checkpoints.
-    pub(crate) fn master_weights(&self) -> Vec<(usize, Tensor)> {
-        self.masters.as_ref().map_or_else(Vec::new, |m| m.saved(&self.vars))
+    ///
+    /// # Errors
+    /// Candle's.
+    pub(crate) fn master_weights(&self) -> Result<Vec<(usize, Tensor)>> {
+        self.follow_masters()?;
+        Ok(self.masters.as_ref().map_or_else(Vec::new, |m| m.saved(&self.vars)))
+    }
+
+    /// Takes the half-precision variables set from outside since the last
+    /// step as their masters ([`master::Masters::follow`]).
+    ///
+    /// # Errors
+    /// Candle's.
+    pub(crate) fn follow_masters(&self) -> Result<()> {
+        self.masters.as_ref().map_or(Ok(()), |m| m.follow(&self.vars))
     }
 
     /// Sets the masters: from `saved` where given, from the variables'

@@ -249,6 +249,9 @@ impl<O: Optimizer> DpOptimizer<O> {
         }
         let sums = self.checked_sums()?;
         self.check_budget()?;
+        // Weights set from outside since the last step are the ones the
+        // gradients were taken at: the masters take them before the update.
+        self.follow_masters()?;
         // Draw all noise before changing anything: a failure leaves the
         // optimizer, the variables and the ledger as they were.
         let mut noise = self.noise.clone();
