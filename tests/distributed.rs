@@ -310,6 +310,92 @@ fn only_rank_zero_writes_the_release() {
     std::fs::remove_dir_all(&root).unwrap();
 }
 
+/// Rank 0's write failing (its folder cannot be made) fails the release
+/// and the checkpoint on every rank: rank 0 with its I/O error, the others
+/// with `PeerFailed`; no rank records the release, the ledgers stay equal,
+/// and the run goes on to the uninterrupted result and writes both later.
+#[test]
+fn rank_zeros_failed_write_fails_every_rank_and_records_nothing() {
+    let uninterrupted = Run::new(DType::F64, 0.4, 0.3).train(STEPS);
+    let root = std::env::temp_dir().join(format!("candle-dp-distributed-unwritable-{}", std::process::id()));
+    std::fs::create_dir_all(&root).unwrap();
+    let blocker = root.join("a-file");
+    std::fs::write(&blocker, b"not a folder").unwrap();
+    let ranks = on_ranks(2, |rank| {
+        let me = rank.rank();
+        let mut run = Run::new(DType::F64, 0.4, 0.3).distribute(rank);
+        run.step_failing(false, false).unwrap();
+        let ledger_before = run.opt.ledger().unwrap().to_json();
+        // Only rank 0's path is used; it lies under a file.
+        let unwritable = blocker.join("out");
+        let release = run.opt.release(&unwritable, &run.varmap, Some(1e-5)).map(|_| ()).unwrap_err();
+        let checkpoint = run.opt.save_checkpoint(&unwritable, &run.varmap).unwrap_err();
+        let ledger_after = run.opt.ledger().unwrap().to_json();
+        let rest = run.train(STEPS - 1);
+        (me, [release, checkpoint], ledger_before, ledger_after, rest)
+    });
+    for (me, errors, before, after, rest) in &ranks {
+        for err in errors {
+            match (me, err) {
+                (0, Error::Io { .. }) | (1, Error::PeerFailed { failed: 1, world_size: 2 }) => {}
+                _ => panic!("rank {me}: unexpected error {err}"),
+            }
+        }
+        assert_eq!(records(after), records(before), "rank {me}: a failed release was recorded");
+        assert_eq!(after, &ranks[0].3, "rank {me}: the ledgers differ");
+        let d = max_rel_diff(&rest.weights, &uninterrupted.weights);
+        assert!(d < 1e-12, "rank {me}: {d:e} from an uninterrupted run");
+    }
+    // The same ranks write both once the folder can be made.
+    let written = on_ranks(2, |rank| {
+        let mut run = Run::new(DType::F64, 0.4, 0.3).distribute(rank);
+        run.step_failing(false, false).unwrap();
+        let release = run.opt.release(root.join("release"), &run.varmap, Some(1e-5)).unwrap();
+        run.opt.save_checkpoint(root.join("checkpoint"), &run.varmap).unwrap();
+        release.weights_sha256
+    });
+    assert_eq!(written[0], written[1]);
+    assert!(root.join("release/ledger.json").exists() && root.join("checkpoint").exists());
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// Half-precision models distribute too: noise-only steps of a bf16 model
+/// on 2 and 3 ranks (their f32 masters stepped, rounded once) are the
+/// one-process run bit for bit, whatever the other ranks' initial weights
+/// (rank 0's are broadcast); with data, the ranks agree bit for bit
+/// and stay within one bf16 rounding of the one-process run.
+#[test]
+fn bf16_models_distribute_with_their_masters() {
+    let one = Run::new(DType::BF16, 1e-12, 1.0).train(3);
+    assert!(one.batches.iter().all(Vec::is_empty));
+    for world in [2, 3] {
+        let ranks = on_ranks(world, |rank| {
+            let run = Run::new(DType::BF16, 1e-12, 1.0);
+            if rank.rank() > 0 {
+                set_deterministic(&run.varmap, 77).unwrap();
+            }
+            run.distribute(rank).train(3)
+        });
+        for outcome in &ranks {
+            assert_eq!(outcome.weights, one.weights, "{world} ranks: bf16 noise-only steps differ");
+        }
+    }
+    let one = Run::new(DType::BF16, 0.4, 0.3).train(STEPS);
+    let ranks = on_ranks(2, |rank| Run::new(DType::BF16, 0.4, 0.3).distribute(rank).train(STEPS));
+    assert_eq!(ranks[0].weights, ranks[1].weights);
+    let drawn: usize = ranks.iter().map(|r| r.batches.concat().len()).sum();
+    assert_eq!(drawn, one.batches.concat().len(), "the same global batches");
+    // f64 sums in another order may round the f32 mean (hence a master)
+    // differently by an f32 ulp; a bf16 weight then differs by at most one
+    // bf16 ulp (2^-8 relative), and only where the master was near a tie.
+    let ulp = 2f64.powi(-8);
+    for (a, b) in ranks[0].weights.iter().zip(&one.weights) {
+        assert!((a - b).abs() <= ulp * b.abs().max(a.abs()), "bf16 weight {a} vs one process {b}");
+    }
+    let equal = ranks[0].weights.iter().zip(&one.weights).filter(|(a, b)| a == b).count();
+    assert!(equal * 100 >= one.weights.len() * 95, "{equal} of {} bf16 weights equal", one.weights.len());
+}
+
 /// A checkpoint written by rank 0 of 2 resumes on 3 ranks (and on one
 /// process), and the run ends where an uninterrupted one does.
 #[test]
