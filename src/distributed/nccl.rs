@@ -23,6 +23,13 @@ use crate::error::{Error, Result};
 /// A job of several processes needs one NCCL id, made by rank 0
 /// ([`Nccl::unique_id`]) and sent to the others out of band (over MPI,
 /// say: `Mpi`'s broadcast); [`Nccl::single`] is the world of one GPU.
+///
+/// Limitation: a CUDA error on one rank before it enters a collective (out
+/// of device memory for the copy of a buffer, say) returns that error on
+/// that rank while the others wait in NCCL for it; stop the job then (the
+/// launcher does when a rank exits with the error). The optimizer's own
+/// failures (a NaN, a closure's error) are sent through the collective and
+/// stop every rank.
 pub struct Nccl {
     comm: Comm,
     stream: Arc<CudaStream>,
