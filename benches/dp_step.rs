@@ -2,7 +2,7 @@
 //! model's non-private step, measured in one criterion group.
 //!
 //! * MLP 784-512-10 (ReLU), batch 256; CNN on 1x28x28 (conv 1->16 k5, max-pool 2,
-//!   conv 16->32 k5, max-pool 2, linear 512->10), batch 128; f32 on CPU.
+//!   conv 16->32 k5, max-pool 2, linear 512->10), batch 128; f32.
 //! * `non_private`: candle-nn layers, mean cross-entropy, backward, SGD step.
 //! * `dp_ghost`: candle-dp layers, per-example cross-entropy, ghost clipping,
 //!   noise for every parameter, SGD step, accounting. The optimizer draws
@@ -23,6 +23,11 @@
 //!
 //! * `mixed_precision`: the MLP's DP step with bf16 and f16 weights and
 //!   activations (f32 norms, sums, noise and master weights) beside f32.
+//!
+//! Device: the CPU, or with `CANDLE_DP_BENCH_DEVICE=cuda` (built with
+//! `--features cuda`) the first CUDA GPU, whose groups are named with a
+//! `_cuda` suffix; each GPU iteration ends with a device synchronization,
+//! so that the work queued is timed, not just its launch.
 //!
 //! Threads: one (`RAYON_NUM_THREADS=1` unless set), since on a loaded
 //! 2-core machine Candle's default threading is slower and noisier
@@ -80,6 +85,22 @@ fn build(cnn: bool, vb: VarBuilder) -> candle_core::Result<(DpNet, PlainNet)> {
     })
 }
 
+/// The device of every group (module docs) and the suffix of its groups' names.
+fn bench_device() -> (Device, &'static str) {
+    let refuse = |why: String| -> ! {
+        eprintln!("dp_step: {why}");
+        std::process::exit(2)
+    };
+    match std::env::var("CANDLE_DP_BENCH_DEVICE").as_deref() {
+        Err(_) | Ok("cpu") => (Device::Cpu, ""),
+        Ok("cuda") => match Device::new_cuda(0) {
+            Ok(dev) => (dev, "_cuda"),
+            Err(e) => refuse(format!("CANDLE_DP_BENCH_DEVICE=cuda: no CUDA device ({e})")),
+        },
+        Ok(other) => refuse(format!("CANDLE_DP_BENCH_DEVICE={other}: use cpu or cuda")),
+    }
+}
+
 /// DP-SGD at learning rate 0.01, noise multiplier 1, a fixed noise seed.
 fn dp_sgd(vars: Vec<candle_core::Var>, sampler: PoissonSampler, engine: Engine) -> DpOptimizer<SGD> {
     DpOptimizer::<SGD>::builder(vars, sampler)
@@ -91,8 +112,8 @@ fn dp_sgd(vars: Vec<candle_core::Var>, sampler: PoissonSampler, engine: Engine) 
 }
 
 fn dp_step(c: &mut Criterion) {
-    let dev = Device::Cpu;
-    let mut group = c.benchmark_group("dp_step");
+    let (dev, suffix) = bench_device();
+    let mut group = c.benchmark_group(format!("dp_step{suffix}"));
     group.sample_size(20);
     for (name, cnn, b) in [("mlp_784_512_10_b256", false, 256usize), ("cnn_mnist_b128", true, 128)] {
         let varmap = VarMap::new();
@@ -108,6 +129,7 @@ fn dp_step(c: &mut Criterion) {
             bench.iter(|| {
                 let l = candle_nn::loss::cross_entropy(&plain.forward(&x).unwrap(), &y).unwrap();
                 sgd.backward_step(&l).unwrap();
+                dev.synchronize().unwrap();
             })
         });
 
@@ -119,6 +141,7 @@ fn dp_step(c: &mut Criterion) {
                 let losses = loss::cross_entropy(&dp.forward(&x).unwrap(), &y).unwrap();
                 ghost.accumulate(&losses).unwrap();
                 ghost.step().unwrap();
+                dev.synchronize().unwrap();
             })
         });
 
@@ -146,6 +169,7 @@ fn dp_step(c: &mut Criterion) {
                     })
                     .unwrap();
                 micro.step().unwrap();
+                dev.synchronize().unwrap();
             })
         });
         group.sample_size(20);
@@ -158,8 +182,8 @@ const GPT: GptConfig = GptConfig { vocab_size: 256, context: 128, d_model: 256, 
 const GPT_BATCH: usize = 32;
 
 fn transformer_step(c: &mut Criterion) {
-    let dev = Device::Cpu;
-    let mut group = c.benchmark_group("dp_step_transformer");
+    let (dev, suffix) = bench_device();
+    let mut group = c.benchmark_group(format!("dp_step_transformer{suffix}"));
     // Seconds per step: flat sampling, ten steps per sample set.
     group.sample_size(10).sampling_mode(SamplingMode::Flat);
     let (b, t) = (GPT_BATCH, GPT.context);
@@ -194,13 +218,17 @@ fn transformer_step(c: &mut Criterion) {
         let vars = candle_dp::vars_by_name(varmap);
         let mut sgd = SGD::new(vars.clone(), 0.01).unwrap();
         group.bench_function(BenchmarkId::new("non_private", name), |bench| {
-            bench.iter(|| sgd.backward_step(&sequence_losses(plain).tensor().mean_all().unwrap()).unwrap())
+            bench.iter(|| {
+                sgd.backward_step(&sequence_losses(plain).tensor().mean_all().unwrap()).unwrap();
+                dev.synchronize().unwrap();
+            })
         });
         let mut ghost = dp_sgd(vars.clone(), PoissonSampler::seeded(b, 1.0, 0).unwrap(), Engine::Ghost);
         group.bench_function(BenchmarkId::new("dp_ghost", name), |bench| {
             bench.iter(|| {
                 let s = ghost.train_step(|_| Ok(sequence_losses(dp))).unwrap();
                 assert_eq!(s.examples, b, "q = 1 draws every example");
+                dev.synchronize().unwrap();
             })
         });
         drop(ghost);
@@ -220,8 +248,8 @@ fn transformer_step(c: &mut Criterion) {
 /// here: biases, layer norms, the tied table and the noise (`noise_only`).
 fn transformer_parts(c: &mut Criterion) {
     use candle_dp::grad_sample::per_example::{linear_clipped_sum, linear_squared_norm_bounds, NormMethod};
-    let dev = Device::Cpu;
-    let mut group = c.benchmark_group("dp_step_transformer_parts");
+    let (dev, suffix) = bench_device();
+    let mut group = c.benchmark_group(format!("dp_step_transformer_parts{suffix}"));
     group.sample_size(10);
     let (b, t, d) = (GPT_BATCH, GPT.context, GPT.d_model);
     let factors = Tensor::ones(b, DType::F64, &dev).unwrap();
@@ -229,10 +257,16 @@ fn transformer_parts(c: &mut Criterion) {
         let g = Tensor::randn(0f32, 1.0, (b, t, p), &dev).unwrap();
         let x = Tensor::randn(0f32, 1.0, (b, t, q), &dev).unwrap();
         group.bench_function(BenchmarkId::new("norms", name), |bench| {
-            bench.iter(|| linear_squared_norm_bounds(&g, &x, NormMethod::Auto).unwrap())
+            bench.iter(|| {
+                linear_squared_norm_bounds(&g, &x, NormMethod::Auto).unwrap();
+                dev.synchronize().unwrap();
+            })
         });
         group.bench_function(BenchmarkId::new("clipped_sum", name), |bench| {
-            bench.iter(|| linear_clipped_sum(&g, &x, &factors).unwrap())
+            bench.iter(|| {
+                linear_clipped_sum(&g, &x, &factors).unwrap();
+                dev.synchronize().unwrap();
+            })
         });
     }
     group.finish();
@@ -243,8 +277,8 @@ fn transformer_parts(c: &mut Criterion) {
 /// noise in f32, f32 master weights) against the same step in f32, one
 /// group, one run. `mixed_precision/<dtype>` over `mixed_precision/f32`.
 fn mixed_precision(c: &mut Criterion) {
-    let dev = Device::Cpu;
-    let mut group = c.benchmark_group("mixed_precision");
+    let (dev, suffix) = bench_device();
+    let mut group = c.benchmark_group(format!("mixed_precision{suffix}"));
     group.sample_size(20);
     let b = 256;
     let x32 = Tensor::randn(0f32, 1.0, (b, 784), &dev).unwrap();
@@ -259,6 +293,7 @@ fn mixed_precision(c: &mut Criterion) {
             bench.iter(|| {
                 let s = opt.train_step(|_| loss::cross_entropy(&dp.forward(&x)?, &y)).unwrap();
                 assert_eq!(s.examples, b, "q = 1 draws every example");
+                dev.synchronize().unwrap();
             })
         });
     }

@@ -3,8 +3,10 @@
 //! wider and whose inner optimizer steps f32 master weights.
 //!
 //! * The half-precision ghost paths equal the f32 path on the same
-//!   (rounded) weights and inputs, on an MLP, a CNN (f16 only: Candle's CPU
-//!   conv2d has no bf16 kernel) and the transformer,
+//!   (rounded) weights and inputs, on an MLP, a CNN (f16 only on the CPU:
+//!   Candle's CPU conv2d has no bf16 kernel; both on a GPU) and the
+//!   transformer, on the CPU and on a CUDA device when one is present
+//!   (`--features cuda`; skipped with the reason printed otherwise),
 //!   within tolerances stated from the formats' unit roundoff u (bf16 2^-8,
 //!   f16 2^-11): the forward and backward round every activation and
 //!   gradient to the model's dtype, a few roundings per layer compounded
@@ -48,24 +50,44 @@ enum Net {
     Gpt,
 }
 
-/// The models each format runs here: Candle's CPU conv2d has no bf16
-/// kernel ("unsupported dtype BF16 for op matmul"), so the bf16 CNN is left
-/// to a CUDA device.
-fn nets(dtype: DType) -> &'static [Net] {
+/// The models each format runs on `device`: Candle's CPU conv2d has no
+/// bf16 kernel ("unsupported dtype BF16 for op matmul"), so the bf16 CNN
+/// runs on a CUDA device only.
+fn nets(dtype: DType, device: &Device) -> &'static [Net] {
     match dtype {
-        DType::BF16 => &[Net::Mlp, Net::Gpt],
+        DType::BF16 if device.is_cpu() => &[Net::Mlp, Net::Gpt],
         _ => &[Net::Mlp, Net::Cnn, Net::Gpt],
     }
 }
 
+/// The CPU, and the first CUDA device if this build reaches one.
+fn devices() -> Vec<Device> {
+    let mut devices = vec![Device::Cpu];
+    match Device::new_cuda(0) {
+        Ok(d) => devices.push(d),
+        // The first line: Candle's CUDA errors carry a backtrace.
+        Err(e) => eprintln!("mixed precision not tested on CUDA: {}", e.to_string().lines().next().unwrap_or("")),
+    }
+    devices
+}
+
 const GPT: GptConfig = GptConfig { vocab_size: 32, context: 8, d_model: 16, n_layers: 2, n_heads: 2 };
 
-/// A model of kind `net` in `dtype` over `varmap`, and its per-example
-/// losses on `b` fixed examples (inputs rounded through `via`).
-fn model(net: Net, dtype: DType, varmap: &VarMap, b: usize, via: DType) -> Box<dyn Fn() -> PerSampleLoss> {
-    let vb = VarBuilder::from_varmap(varmap, dtype, &Device::Cpu);
-    let input = |shape: &[usize], seed| tensor(shape, seed, 1.0, via).unwrap().to_dtype(dtype).unwrap();
-    let labels = |k: u32| Tensor::from_vec((0..b as u32).map(|i| i % k).collect(), b, &Device::Cpu).unwrap();
+/// A model of kind `net` in `dtype` on `device` over `varmap`, and its
+/// per-example losses on `b` fixed examples (inputs rounded through `via`).
+fn model(
+    net: Net,
+    dtype: DType,
+    varmap: &VarMap,
+    b: usize,
+    via: DType,
+    device: &Device,
+) -> Box<dyn Fn() -> PerSampleLoss> {
+    let vb = VarBuilder::from_varmap(varmap, dtype, device);
+    let input = |shape: &[usize], seed| {
+        tensor(shape, seed, 1.0, via).unwrap().to_dtype(dtype).unwrap().to_device(device).unwrap()
+    };
+    let labels = |k: u32| Tensor::from_vec((0..b as u32).map(|i| i % k).collect(), b, device).unwrap();
     match net {
         Net::Mlp => {
             let (l1, l2) =
@@ -89,7 +111,7 @@ fn model(net: Net, dtype: DType, varmap: &VarMap, b: usize, via: DType) -> Box<d
             let ids = |seed: u64| {
                 let v: Vec<u32> =
                     values(b * GPT.context, seed, 1.0).iter().map(|u| ((u + 1.0) * 15.99) as u32).collect();
-                Tensor::from_vec(v, (b, GPT.context), &Device::Cpu).unwrap()
+                Tensor::from_vec(v, (b, GPT.context), device).unwrap()
             };
             let (x, y) = (ids(3), ids(4));
             Box::new(move || loss::sequence_cross_entropy(&gpt.forward(&x).unwrap(), &y).unwrap())
@@ -101,17 +123,18 @@ fn model(net: Net, dtype: DType, varmap: &VarMap, b: usize, via: DType) -> Box<d
 fn set_rounded(varmap: &VarMap, via: DType) {
     for (k, var) in vars_by_name(varmap).iter().enumerate() {
         let t = tensor(var.dims(), 50 + k as u64, 0.4, via).unwrap().to_dtype(var.dtype()).unwrap();
+        let t = t.to_device(var.device()).unwrap();
         var.set(&t).unwrap();
     }
 }
 
 /// The ghost engine's norms and clipped sums of `net` in `dtype`, and of
-/// the same weights and inputs in f32.
-fn half_and_f32(net: Net, dtype: DType, c: f64) -> [(Vec<f64>, Vec<Tensor>); 2] {
+/// the same weights and inputs in f32, on `device`.
+fn half_and_f32(net: Net, dtype: DType, c: f64, device: &Device) -> [(Vec<f64>, Vec<Tensor>); 2] {
     let b = 6;
     [dtype, DType::F32].map(|d| {
         let varmap = VarMap::new();
-        let losses = model(net, d, &varmap, b, dtype);
+        let losses = model(net, d, &varmap, b, dtype, device);
         set_rounded(&varmap, dtype);
         let engine = GhostEngine::new(&vars_by_name(&varmap)).unwrap();
         let out = engine.clip(&losses(), &ClipMode::Flat, c).unwrap();
@@ -121,26 +144,26 @@ fn half_and_f32(net: Net, dtype: DType, c: f64) -> [(Vec<f64>, Vec<Tensor>); 2] 
 
 #[test]
 fn half_precision_ghost_paths_equal_the_f32_path() {
-    for dtype in [DType::BF16, DType::F16] {
+    for (device, dtype) in devices().iter().flat_map(|d| [(d, DType::BF16), (d, DType::F16)]) {
         let tol = K * unit_roundoff(dtype);
-        for &net in nets(dtype) {
+        for &net in nets(dtype, device) {
             // C large (no clipping: the sums themselves) and small (every example clipped).
             for c in [1e6, 1e-2] {
-                let [(half_norms, half_sums), (norms, sums)] = half_and_f32(net, dtype, c);
+                let [(half_norms, half_sums), (norms, sums)] = half_and_f32(net, dtype, c, device);
                 let worst_norm = half_norms.iter().zip(&norms).map(|(h, f)| (h - f).abs() / f).fold(0.0, f64::max);
                 let worst_sum = half_sums.iter().zip(&sums).map(|(h, f)| rel_diff(h, f)).fold(0.0, f64::max);
                 eprintln!(
-                    "{net:?} {dtype:?} C {c}: norms {:.2} u, sums {:.2} u",
+                    "{device:?} {net:?} {dtype:?} C {c}: norms {:.2} u, sums {:.2} u",
                     worst_norm / unit_roundoff(dtype),
                     worst_sum / unit_roundoff(dtype)
                 );
                 for (h, f) in half_norms.iter().zip(&norms) {
-                    assert!((h - f).abs() <= tol * f, "{net:?} {dtype:?}: norm {h} vs f32 {f}");
+                    assert!((h - f).abs() <= tol * f, "{device:?} {net:?} {dtype:?}: norm {h} vs f32 {f}");
                 }
                 for (k, (h, f)) in half_sums.iter().zip(&sums).enumerate() {
                     assert_eq!(h.dtype(), DType::F32, "sums are never rounded to {dtype:?}");
                     let d = rel_diff(h, f);
-                    assert!(d <= tol, "{net:?} {dtype:?} C {c}: variable {k} differs by {d:e} > {tol:e}");
+                    assert!(d <= tol, "{device:?} {net:?} {dtype:?} C {c}: variable {k} differs by {d:e} > {tol:e}");
                 }
                 if c < 1.0 {
                     assert!(norms.iter().all(|n| *n > c), "{net:?}: C = {c} must clip every example");
@@ -154,10 +177,10 @@ fn half_precision_ghost_paths_equal_the_f32_path() {
 /// computed in f64 from the f32 clipped sums, is at most C.
 #[test]
 fn no_example_exceeds_c_in_half_precision() {
-    for dtype in [DType::BF16, DType::F16] {
-        for &net in nets(dtype) {
+    for (device, dtype) in devices().iter().flat_map(|d| [(d, DType::BF16), (d, DType::F16)]) {
+        for &net in nets(dtype, device) {
             let varmap = VarMap::new();
-            let losses = model(net, dtype, &varmap, 1, dtype);
+            let losses = model(net, dtype, &varmap, 1, dtype, device);
             set_rounded(&varmap, dtype);
             let engine = GhostEngine::new(&vars_by_name(&varmap)).unwrap();
             let mut clipped = 0;
@@ -165,10 +188,10 @@ fn no_example_exceeds_c_in_half_precision() {
                 let c = 10f64.powf(-2.0 + 4.0 * f64::from(k) / 11.0);
                 let out = engine.clip(&losses(), &ClipMode::Flat, c).unwrap();
                 let total = out.clipped_sums.iter().map(|t| norm(t).powi(2)).sum::<f64>().sqrt();
-                assert!(total <= c, "{net:?} {dtype:?}: contribution {total} > C = {c}");
+                assert!(total <= c, "{device:?} {net:?} {dtype:?}: contribution {total} > C = {c}");
                 clipped += usize::from(out.norms[0] > c);
             }
-            assert!((2..12).contains(&clipped), "{net:?} {dtype:?}: both regimes ({clipped} clipped)");
+            assert!((2..12).contains(&clipped), "{device:?} {net:?} {dtype:?}: both regimes ({clipped} clipped)");
         }
     }
 }
@@ -191,9 +214,9 @@ const LR: f64 = 2.5e-15;
 /// in `dtypes[1]`, with the same initial weights for every dtype (exactly
 /// representable in bf16). The layers own the variables: keep them while
 /// the optimizer is built.
-fn noise_model(dtypes: [DType; 2]) -> (VarMap, [DpLinear; 2]) {
+fn noise_model(dtypes: [DType; 2], device: &Device) -> (VarMap, [DpLinear; 2]) {
     let varmap = VarMap::new();
-    let vb = |dtype| VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
+    let vb = |dtype| VarBuilder::from_varmap(&varmap, dtype, device);
     let l1 = candle_dp::linear(6, 8, vb(dtypes[0]).pp("l1")).unwrap();
     let l2 = candle_dp::linear(8, 3, vb(dtypes[1]).pp("l2")).unwrap();
     set_rounded(&varmap, DType::BF16);
@@ -202,13 +225,17 @@ fn noise_model(dtypes: [DType; 2]) -> (VarMap, [DpLinear; 2]) {
 
 impl NoiseRun {
     fn new(dtype: DType) -> Self {
-        NoiseRun::with([dtype; 2], LR)
+        NoiseRun::on(dtype, &Device::Cpu)
+    }
+
+    fn on(dtype: DType, device: &Device) -> Self {
+        NoiseRun::with([dtype; 2], LR, device)
     }
 }
 
 impl<O: StatefulOptimizer> NoiseRun<O> {
-    fn with(dtypes: [DType; 2], config: O::Config) -> Self {
-        let (varmap, _layers) = noise_model(dtypes);
+    fn with(dtypes: [DType; 2], config: O::Config, device: &Device) -> Self {
+        let (varmap, _layers) = noise_model(dtypes, device);
         let opt = Self::builder(&varmap).build(config).unwrap();
         NoiseRun { varmap, opt }
     }
@@ -220,13 +247,13 @@ impl<O: StatefulOptimizer> NoiseRun<O> {
             .noise(GaussianNoise::from_seed(8))
     }
 
-    /// A checkpoint of this run, resumed on a new model of `dtypes`.
+    /// A checkpoint of this run, resumed on a new model of `dtypes` on the CPU.
     fn checkpointed(self, dtypes: [DType; 2], config: O::Config, name: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("candle-dp-masters-{name}-{}", std::process::id()));
         let mut run = self;
         run.opt.save_checkpoint(&dir, &run.varmap).unwrap();
         drop(run);
-        let (varmap, _layers) = noise_model(dtypes);
+        let (varmap, _layers) = noise_model(dtypes, &Device::Cpu);
         let opt = DpOptimizer::<O>::resume(&dir, &varmap, vars_by_name(&varmap), config).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         NoiseRun { varmap, opt }
@@ -258,21 +285,31 @@ impl<O: StatefulOptimizer> NoiseRun<O> {
 #[test]
 fn master_weights_keep_what_half_precision_rounds_away() {
     let steps = 30;
-    let mut f32_run = NoiseRun::new(DType::F32);
-    let initial = f32_run.weights(DType::F32);
-    f32_run.steps(steps);
-    for dtype in [DType::BF16, DType::F16] {
-        let mut half = NoiseRun::new(dtype);
-        assert_eq!(half.weights(DType::F64), initial, "{dtype:?}: the same start");
-        half.steps(1);
-        let moved_by_one = half.weights(DType::F64).iter().zip(&initial).filter(|(a, b)| a != b).count();
-        half.steps(steps - 1);
-        assert_eq!(half.weights(DType::F64), f32_run.weights(dtype), "{dtype:?}: the f32 run's weights, rounded");
-        let moved = half.weights(DType::F64).iter().zip(&initial).filter(|(a, b)| a != b).count();
-        if dtype == DType::BF16 {
-            // One step moves few bf16 weights; the masters carry the rest until they round over.
-            assert!(moved_by_one * 4 < initial.len(), "bf16: {moved_by_one} of {} moved in one step", initial.len());
-            assert!(moved > 2 * moved_by_one, "bf16: the masters accumulated ({moved_by_one} -> {moved})");
+    for device in devices() {
+        let mut f32_run = NoiseRun::on(DType::F32, &device);
+        let initial = f32_run.weights(DType::F32);
+        f32_run.steps(steps);
+        for dtype in [DType::BF16, DType::F16] {
+            let mut half = NoiseRun::on(dtype, &device);
+            assert_eq!(half.weights(DType::F64), initial, "{device:?} {dtype:?}: the same start");
+            half.steps(1);
+            let moved_by_one = half.weights(DType::F64).iter().zip(&initial).filter(|(a, b)| a != b).count();
+            half.steps(steps - 1);
+            assert_eq!(
+                half.weights(DType::F64),
+                f32_run.weights(dtype),
+                "{device:?} {dtype:?}: the f32 run's weights, rounded"
+            );
+            let moved = half.weights(DType::F64).iter().zip(&initial).filter(|(a, b)| a != b).count();
+            if dtype == DType::BF16 {
+                // One step moves few bf16 weights; the masters carry the rest until they round over.
+                assert!(
+                    moved_by_one * 4 < initial.len(),
+                    "bf16: {moved_by_one} of {} moved in one step",
+                    initial.len()
+                );
+                assert!(moved > 2 * moved_by_one, "bf16: the masters accumulated ({moved_by_one} -> {moved})");
+            }
         }
     }
 }
@@ -323,11 +360,11 @@ fn a_checkpoint_keeps_the_master_weights() {
 fn a_mixed_model_under_adamw_resumes_bit_for_bit() {
     let adam = || ParamsAdamW { lr: 1e-3, weight_decay: 0.0, ..Default::default() };
     let mixed = [DType::BF16, DType::F32];
-    let mut f32_run = NoiseRun::<AdamW>::with([DType::F32; 2], adam());
+    let mut f32_run = NoiseRun::<AdamW>::with([DType::F32; 2], adam(), &Device::Cpu);
     f32_run.steps(20);
-    let mut whole = NoiseRun::<AdamW>::with(mixed, adam());
+    let mut whole = NoiseRun::<AdamW>::with(mixed, adam(), &Device::Cpu);
     whole.steps(20);
-    let mut first = NoiseRun::<AdamW>::with(mixed, adam());
+    let mut first = NoiseRun::<AdamW>::with(mixed, adam(), &Device::Cpu);
     first.steps(7);
     let mut resumed = first.checkpointed(mixed, adam(), "adamw");
     resumed.steps(13);
@@ -350,6 +387,7 @@ fn a_mixed_model_under_adamw_resumes_bit_for_bit() {
         "bf16 layer: the f32 run's, rounded"
     );
     assert_eq!(layer(&whole, "l2", DType::F64), layer(&f32_run, "l2", DType::F64), "f32 layer: the f32 run's");
-    let moved = layer(&whole, "l1", DType::F64) != layer(&NoiseRun::<AdamW>::with(mixed, adam()), "l1", DType::F64);
+    let moved = layer(&whole, "l1", DType::F64)
+        != layer(&NoiseRun::<AdamW>::with(mixed, adam(), &Device::Cpu), "l1", DType::F64);
     assert!(moved, "the bf16 layer moved");
 }
