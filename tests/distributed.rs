@@ -14,7 +14,7 @@ use candle_core::DType;
 use candle_dp::distributed::{Collective, SingleProcess};
 use candle_dp::{DpOptimizer, Error, GaussianNoise};
 use candle_nn::{VarMap, SGD};
-use common::dp_run::{max_rel_diff, records, world_sizes, Builder, Run, N, STEPS};
+use common::dp_run::{max_rel_diff, records, world_sizes, Builder, Outcome, Run, N, STEPS};
 use common::world::on_ranks;
 use common::{mlp_pair, set_deterministic, vars_by_name};
 
@@ -128,11 +128,17 @@ fn one_ranks_failure_stops_every_rank_and_changes_nothing() {
                 (0 | 2, Error::PeerFailed { failed: 1, world_size: 3 }, _) => {}
                 _ => panic!("rank {me}: unexpected error {err}"),
             }
-            let d = max_rel_diff(&rest.weights, &uninterrupted.weights);
-            assert!(d < 1e-12, "rank {me}: after the refused step, {d:e} from an uninterrupted run");
-            assert_eq!(records(&rest.ledger), records(&uninterrupted.ledger));
+            ends_as_uninterrupted(me, &rest, &uninterrupted);
         }
     }
+}
+
+/// After a refused step, rank `me`'s run ended where an uninterrupted one
+/// does (weights to summation order) with the same ledger records.
+fn ends_as_uninterrupted(me: usize, rest: &Outcome, uninterrupted: &Outcome) {
+    let d = max_rel_diff(&rest.weights, &uninterrupted.weights);
+    assert!(d < 1e-12, "rank {me}: after the refused step, {d:e} from an uninterrupted run");
+    assert_eq!(records(&rest.ledger), records(&uninterrupted.ledger), "rank {me}: the ledger records");
 }
 
 /// A batch left open on one rank only (`next_batch` without a step): its
@@ -159,9 +165,7 @@ fn a_batch_left_open_on_one_rank_fails_the_step_on_every_rank() {
             (0 | 1, Error::PeerFailed { failed: 1, world_size: 3 }) => {}
             _ => panic!("rank {me}: unexpected error {err}"),
         }
-        let d = max_rel_diff(&rest.weights, &uninterrupted.weights);
-        assert!(d < 1e-12, "rank {me}: after the refused step, {d:e} from an uninterrupted run");
-        assert_eq!(records(&rest.ledger), records(&uninterrupted.ledger));
+        ends_as_uninterrupted(me, &rest, &uninterrupted);
     }
 }
 
