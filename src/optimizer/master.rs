@@ -66,7 +66,10 @@ impl Masters {
                 continue;
             }
             let rounded = master.as_tensor().to_dtype(var.dtype())?;
-            let changed = rounded.ne(var.as_tensor())?.max_all()?.to_scalar::<u8>()? != 0;
+            let value = var.as_tensor();
+            // A NaN is not equal to itself: one in both is no change.
+            let both_nan = (rounded.ne(&rounded)? * value.ne(value)?)?;
+            let changed = (rounded.ne(value)? - both_nan)?.max_all()?.to_scalar::<u8>()? != 0;
             if changed {
                 master.set(&var.as_tensor().to_dtype(DType::F32)?)?;
             }
@@ -108,5 +111,35 @@ impl Masters {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor, Var};
+
+    use super::Masters;
+
+    fn f32s(t: &Tensor) -> Vec<f32> {
+        t.to_dtype(DType::F32).unwrap().to_vec1().unwrap()
+    }
+
+    /// `follow` keeps a master whose rounding is the variable (its extra
+    /// bits included, NaNs too) and takes a variable set otherwise.
+    #[test]
+    fn follow_takes_only_changed_variables() {
+        let fine = 1.0 + 2f32.powi(-12);
+        let var =
+            Var::from_tensor(&Tensor::new(&[1.0f32, f32::NAN], &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap())
+                .unwrap();
+        let masters = Masters::of(std::slice::from_ref(&var)).unwrap().unwrap();
+        masters.vars()[0].set(&Tensor::new(&[fine, f32::NAN], &Device::Cpu).unwrap()).unwrap();
+        masters.follow(std::slice::from_ref(&var)).unwrap();
+        let kept = f32s(masters.vars()[0].as_tensor());
+        assert_eq!(kept[0], fine, "a master that rounds to its variable keeps its extra bits");
+        assert!(kept[1].is_nan());
+        var.set(&Tensor::new(&[3.0f32, f32::NAN], &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap()).unwrap();
+        masters.follow(std::slice::from_ref(&var)).unwrap();
+        assert_eq!(f32s(masters.vars()[0].as_tensor())[0], 3.0, "a variable set from outside is the new master");
     }
 }

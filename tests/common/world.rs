@@ -29,7 +29,13 @@ struct Hub {
     f64s: Mutex<Vec<Vec<f64>>>,
     f32s: Mutex<Vec<Vec<f32>>>,
     bytes: Mutex<Vec<Vec<u8>>>,
+    /// Each rank's current call: its kind (with a broadcast's root) and
+    /// length, so that ranks making different calls fail.
+    calls: Mutex<Vec<Call>>,
 }
+
+/// What a rank is calling: the collective's kind and the buffer's length.
+type Call = (&'static str, usize, usize);
 
 /// Locks `m`, also after a rank panicked holding it (the data is then
 /// still what the other ranks posted).
@@ -85,33 +91,40 @@ pub fn thread_world(world_size: usize) -> Vec<ThreadRank> {
         f64s: Mutex::new(vec![Vec::new(); world_size]),
         f32s: Mutex::new(vec![Vec::new(); world_size]),
         bytes: Mutex::new(vec![Vec::new(); world_size]),
+        calls: Mutex::new(vec![("", 0, 0); world_size]),
     });
     (0..world_size).map(|rank| ThreadRank { rank, hub: hub.clone() }).collect()
 }
 
 impl ThreadRank {
     /// Posts `buf`, waits for every rank, combines, waits again (so no rank
-    /// posts the next call's buffer before all have read this one's).
+    /// posts the next call's buffer before all have read this one's). Ranks
+    /// whose calls differ (kind, root, length) all fail.
     fn exchange<T: Clone>(
         &self,
+        call: (&'static str, usize),
         slots: &Mutex<Vec<Vec<T>>>,
         buf: &mut [T],
         combine: impl Fn(&[Vec<T>], &mut [T]),
     ) -> candle_dp::Result<()> {
+        let mine = (call.0, call.1, buf.len());
+        lock(&self.hub.calls)[self.rank] = mine;
         lock(slots)[self.rank] = buf.to_vec();
         self.hub.wait()?;
-        let all = lock(slots);
-        if all.iter().any(|posted| posted.len() != buf.len()) {
-            drop(all);
-            self.hub.wait()?;
-            return Err(Error::Collective {
-                engine: "thread world",
-                reason: "the ranks posted buffers of different lengths".into(),
-            });
+        let agreed = lock(&self.hub.calls).iter().all(|c| *c == mine);
+        if agreed {
+            combine(&lock(slots), buf);
         }
-        combine(&all, buf);
-        drop(all);
-        self.hub.wait()
+        self.hub.wait()?;
+        if agreed {
+            Ok(())
+        } else {
+            let calls = lock(&self.hub.calls).clone();
+            Err(Error::Collective {
+                engine: "thread world",
+                reason: format!("the ranks made different calls: {calls:?}"),
+            })
+        }
     }
 }
 
@@ -135,15 +148,18 @@ impl Collective for ThreadRank {
     }
 
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> candle_dp::Result<()> {
-        self.exchange(&self.hub.f64s, buf, sum_in_rank_order)
+        self.exchange(("all_reduce_sum_f64", 0), &self.hub.f64s, buf, sum_in_rank_order)
     }
 
     fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> candle_dp::Result<()> {
-        self.exchange(&self.hub.f32s, buf, sum_in_rank_order)
+        self.exchange(("all_reduce_sum_f32", 0), &self.hub.f32s, buf, sum_in_rank_order)
     }
 
     fn broadcast(&self, buf: &mut [u8], root: usize) -> candle_dp::Result<()> {
-        self.exchange(&self.hub.bytes, buf, |all, out| out.copy_from_slice(&all[root]))
+        if root >= self.hub.world_size {
+            return Err(Error::InvalidConfig { field: "root", value: root as f64, valid: "a rank in [0, world_size)" });
+        }
+        self.exchange(("broadcast", root), &self.hub.bytes, buf, |all, out| out.copy_from_slice(&all[root]))
     }
 }
 

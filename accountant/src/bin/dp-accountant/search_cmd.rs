@@ -209,7 +209,10 @@ impl SearchLog {
             });
         }
         let answer = acc.epsilon(delta);
-        *self.spent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) += acc.work().unwrap_or(CLI_MAX_WORK);
+        // A failed composition is not cached: asking its work would build it
+        // again. It is charged the most a composition may cost.
+        let work = if answer.is_ok() { acc.work().unwrap_or(CLI_MAX_WORK) } else { CLI_MAX_WORK };
+        *self.spent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) += work;
         match answer {
             Err(Error::PldWorkTooLarge { .. } | Error::GridTooLarge { .. }) => {
                 self.capped.store(true, Ordering::Relaxed);
