@@ -95,7 +95,11 @@ fn bench_device() -> (Device, &'static str) {
         Err(_) | Ok("cpu") => (Device::Cpu, ""),
         Ok("cuda") => match Device::new_cuda(0) {
             Ok(dev) => (dev, "_cuda"),
-            Err(e) => refuse(format!("CANDLE_DP_BENCH_DEVICE=cuda: no CUDA device ({e})")),
+            // The first line: Candle's CUDA errors carry a backtrace.
+            Err(e) => refuse(format!(
+                "CANDLE_DP_BENCH_DEVICE=cuda: no CUDA device ({})",
+                e.to_string().lines().next().unwrap_or_default()
+            )),
         },
         Ok(other) => refuse(format!("CANDLE_DP_BENCH_DEVICE={other}: use cpu or cuda")),
     }
