@@ -12,6 +12,7 @@ use super::DpOptimizer;
 use crate::distributed::{shard, Collective};
 use crate::error::{ensure, Error, Result};
 use crate::kernels::gaussian::{add_noise_at, Backend};
+use crate::noise::ChaChaState;
 use crate::sampler::Sampler;
 
 /// A distributed optimizer's engine and its part of the work.
@@ -29,9 +30,49 @@ impl Distributed {
     }
 }
 
-/// The bytes rank 0 broadcasts when a run is distributed: its sampler key
-/// and step, its noise generator's position, and the hash of its settings.
-const AGREEMENT: usize = 32 + 8 + 32 + 8 + 16 + 32;
+/// What rank 0 broadcasts when a run is distributed: its sampler key and
+/// step, its noise generator's position, and the hash of its settings.
+struct Agreement {
+    sampler: ([u8; 32], u64),
+    noise: ChaChaState,
+    fingerprint: [u8; 32],
+}
+
+impl Agreement {
+    const BYTES: usize = 32 + 8 + 32 + 8 + 16 + 32;
+
+    fn to_bytes(&self) -> [u8; Self::BYTES] {
+        let ((key, step), (noise_key, stream, word)) = (self.sampler, self.noise);
+        let parts: [&[u8]; 6] =
+            [&key, &step.to_le_bytes(), &noise_key, &stream.to_le_bytes(), &word.to_le_bytes(), &self.fingerprint];
+        let mut bytes = [0u8; Self::BYTES];
+        let mut at = 0;
+        for part in parts {
+            bytes[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        bytes
+    }
+
+    fn from_bytes(bytes: &[u8; Self::BYTES]) -> Self {
+        let mut at = 0;
+        // The parts in `to_bytes`'s order; their sizes add up to `BYTES`.
+        let mut take = |out: &mut [u8]| {
+            out.copy_from_slice(&bytes[at..at + out.len()]);
+            at += out.len();
+        };
+        let (mut key, mut step, mut noise_key) = ([0u8; 32], [0u8; 8], [0u8; 32]);
+        let (mut stream, mut word, mut fingerprint) = ([0u8; 8], [0u8; 16], [0u8; 32]);
+        for part in [&mut key[..], &mut step, &mut noise_key, &mut stream, &mut word, &mut fingerprint] {
+            take(part);
+        }
+        Agreement {
+            sampler: (key, u64::from_le_bytes(step)),
+            noise: (noise_key, u64::from_le_bytes(stream), u128::from_le_bytes(word)),
+            fingerprint,
+        }
+    }
+}
 
 /// Slots after the gradient coordinates in a step's all-reduce: ranks that
 /// failed, the sum of the losses, the examples.
@@ -66,12 +107,10 @@ impl<O: Optimizer> DpOptimizer<O> {
         // A rank that cannot be distributed still takes part in the agreement
         // (its message is zeros): every rank then fails, none waits forever.
         let local = self.local_agreement(world_size);
-        let mut message = vec![0u8; AGREEMENT];
-        if let Ok((m, _)) = &local {
-            message.copy_from_slice(m);
-        }
+        let mut message = local.as_ref().map_or([0u8; Agreement::BYTES], Agreement::to_bytes);
         collective.broadcast(&mut message, 0)?;
-        let this_rank = matches!(&local, Ok((_, fingerprint)) if message[AGREEMENT - 32..] != fingerprint[..]);
+        let root = Agreement::from_bytes(&message);
+        let this_rank = matches!(&local, Ok(mine) if mine.fingerprint != root.fingerprint);
         let mut flags = [f64::from(u8::from(local.is_err())), f64::from(u8::from(this_rank))];
         collective.all_reduce_sum_f64(&mut flags)?;
         local?;
@@ -81,26 +120,12 @@ impl<O: Optimizer> DpOptimizer<O> {
         if flags[1] > 0.0 {
             return Err(Error::RanksDisagree { disagreeing: flags[1] as usize, world_size, this_rank });
         }
-        let bytes = |range: Range<usize>| -> [u8; 32] {
-            let mut b = [0u8; 32];
-            b.copy_from_slice(&message[range]);
-            b
-        };
-        let mut word = [0u8; 8];
-        word.copy_from_slice(&message[32..40]);
-        let root_step = u64::from_le_bytes(word);
-        word.copy_from_slice(&message[72..80]);
-        let root_stream = u64::from_le_bytes(word);
-        let mut wide = [0u8; 16];
-        wide.copy_from_slice(&message[80..96]);
-        let root_word = u128::from_le_bytes(wide);
-        let (root_key, root_noise) = (bytes(0..32), bytes(40..72));
         self.adopt_root_weights(&collective)?;
         if let Sampler::Poisson(s) = &mut self.sampler {
-            s.adopt(root_key, root_step);
+            s.adopt(root.sampler.0, root.sampler.1);
         }
         // The seedings are in the fingerprint, hence rank 0's.
-        self.noise.adopt((root_noise, root_stream, root_word));
+        self.noise.adopt(root.noise);
         let shard = shard(self.config.sampler.dataset_size(), rank, world_size);
         self.distributed = Some(Distributed { collective: Box::new(collective), shard });
         Ok(self)
@@ -109,7 +134,7 @@ impl<O: Optimizer> DpOptimizer<O> {
     /// This rank's part of the agreement (its sampler key and step, noise
     /// position and fingerprint), or why it cannot be distributed. Flushes
     /// the steps taken so far: they are one process's.
-    fn local_agreement(&mut self, world_size: usize) -> Result<([u8; AGREEMENT], [u8; 32])> {
+    fn local_agreement(&mut self, world_size: usize) -> Result<Agreement> {
         if self.batch.is_some() {
             return Err(Error::OutOfOrder {
                 call: "distribute",
@@ -133,19 +158,9 @@ impl<O: Optimizer> DpOptimizer<O> {
                 "the ranks sample their shards independently, which is Poisson sampling (use a PoissonSampler)",
             ));
         };
-        let (key, step) = sampler.state();
+        let sampler = sampler.state();
         self.flush_ledger()?;
-        let (noise_key, stream, word) = self.noise.state();
-        let fingerprint = self.fingerprint(world_size)?;
-        let mut message = [0u8; AGREEMENT];
-        let parts: [&[u8]; 6] =
-            [&key, &step.to_le_bytes(), &noise_key, &stream.to_le_bytes(), &word.to_le_bytes(), &fingerprint];
-        let mut at = 0;
-        for part in parts {
-            message[at..at + part.len()].copy_from_slice(part);
-            at += part.len();
-        }
-        Ok((message, fingerprint))
+        Ok(Agreement { sampler, noise: self.noise.state(), fingerprint: self.fingerprint(world_size)? })
     }
 
     /// Sets the trained variables to rank 0's values, bit for bit (through
@@ -364,4 +379,23 @@ impl<O: Optimizer> DpOptimizer<O> {
 
 fn not_distributed() -> Error {
     Error::OutOfOrder { call: "step_distributed", state: "on an optimizer not distributed", fix: "distribute() first" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Agreement;
+
+    /// Every field comes back from the bytes rank 0 broadcasts, each from
+    /// its own place (distinct values in every byte of every field).
+    #[test]
+    fn an_agreement_survives_its_bytes() {
+        let bytes = |from: u8| std::array::from_fn::<u8, 32, _>(|i| from + i as u8);
+        let sent = Agreement {
+            sampler: (bytes(1), 0x0102_0304_0506_0708),
+            noise: (bytes(40), 0x1112_1314_1516_1718, 0x2122_2324_2526_2728_292a_2b2c_2d2e_2f30),
+            fingerprint: bytes(100),
+        };
+        let got = Agreement::from_bytes(&sent.to_bytes());
+        assert_eq!((got.sampler, got.noise, got.fingerprint), (sent.sampler, sent.noise, sent.fingerprint));
+    }
 }

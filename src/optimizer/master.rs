@@ -71,7 +71,7 @@ impl Masters {
             let both_nan = (rounded.ne(&rounded)? * value.ne(value)?)?;
             let changed = (rounded.ne(value)? - both_nan)?.max_all()?.to_scalar::<u8>()? != 0;
             if changed {
-                master.set(&var.as_tensor().to_dtype(DType::F32)?)?;
+                master.set(&value.to_dtype(DType::F32)?)?;
             }
         }
         Ok(())
